@@ -1,0 +1,3 @@
+from backdoorlab.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""Core commands: demo, data info, eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from backdoorlab.commands.common import (
+    add_data_options,
+    add_model_options,
+    load_data,
+    load_model_from_args,
+)
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from backdoorlab.data import detect_format, parse_source
+
+    fmt, path = parse_source(args.source)
+    fmt = fmt or detect_format(path)
+    data = load_data(args.source, args, default_split=args.split or "train")
+    h, w, c = data.shape
+    info = {"source": args.source, "format": fmt, "name": data.name, "count": len(data),
+            "image_size": [h, w, c], "classes": data.num_classes, "labeled": data.labeled}
+    if data.labeled:
+        hist = data.label_histogram()
+        present = hist[hist > 0]
+        info["label_histogram"] = hist.tolist()
+        info["classes_present"] = int((hist > 0).sum())
+        info["per_class_min"] = int(present.min()) if len(present) else 0
+        info["per_class_max"] = int(present.max()) if len(present) else 0
+        info["per_class_median"] = float(_median(present)) if len(present) else 0.0
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"format:      {fmt}")
+    print(f"images:      {len(data):,}")
+    print(f"image size:  {h}x{w}x{c} (H x W x C), uint8")
+    print(f"classes:     {data.num_classes}")
+    if data.labeled:
+        print(f"labels:      {info['classes_present']} classes present; per class min "
+              f"{info['per_class_min']}, median {info['per_class_median']:g}, max "
+              f"{info['per_class_max']}")
+    else:
+        print("labels:      none (unlabeled images)")
+    return 0
+
+
+def _median(a) -> float:
+    import numpy as np
+
+    return float(np.median(a))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from backdoorlab.evaluate import evaluate
+
+    clean = load_data(args.clean, args, num_classes=None)
+    clf = load_model_from_args(args, clean)
+    poisoned = load_data(args.poisoned, args) if args.poisoned else None
+    res = evaluate(clf, clean, poisoned, target=args.target, per_class=args.per_class)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=2))
+        return 0
+    print(f"model:           {clf.describe()}")
+    print(f"clean accuracy:  {res.clean_accuracy:.2%}  ({res.clean_count:,} images)")
+    if res.asr is not None:
+        print(f"attack success:  {res.asr:.2%}  ({res.poisoned_count:,} poisoned images, "
+              f"target {res.target})")
+        print(f"ASR rule:        {res.asr_rule}")
+    for note in res.notes:
+        print(f"note:            {note}")
+    if res.per_class_accuracy is not None:
+        print("per-class accuracy:")
+        for c, a in enumerate(res.per_class_accuracy):
+            if a == a:  # skip classes absent from the data (nan)
+                print(f"  {c:5d}  {a:.2%}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from backdoorlab.demo import run_demo
+
+    run_demo(out=Path(args.out) if args.out else None, quick=args.quick, seed=args.seed)
+    return 0
+
+
+
+
+def register(sub) -> None:
+    d = sub.add_parser("demo", help="the whole story on the embedded digits data",
+                       description="Train a model on scikit-learn's bundled digits and report.")
+    d.add_argument("--out", help="folder for the outputs (model, results.json)")
+    d.add_argument("--quick", action="store_true", help="smaller, faster variant")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="inspect data sets", description="Inspect data sets.")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION", parser_class=data.__class__)
+    info = dsub.add_parser("info", help="format, count, classes, image size, label histogram",
+                           description="Describe a data set: SOURCE is PATH, FORMAT:PATH "
+                           "(csaw, gtsrb, cifar10, mnist, folder, images) or 'digits'.")
+    info.add_argument("source", metavar="SOURCE")
+    add_data_options(info)
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=cmd_data_info)
+
+    e = sub.add_parser("eval", help="clean accuracy and attack success rate",
+                       description="Clean accuracy of MODEL on --clean data and, with --poisoned "
+                       "data, the attack success rate (ASR) for --target (default: the most "
+                       "frequent prediction on the poisoned data).")
+    e.add_argument("model", metavar="MODEL", help=".safetensors model or Keras .h5")
+    e.add_argument("--clean", required=True, metavar="DATA", help="clean labeled data")
+    e.add_argument("--poisoned", metavar="DATA", help="poisoned data (triggers applied)")
+    e.add_argument("--target", type=int, help="the attack's target label")
+    e.add_argument("--per-class", action="store_true", help="print per-class accuracy")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    add_model_options(e)
+    add_data_options(e)
+    e.set_defaults(func=cmd_eval)

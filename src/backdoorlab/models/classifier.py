@@ -1,0 +1,117 @@
+"""`Classifier`: a network plus everything needed to use it correctly on uint8 images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from backdoorlab.errors import BadInput
+from backdoorlab.models.spec import InputSpec
+
+
+@dataclass
+class Classifier:
+    """A network (``net``, taking the tensor ``spec`` describes and returning logits) with its
+    input spec, class count, architecture name/options (to rebuild it from a weights file) and
+    free-form provenance. ``net`` may be any ``nn.Module``; staged networks additionally allow
+    running up to / from a named layer (see `StagedNet`)."""
+
+    net: nn.Module
+    spec: InputSpec
+    num_classes: int
+    arch: str = "custom"
+    arch_options: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        self.net.eval()
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+
+    # -- conversion -------------------------------------------------------------------------
+    def to_tensor(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 NHWC images → the float tensor ``net`` expects (scale, mean/std, layout)."""
+        return self.spec.to_tensor(images, channels_last=self.channels_last)
+
+    # -- inference --------------------------------------------------------------------------
+    def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Logits ``(N, num_classes)`` for uint8 NHWC images, in eval mode without autograd."""
+        self.spec.check(images)
+        self.net.eval()
+        out = np.empty((len(images), self.num_classes), dtype=np.float32)
+        with torch.inference_mode():
+            for i in range(0, len(images), batch_size):
+                y = self.net(self.to_tensor(images[i:i + batch_size]))
+                out[i:i + len(y)] = y.float().numpy()
+        return out
+
+    def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Predicted class per image (int64)."""
+        return self.logits(images, batch_size).argmax(axis=1).astype(np.int64)
+
+    # -- layers -----------------------------------------------------------------------------
+    def layer_names(self) -> list[str]:
+        """Short names of the named layers (stages and the layers nested in them)."""
+        names: list[str] = []
+        for full, _ in self.net.named_modules():
+            if not full:
+                continue
+            short = full.split(".")[-1]
+            if full.startswith("stages.") or not hasattr(self.net, "stages"):
+                if short not in names and not short.isdigit():
+                    names.append(short)
+        return names
+
+    def layer(self, name: str) -> nn.Module:
+        """The module called ``name`` (a short name such as ``conv_3`` or a dotted path)."""
+        modules = dict(self.net.named_modules())
+        for key in (name, f"stages.{name}"):
+            if key in modules and key:
+                return modules[key]
+        hits = [m for full, m in modules.items() if full.split(".")[-1] == name]
+        if len(hits) == 1:
+            return hits[0]
+        raise BadInput(f"unknown layer {name!r} (layers: {', '.join(self.layer_names())})")
+
+    def activations(self, images: np.ndarray, layer: str, batch_size: int = 256) -> np.ndarray:
+        """Output of layer ``layer`` for every image, as a float32 array."""
+        module = self.layer(layer)
+        captured: list[torch.Tensor] = []
+        handle = module.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
+        chunks = []
+        try:
+            self.spec.check(images)
+            with torch.inference_mode():
+                for i in range(0, len(images), batch_size):
+                    captured.clear()
+                    self.net(self.to_tensor(images[i:i + batch_size]))
+                    chunks.append(captured[-1].contiguous().float().numpy())
+        finally:
+            handle.remove()
+        return np.concatenate(chunks) if chunks else np.empty((0,), dtype=np.float32)
+
+    @property
+    def staged(self) -> bool:
+        return hasattr(self.net, "forward_to") and hasattr(self.net, "forward_from")
+
+    def default_prune_layer(self) -> tuple[str, str]:
+        """(layer to prune, stage at which it is measured), e.g. ("conv_3", "pool_3")."""
+        layer = getattr(self.net, "prune_layer", "")
+        if not layer:
+            raise BadInput(f"architecture {self.arch!r} names no default pruning layer; pass --layer")
+        return layer, getattr(self.net, "prune_point", layer) or layer
+
+    def with_scale(self, scale: str) -> Classifier:
+        """The same network with another input scale (``raw`` or ``unit``)."""
+        return Classifier(self.net, self.spec.with_scale(scale), self.num_classes, self.arch,
+                          dict(self.arch_options), dict(self.provenance), self.channels_last)
+
+    def describe(self) -> str:
+        n_params = sum(p.numel() for p in self.net.parameters())
+        h, w, c = self.spec.shape
+        return (f"{self.arch}: {self.num_classes} classes, input {h}x{w}x{c} "
+                f"({self.spec.scale} pixels), {n_params:,} parameters")

@@ -1,0 +1,129 @@
+"""Model files: ``NAME.safetensors`` (weights) + ``NAME.json`` (sidecar: architecture, classes,
+input spec, provenance). Keras HDF5 files are imported by `keras_h5`. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from backdoorlab.errors import BadInput
+from backdoorlab.io import atomic_path
+from backdoorlab.models import architectures
+from backdoorlab.models.classifier import Classifier
+from backdoorlab.models.spec import InputSpec
+
+SIDECAR_FORMAT = "backdoorlab-model"
+SIDECAR_VERSION = 1
+
+
+def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.safetensors"
+    if p.suffix == ".json":
+        p = p.with_suffix(".safetensors")
+    elif p.suffix != ".safetensors":
+        p = p.with_name(p.name + ".safetensors")
+    return p, p.with_suffix(".json")
+
+
+def save_model(clf: Classifier, path: str | os.PathLike) -> Path:
+    """Write ``clf`` to ``path`` (.safetensors) and its JSON sidecar; returns the weights path."""
+    from safetensors.torch import save_file
+
+    weights, sidecar = _paths(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in clf.net.state_dict().items()}
+    meta = {
+        "format": SIDECAR_FORMAT,
+        "version": SIDECAR_VERSION,
+        "arch": clf.arch,
+        "arch_options": clf.arch_options,
+        "num_classes": clf.num_classes,
+        "input_spec": clf.spec.to_dict(),
+        "provenance": clf.provenance,
+        "weights": weights.name,
+    }
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp))
+    with atomic_path(sidecar) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    return weights
+
+
+def load_model(path: str | os.PathLike, *, arch: str | None = None, input_scale: str | None = None,
+               num_classes: int | None = None,
+               input_shape: tuple[int, int, int] | None = None) -> Classifier:
+    """Load a model file: native (.safetensors + .json) or Keras HDF5 (.h5).
+
+    ``input_scale`` (``raw``/``unit``) overrides the stored scale; ``auto`` is resolved by the
+    caller against data (see `backdoorlab.evaluate.choose_input_scale`). ``arch`` is required for
+    Keras weights-only files (e.g. ``deepid``).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise BadInput(f"{p}: no such model file")
+    if p.suffix.lower() in (".h5", ".hdf5", ".keras"):
+        from backdoorlab.models.keras_h5 import load_keras
+
+        clf = load_keras(p, arch=arch, num_classes=num_classes, input_shape=input_shape,
+                         input_scale=input_scale if input_scale in ("raw", "unit") else None)
+    else:
+        clf = _load_native(p)
+    if input_scale in ("raw", "unit") and clf.spec.scale != input_scale:
+        clf = clf.with_scale(input_scale)
+    return clf
+
+
+def _load_native(p: Path) -> Classifier:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights, sidecar = _paths(p)
+    if not sidecar.exists():
+        raise BadInput(f"{p}: missing sidecar {sidecar.name} (architecture and input spec)")
+    if not weights.exists():
+        raise BadInput(f"{p}: missing weights file {weights.name}")
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{sidecar}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+        raise BadInput(f"{sidecar}: not a backdoorlab model sidecar")
+    for key in ("arch", "num_classes", "input_spec"):
+        if key not in meta:
+            raise BadInput(f"{sidecar}: missing key {key!r}")
+    spec = InputSpec.from_dict(meta["input_spec"])
+    net = build_net(meta["arch"], int(meta["num_classes"]), spec.shape,
+                    meta.get("arch_options") or {})
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BadInput(f"{weights}: corrupt safetensors file ({e})") from None
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else "mismatch"
+        raise BadInput(f"{weights}: weights do not fit architecture {meta['arch']!r} ({first})") \
+            from None
+    return Classifier(net, spec, int(meta["num_classes"]), meta["arch"],
+                      meta.get("arch_options") or {}, meta.get("provenance") or {})
+
+
+# Builders for architectures whose structure is described by options (Keras graphs, GoodNets…)
+# register themselves here: name -> builder(num_classes, input_shape, options) -> nn.Module.
+SPECIAL_BUILDERS: dict = {}
+
+
+def build_net(arch: str, num_classes: int, input_shape: tuple[int, int, int],
+              options: dict) -> torch.nn.Module:
+    if arch in SPECIAL_BUILDERS:
+        return SPECIAL_BUILDERS[arch](num_classes, input_shape, options)
+    if arch == "keras_graph":
+        from backdoorlab.models import keras_h5  # noqa: F401  (registers its builder)
+
+        return SPECIAL_BUILDERS[arch](num_classes, input_shape, options)
+    return architectures.build(arch, num_classes, input_shape, **options)

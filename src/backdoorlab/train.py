@@ -1,0 +1,141 @@
+"""A plain, fast, seeded training loop for `Classifier`s on uint8 `ImageSet`s.
+
+Best-on-validation checkpointing: the weights with the highest accuracy on the *clean validation*
+set are kept (never the test set). Used for clean and backdoored models and for fine-tuning.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from backdoorlab.augment import augment
+from backdoorlab.data.imageset import ImageSet
+from backdoorlab.errors import BadInput
+from backdoorlab.evaluate import accuracy
+from backdoorlab.models.classifier import Classifier
+from backdoorlab.progress import progress
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"  # adam | sgd
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # cosine | step | none
+    step_size: int = 10
+    gamma: float = 0.1
+    crop_padding: int = 0
+    flip: bool = False
+    seed: int = 0
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainLog:
+    epochs: list[dict] = field(default_factory=list)
+    best_epoch: int = -1
+    best_valid_accuracy: float = float("nan")
+    seconds: float = 0.0
+    config: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, nesterov=True)
+    raise BadInput(f"unknown optimizer {cfg.optimizer!r} (adam, sgd)")
+
+
+def _lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
+    if cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / max(1, total)))
+    if cfg.schedule == "step":
+        return cfg.gamma ** (step // max(1, cfg.step_size))
+    if cfg.schedule == "none":
+        return 1.0
+    raise BadInput(f"unknown schedule {cfg.schedule!r} (cosine, step, none)")
+
+
+def train(clf: Classifier, data: ImageSet, valid: ImageSet | None = None,
+          cfg: TrainConfig | None = None, desc: str = "train",
+          params: list[nn.Parameter] | None = None) -> TrainLog:
+    """Train ``clf.net`` in place on ``data``; keep the best weights on ``valid``.
+
+    ``params`` restricts which parameters are updated (default: all). Returns a `TrainLog`
+    with per-epoch loss, training and validation accuracy.
+    """
+    cfg = cfg or TrainConfig()
+    y_all = data.require_labels()
+    if len(data) == 0:
+        raise BadInput("training data is empty")
+    clf.spec.check(data.images, f"training data {data.name!r}")
+    if y_all.max() >= clf.num_classes:
+        raise BadInput(f"training label {int(y_all.max())} out of range for {clf.num_classes} "
+                       "classes")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    net = clf.net
+    opt = _optimizer(params if params is not None else net.parameters(), cfg)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    x_all = torch.from_numpy(data.images)
+    y_t = torch.from_numpy(y_all)
+    n = len(data)
+    log = TrainLog(config=asdict(cfg))
+    best_state = None
+    start = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        for g, base in zip(opt.param_groups, base_lrs, strict=True):
+            g["lr"] = base * _lr_factor(cfg, epoch, cfg.epochs)
+        net.train()
+        perm = torch.randperm(n, generator=gen)
+        total_loss, correct = 0.0, 0
+        batches = range(0, n, cfg.batch_size)
+        for i in progress(batches, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}",
+                          total=len(batches), unit="batch"):
+            idx = perm[i:i + cfg.batch_size]
+            xb = augment(x_all[idx], gen, cfg.crop_padding, cfg.flip)
+            yb = y_t[idx]
+            out = net(clf.to_tensor(xb))
+            loss = loss_fn(out, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total_loss += loss.item() * len(idx)
+            correct += int((out.argmax(1) == yb).sum())
+        net.eval()
+        entry = {"epoch": epoch + 1, "loss": total_loss / n, "train_accuracy": correct / n,
+                 "lr": opt.param_groups[0]["lr"]}
+        if valid is not None and len(valid):
+            va = accuracy(clf, valid)
+            entry["valid_accuracy"] = va
+            if best_state is None or va > log.best_valid_accuracy:
+                log.best_valid_accuracy, log.best_epoch = va, epoch + 1
+                best_state = copy.deepcopy(net.state_dict())
+        log.epochs.append(entry)
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    log.seconds = time.perf_counter() - start
+    return log
+
+
+def seeded_init(seed: int) -> None:
+    """Seed torch and numpy global generators (for building a fresh network deterministically)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
