@@ -69,6 +69,8 @@ def load_keras(path: Path, arch: str | None = None, num_classes: int | None = No
         return load_keras_model(path, input_scale=input_scale)
     weights = read_keras_weights(path)
     arch = architectures.canonical(arch)
+    if arch not in architectures.ARCHITECTURES:
+        architectures.build(arch, 1, (1, 1, 1))  # raises BadInput listing the known names
     if num_classes is None:
         last = [w for w in weights.values() if w]
         if not last:

@@ -1,0 +1,131 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from backdoorlab.errors import BadInput
+from backdoorlab.models import ARCHITECTURES, Classifier, InputSpec, build, load_model, save_model
+
+SHAPES = {"deepid": (55, 47, 3), "gtsrb_cnn": (32, 32, 3), "preact_resnet18": (32, 32, 3),
+          "small_cnn": (16, 16, 1)}
+
+
+def rand_images(n, shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_architectures_build_and_stage_split(arch):
+    torch.manual_seed(0)
+    shape = SHAPES[arch]
+    net = build(arch, 7, shape).eval()
+    spec = InputSpec(*shape)
+    x = spec.to_tensor(rand_images(4, shape))
+    with torch.no_grad():
+        full = net(x)
+        assert full.shape == (4, 7)
+        for stage in net.stage_names[:-1]:
+            h = net.forward_to(stage, x)
+            assert torch.allclose(net.forward_from(stage, h), full, atol=1e-5), stage
+
+
+def test_deepid_layer_shapes_match_csaw():
+    net = build("deepid", 1283, (55, 47, 3))
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    assert shapes["stages.conv_1.weight"] == (20, 3, 4, 4)
+    assert shapes["stages.conv_3.weight"] == (60, 40, 3, 3)
+    assert shapes["stages.head.fc_1.weight"] == (160, 1200)
+    assert shapes["stages.head.conv_4.weight"] == (80, 60, 2, 2)
+    assert shapes["stages.head.fc_2.weight"] == (160, 960)
+    assert shapes["stages.head.output.weight"] == (1283, 160)
+    x = torch.zeros(1, 3, 55, 47)
+    assert net.forward_to("pool_3", x).shape == (1, 60, 5, 4)
+
+
+def test_input_spec_scales():
+    img = np.full((1, 2, 2, 3), 255, np.uint8)
+    assert InputSpec(2, 2, 3, "unit").to_tensor(img).max().item() == pytest.approx(1.0)
+    assert InputSpec(2, 2, 3, "raw").to_tensor(img).max().item() == pytest.approx(255.0)
+    s = InputSpec(2, 2, 3, "unit", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert s.to_tensor(img).max().item() == pytest.approx(1.0)
+    x01 = torch.ones(1, 3, 2, 2)
+    assert torch.allclose(s.from_unit(x01), s.to_tensor(img))
+    with pytest.raises(BadInput):
+        InputSpec(2, 2, 3, "percent")
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(1)
+    spec = InputSpec(16, 16, 1, "raw")
+    clf = Classifier(build("small_cnn", 10, spec.shape), spec, 10, "small_cnn",
+                     provenance={"note": "test"})
+    path = save_model(clf, tmp_path / "m.safetensors")
+    meta = json.loads((tmp_path / "m.json").read_text())
+    assert meta["arch"] == "small_cnn" and meta["input_spec"]["scale"] == "raw"
+    back = load_model(path)
+    x = rand_images(8, spec.shape)
+    assert back.spec.scale == "raw"
+    assert np.allclose(back.logits(x), clf.logits(x), atol=1e-6)
+    assert load_model(path, input_scale="unit").spec.scale == "unit"
+    # no pickle anywhere: the weights file is safetensors (header is JSON after an 8-byte length)
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    json.loads(raw[8:8 + n])
+
+
+def test_load_model_bad_inputs(tmp_path):
+    with pytest.raises(BadInput, match="no such model file"):
+        load_model(tmp_path / "none.safetensors")
+    torch.manual_seed(1)
+    spec = InputSpec(16, 16, 1)
+    clf = Classifier(build("small_cnn", 10, spec.shape), spec, 10, "small_cnn")
+    path = save_model(clf, tmp_path / "m.safetensors")
+    side = tmp_path / "m.json"
+    meta = json.loads(side.read_text())
+    # corrupt weights
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    (tmp_path / "bad.json").write_text(json.dumps(meta))
+    with pytest.raises(BadInput, match="corrupt safetensors"):
+        load_model(bad)
+    # class-count mismatch between sidecar and weights
+    meta2 = dict(meta, num_classes=11)
+    (tmp_path / "m2.json").write_text(json.dumps(meta2))
+    (tmp_path / "m2.safetensors").write_bytes(path.read_bytes())
+    with pytest.raises(BadInput, match="do not fit"):
+        load_model(tmp_path / "m2.safetensors")
+    # unknown architecture
+    (tmp_path / "m3.json").write_text(json.dumps(dict(meta, arch="transformer9000")))
+    (tmp_path / "m3.safetensors").write_bytes(path.read_bytes())
+    with pytest.raises(BadInput, match="unknown architecture"):
+        load_model(tmp_path / "m3.safetensors")
+    # missing sidecar
+    side.unlink()
+    with pytest.raises(BadInput, match="missing sidecar"):
+        load_model(path)
+
+
+def test_classifier_layers_and_activations():
+    torch.manual_seed(0)
+    spec = InputSpec(55, 47, 3)
+    clf = Classifier(build("deepid", 5, spec.shape), spec, 5, "deepid")
+    assert {"conv_3", "pool_3", "conv_4", "fc_2", "output"} <= set(clf.layer_names())
+    acts = clf.activations(rand_images(3, spec.shape), "pool_3")
+    assert acts.shape == (3, 60, 5, 4) and acts.min() >= 0
+    assert clf.default_prune_layer() == ("conv_3", "pool_3")
+    with pytest.raises(BadInput, match="unknown layer"):
+        clf.layer("conv_9")
+    with pytest.raises(BadInput, match="expects images of shape"):
+        clf.predict(rand_images(2, (32, 32, 3)))
+
+
+def test_keras_weights_import_real_file(csaw_dir):
+    clf = load_model(csaw_dir / "sunglasses_bd_weights.h5", arch="deepid")
+    assert clf.num_classes == 1283 and clf.spec.scale == "unit"
+    with pytest.raises(BadInput, match="--arch"):
+        load_model(csaw_dir / "sunglasses_bd_weights.h5")
+    with pytest.raises(BadInput, match="unknown architecture"):
+        load_model(csaw_dir / "sunglasses_bd_weights.h5", arch="vgg99")
+    with pytest.raises(BadInput, match="no counterpart|expects"):
+        load_model(csaw_dir / "sunglasses_bd_weights.h5", arch="small_cnn")
