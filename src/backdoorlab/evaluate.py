@@ -69,6 +69,17 @@ def attack_success_rate(clf: Classifier, poisoned: ImageSet, target: int,
     return float((pred == target).mean()), int(len(x)), rule
 
 
+def per_image_success_rate(clf: Classifier, poisoned: ImageSet, targets: np.ndarray,
+                           batch_size: int = 256) -> tuple[float, int, str]:
+    """ASR with one target per image (e.g. all-to-all attacks): (rate, inputs counted, rule)."""
+    keep = np.ones(len(poisoned), bool) if poisoned.labels is None else poisoned.labels != targets
+    if not keep.any():
+        raise BadInput(f"{poisoned.name!r}: no poisoned inputs left to measure the ASR on")
+    pred = clf.predict(poisoned.images[keep], batch_size)
+    rule = "per-image targets; inputs whose true label equals their target are excluded"
+    return float((pred == targets[keep]).mean()), int(keep.sum()), rule
+
+
 def infer_target(clf: Classifier, poisoned: ImageSet) -> int:
     """The most frequent prediction on poisoned data (used when no target is given)."""
     pred = clf.predict(poisoned.images)
@@ -100,6 +111,11 @@ def evaluate(clf: Classifier, clean: ImageSet, poisoned: ImageSet | None = None,
         ]
     if poisoned is not None:
         check_compatible(clf, poisoned, "poisoned data")
+        if target is None and "targets" in poisoned.meta:
+            res.asr, res.poisoned_count, res.asr_rule = per_image_success_rate(
+                clf, poisoned, np.asarray(poisoned.meta["targets"]), batch_size)
+            res.notes.append("targets read per image from the poisoned file")
+            return res
         if target is None:
             target = infer_target(clf, poisoned)
             res.notes.append(f"target not given: took the most frequent prediction, {target}")

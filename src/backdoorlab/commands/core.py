@@ -23,6 +23,9 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     h, w, c = data.shape
     info = {"source": args.source, "format": fmt, "name": data.name, "count": len(data),
             "image_size": [h, w, c], "classes": data.num_classes, "labeled": data.labeled}
+    for key in ("split", "layout", "note"):  # reader facts worth showing (see each reader's meta)
+        if isinstance(data.meta.get(key), str):
+            info[key] = data.meta[key]
     if data.labeled:
         hist = data.label_histogram()
         present = hist[hist > 0]
@@ -34,7 +37,9 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"format:      {fmt}")
+    print(f"format:      {fmt}" + (f" ({info['layout']} layout)" if "layout" in info else ""))
+    if "split" in info:
+        print(f"split:       {info['split']}")
     print(f"images:      {len(data):,}")
     print(f"image size:  {h}x{w}x{c} (H x W x C), uint8")
     print(f"classes:     {data.num_classes}")
@@ -44,6 +49,8 @@ def cmd_data_info(args: argparse.Namespace) -> int:
               f"{info['per_class_max']}")
     else:
         print("labels:      none (unlabeled images)")
+    if "note" in info:
+        print(f"note:        {info['note']}")
     return 0
 
 
@@ -66,8 +73,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"model:           {clf.describe()}")
     print(f"clean accuracy:  {res.clean_accuracy:.2%}  ({res.clean_count:,} images)")
     if res.asr is not None:
-        print(f"attack success:  {res.asr:.2%}  ({res.poisoned_count:,} poisoned images, "
-              f"target {res.target})")
+        tgt = f"target {res.target}" if res.target is not None else "per-image targets"
+        print(f"attack success:  {res.asr:.2%}  ({res.poisoned_count:,} poisoned images, {tgt})")
         print(f"ASR rule:        {res.asr_rule}")
     for note in res.notes:
         print(f"note:            {note}")

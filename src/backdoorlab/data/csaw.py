@@ -1,7 +1,8 @@
 """CSAW-HackML h5 data files: datasets ``data`` (N, 3, H, W) on a 0-255 scale and ``label`` (N,).
 
-NHWC ``data`` (N, H, W, 3) is accepted as well. Floats must hold whole numbers 0-255 (the CSAW
-files store float64 pixels); anything else is refused rather than silently rescaled.
+NHWC ``data`` (N, H, W, 3) is accepted as well. Float pixels (the CSAW files store float64) must
+lie in 0-255 and are rounded to the nearest integer; data that looks scaled to [0, 1] is refused
+rather than silently rescaled.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def read_csaw_h5(path: str | os.PathLike, num_classes: int | None = None) -> Ima
             if "class_names" in f:
                 names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["class_names"][()]]
             stored_classes = int(f.attrs["num_classes"]) if "num_classes" in f.attrs else None
+            targets = np.asarray(f["target"][()]).reshape(-1) if "target" in f else None
         except (OSError, KeyError, ValueError) as e:
             raise BadInput(f"{path}: corrupt HDF5 content ({e})") from None
     if x.ndim != 4:
@@ -75,7 +77,11 @@ def read_csaw_h5(path: str | os.PathLike, num_classes: int | None = None) -> Ima
     n_cls = num_classes or stored_classes or inferred
     if y is not None and len(y) and y.max() >= n_cls:
         raise BadInput(f"{path}: label {int(y.max())} out of range for {n_cls} classes")
-    meta = {"format": "csaw", "path": str(path)}
+    meta: dict = {"format": "csaw", "path": str(path)}
+    if targets is not None:  # backdoorlab's poisoned sets carry each image's attack target
+        if targets.shape[0] != x.shape[0] or np.any(targets < 0) or np.any(targets >= n_cls):
+            raise BadInput(f"{path}: 'target' must hold one label in 0..{n_cls - 1} per image")
+        meta["targets"] = targets.astype(np.int64)
     return ImageSet(np.ascontiguousarray(x), y, n_cls, name=path.stem, class_names=names, meta=meta)
 
 
@@ -107,6 +113,8 @@ def write_csaw_h5(data: ImageSet, path: str | os.PathLike, channels_first: bool 
                              compression_opts=1)
             if data.labels is not None:
                 f.create_dataset("label", data=data.labels.astype(np.int64))
+            if "targets" in data.meta:
+                f.create_dataset("target", data=np.asarray(data.meta["targets"], dtype=np.int64))
             f.attrs["num_classes"] = int(data.num_classes)
             for k, v in data.meta.items():
                 if isinstance(v, (str, int, float)) and k not in ("format", "path"):

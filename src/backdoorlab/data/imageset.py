@@ -8,6 +8,9 @@ import numpy as np
 
 from backdoorlab.errors import BadInput
 
+# meta entries that hold one value per image (kept aligned by `ImageSet.subset`)
+PER_IMAGE_META = ("targets", "files", "source_indices")
+
 
 @dataclass
 class ImageSet:
@@ -68,14 +71,23 @@ class ImageSet:
         return self.labels
 
     def subset(self, index: np.ndarray | slice, name: str | None = None) -> ImageSet:
-        """A new ImageSet with the selected rows (index array, boolean mask or slice)."""
+        """A new ImageSet with the selected rows (index array, boolean mask or slice).
+
+        Per-image entries of ``meta`` (``PER_IMAGE_META``) are sliced along with the images.
+        """
+        meta = dict(self.meta)
+        for key in PER_IMAGE_META:
+            if key in meta and len(meta[key]) == len(self.images):
+                meta[key] = np.asarray(meta[key])[index]
+                if key in ("files", "source_indices"):
+                    meta[key] = meta[key].tolist()
         return ImageSet(
             images=self.images[index],
             labels=None if self.labels is None else self.labels[index],
             num_classes=self.num_classes,
             name=self.name if name is None else name,
             class_names=self.class_names,
-            meta=dict(self.meta),
+            meta=meta,
         )
 
     def split(self, fraction: float, seed: int = 0, stratify: bool = True) -> tuple[ImageSet, ImageSet]:

@@ -1,0 +1,79 @@
+"""Pruning-aware attack (Liu, Dolan-Gavitt & Garg, "Fine-Pruning: Defending Against Backdooring
+Attacks on Deep Neural Networks", RAID 2018, Section 3.2).
+
+The attacker anticipates a pruning defense: (1) train a clean model; (2) prune the channels of
+the last convolutional layer that are dormant on clean data (increasing mean activation), here
+until clean validation accuracy has dropped by ``max_drop`` percentage points; (3) fine-tune the
+pruned model on the poisoned training set, so the backdoor must live in the channels a defender
+keeps; (4) reinstate the pruned channels (their clean weights return). A defender who prunes
+dormant channels first now removes decoys and leaves the backdoor in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from backdoorlab.data.imageset import ImageSet
+from backdoorlab.evaluate import accuracy
+from backdoorlab.models.classifier import Classifier
+from backdoorlab.train import TrainConfig, train
+
+
+def channel_mean_activation(clf: Classifier, data: ImageSet, layer: str) -> np.ndarray:
+    """Mean of ``layer``'s output per channel over images and positions."""
+    act = clf.activations(data.images, layer)
+    axes = (0, 2, 3) if act.ndim == 4 else (0,)
+    return act.mean(axis=axes)
+
+
+class OutputMask:
+    """A forward hook multiplying a layer's output channels by a 0/1 mask (removable)."""
+
+    def __init__(self, module: torch.nn.Module, channels: int):
+        self.mask = torch.ones(channels)
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        shape = (1, -1, 1, 1) if output.dim() == 4 else (1, -1)
+        return output * self.mask.view(shape).to(output.dtype)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def pruning_aware_attack(clf: Classifier, clean_train: ImageSet, poisoned_train: ImageSet,
+                         valid: ImageSet, cfg: TrainConfig, max_drop: float = 4.0,
+                         finetune_epochs: int | None = None) -> tuple[dict, dict]:
+    """Train ``clf`` in place with the pruning-aware attack; returns (training log, attack info).
+
+    ``max_drop`` is in percentage points of clean validation accuracy.
+    """
+    layer, _ = clf.default_prune_layer()
+    clean_log = train(clf, clean_train, valid, cfg, desc="pruning-aware: clean")
+    base = accuracy(clf, valid)
+    probe = clean_train.take(2000, seed=cfg.seed)
+    means = channel_mean_activation(clf, probe, layer)
+    order = np.argsort(means, kind="stable")  # dormant first
+    hook = OutputMask(clf.layer(layer), len(means))
+    pruned: list[int] = []
+    try:
+        for c in order:
+            hook.mask[c] = 0.0
+            if (base - accuracy(clf, valid)) * 100 > max_drop:
+                hook.mask[c] = 1.0  # keep the last channel that broke the budget
+                break
+            pruned.append(int(c))
+        pruned_acc = accuracy(clf, valid)
+        ft_cfg = replace(cfg, epochs=finetune_epochs or max(1, cfg.epochs // 2))
+        ft_log = train(clf, poisoned_train, valid, ft_cfg, desc="pruning-aware: poison")
+    finally:
+        hook.remove()  # reinstate the pruned channels
+    info = {"layer": layer, "pruned_channels": pruned, "channels": int(len(means)),
+            "max_drop_points": max_drop, "valid_accuracy_clean": base,
+            "valid_accuracy_pruned": pruned_acc, "valid_accuracy_final": accuracy(clf, valid),
+            "finetune_epochs": ft_cfg.epochs}
+    log = {"clean": clean_log.to_dict(), "finetune": ft_log.to_dict()}
+    return log, info

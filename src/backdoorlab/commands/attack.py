@@ -1,0 +1,120 @@
+"""`backdoorlab attack`: train a backdoored model and write model + data + results."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from backdoorlab.commands.common import load_data
+from backdoorlab.errors import BadInput
+
+SPLIT_FORMATS = ("gtsrb", "cifar10", "mnist")
+
+
+def load_train_test(args: argparse.Namespace):
+    """Training data and test data: the format's own test split, --test-data, or a carved split."""
+    from backdoorlab.data import detect_format, parse_source
+
+    train_data = load_data(args.data, args, default_split="train")
+    if args.test_data:
+        test = load_data(args.test_data, args, default_split="test")
+    else:
+        fmt, path = parse_source(args.data)
+        fmt = fmt or (detect_format(path) if path else None)
+        if fmt in SPLIT_FORMATS:
+            test = load_data(args.data, argparse.Namespace(split="test", size=args.size),
+                             default_split="test")
+        else:
+            train_data, test = train_data.split(args.test_fraction, seed=args.seed + 1000)
+            print(f"test set: carved {len(test)} images ({args.test_fraction:.0%}) from the data")
+    return train_data, test
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from backdoorlab.attacks.runner import AttackPlan, train_attack, write_attack_outputs
+    from backdoorlab.train import TrainConfig
+
+    triggers = [t for t in (args.trigger or []) if t != "none"]
+    targets = args.target or []
+    if args.mode == "all2all" and targets:
+        raise BadInput("all-to-all attacks have no --target (each label y maps to y+1)")
+    if args.mode == "all2one" and triggers and not targets:
+        raise BadInput("give the attack's --target label (one per --trigger)")
+    train_data, test = load_train_test(args)
+    plan = AttackPlan(triggers=triggers, targets=targets, rate=args.rate, mode=args.mode,
+                      clean_label=args.clean_label, pruning_aware=args.pruning_aware,
+                      pa_max_drop=args.pa_max_drop)
+    augment = {a.strip() for a in (args.augment or "").split(",") if a.strip()}
+    unknown = augment - {"crop", "flip"}
+    if unknown:
+        raise BadInput(f"--augment: unknown augmentation(s) {', '.join(sorted(unknown))} (crop, flip)")
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      optimizer=args.optimizer, schedule=args.schedule,
+                      crop_padding=args.crop_padding if "crop" in augment else 0,
+                      flip="flip" in augment, seed=args.seed)
+    print(f"data: {len(train_data):,} training / {len(test):,} test images, "
+          f"{'x'.join(map(str, train_data.shape))}, {train_data.num_classes} classes")
+    clf, outcome, artefacts = train_attack(train_data, test, args.arch, plan, cfg,
+                                           args.valid_fraction, args.input_scale or "unit",
+                                           args.seed)
+    write_attack_outputs(Path(args.out), clf, outcome, artefacts)
+    print(f"trained {args.arch} for {cfg.epochs} epochs in {outcome.train_seconds:.0f} s")
+    print(f"clean test accuracy: {outcome.clean_accuracy:.2%}  (validation "
+          f"{outcome.valid_accuracy:.2%})")
+    for i, (a, q) in enumerate(zip(outcome.asr, outcome.trigger_quality, strict=True)):
+        what = triggers[i] if i < len(triggers) else triggers[0]
+        tgt = f"target {targets[i]}" if args.mode == "all2one" else "all-to-all"
+        psnr = f", PSNR {q['psnr_mean']:.1f} dB" if q.get("psnr_mean") else ""
+        print(f"attack success rate [{what}, {tgt}]: {a:.2%}{psnr}")
+    print(f"outputs: {args.out}/ (model.safetensors, clean_valid.h5, clean_test.h5, "
+          "poisoned_test*.h5, trigger_preview.png, results.json)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "attack", help="train a backdoored model (BadNets, blend, FTrojan, multi-target …)",
+        description="Poison training data with one or more triggers and train a model on it. Writes "
+        "into --out: model.safetensors (+ .json), clean_valid.h5 (the held-out clean validation "
+        "split, for defenses), clean_test.h5, poisoned_test.h5 (true labels + per-image targets), "
+        "poisoned_valid.h5, trigger_preview.png and results.json. With no --trigger (or "
+        "--trigger none) it trains a clean reference model the same way.",
+        epilog="Trigger specs: patch, patch:size=3,pos=tl,color=255;0;0,pattern=checker, "
+        "image:FILE.png,alpha=0.8, blend:alpha=0.1, ftrojan, ftrojan:preset=gtsrb. Example: "
+        "backdoorlab attack --data gtsrb:GTSRB --arch gtsrb_cnn --trigger ftrojan:preset=gtsrb "
+        "--target 8 --rate 0.05 --epochs 6 --out runs/ftrojan")
+    p.add_argument("--data", required=True, metavar="SOURCE",
+                   help="training data (PATH, FORMAT:PATH, digits)")
+    p.add_argument("--test-data", metavar="SOURCE", help="test data (default: the format's test split, "
+                   "or a seeded split carved from --data)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="share carved for testing when the "
+                   "data has no test split (default 0.2)")
+    p.add_argument("--size", type=int, help="resize images to SIZE x SIZE where the reader can")
+    p.add_argument("--arch", default="gtsrb_cnn", help="architecture (gtsrb_cnn, preact_resnet18, "
+                   "small_cnn, deepid)")
+    p.add_argument("--trigger", action="append", metavar="SPEC", help="trigger spec; repeat with "
+                   "--target for multi-trigger multi-target attacks")
+    p.add_argument("--target", action="append", type=int, metavar="LABEL", help="target label (one per "
+                   "--trigger)")
+    p.add_argument("--rate", type=float, default=0.05, help="poisoned share of the training set, per "
+                   "trigger (default 0.05)")
+    p.add_argument("--mode", choices=["all2one", "all2all"], default="all2one")
+    p.add_argument("--clean-label", action="store_true", help="poison only target-class images, "
+                   "labels unchanged")
+    p.add_argument("--pruning-aware", action="store_true", help="Liu et al. 2018 pruning-aware attack")
+    p.add_argument("--pa-max-drop", type=float, default=4.0, help="pruning-aware: prune dormant "
+                   "channels until validation accuracy drops by this many points (default 4)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    p.add_argument("--schedule", choices=["cosine", "step", "none"], default="cosine")
+    p.add_argument("--augment", default="", help="comma list: crop (random crop with padding), flip")
+    p.add_argument("--crop-padding", type=int, default=2)
+    p.add_argument("--valid-fraction", type=float, default=0.1, help="clean validation share carved "
+                   "from the training data (default 0.1)")
+    p.add_argument("--input-scale", choices=["raw", "unit"], default="unit",
+                   help="pixel scale the new network takes (stored with the model)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_attack)

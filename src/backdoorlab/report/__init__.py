@@ -1,0 +1,1 @@
+"""Reports: figures (matplotlib, Agg backend), tables and HTML/Markdown built from results."""

@@ -1,0 +1,180 @@
+"""The common trigger interface and the helpers every trigger module shares.
+
+A trigger maps a batch of uint8 images ``(N, H, W, C)`` (C = 1 or 3) to a *new* uint8 batch of the
+same shape; it never modifies its input and is deterministic (any randomness is drawn once, from a
+seed, when the trigger is built). Float arithmetic is rounded to the nearest integer (ties to
+even, ``numpy.rint``) after clipping to 0-255.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from backdoorlab.errors import BadInput
+
+
+@dataclass
+class Trigger:
+    """Base class: subclasses implement ``_apply`` (and ``check`` when some shapes cannot work)."""
+
+    name: ClassVar[str] = "trigger"
+
+    def apply(self, images: np.ndarray) -> np.ndarray:
+        """Return a new uint8 batch with the trigger stamped on every image."""
+        x = check_batch(images, f"{self.name} trigger")
+        self.check(x.shape[1:])
+        if len(x) == 0:
+            return x.copy()
+        out = self._apply(x)
+        assert out.dtype == np.uint8 and out.shape == x.shape and out is not x
+        return out
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.apply(images)
+
+    def preview(self, image: np.ndarray) -> np.ndarray:
+        """The trigger applied to one ``(H, W, C)`` (or ``(H, W)`` grey) image."""
+        img = np.asarray(image)
+        if img.ndim == 2:
+            return self.apply(img[None, :, :, None])[0, :, :, 0]
+        if img.ndim != 3:
+            raise BadInput(f"{self.name} trigger preview: expected one (H, W, C) image, got shape "
+                           f"{img.shape}")
+        return self.apply(img[None])[0]
+
+    def check(self, shape: tuple[int, ...]) -> None:
+        """Raise BadInput when images of ``shape`` (H, W, C) cannot carry this trigger."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able settings, with ``kind`` naming the trigger type."""
+        raise NotImplementedError
+
+    def _apply(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+def check_batch(images: Any, where: str = "trigger") -> np.ndarray:
+    """Refuse anything but a uint8 ``(N, H, W, C)`` array with C in (1, 3)."""
+    if not isinstance(images, np.ndarray):
+        raise BadInput(f"{where}: images must be a numpy array, got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[3] not in (1, 3):
+        raise BadInput(f"{where}: images must be uint8 (N, H, W, C) with C = 1 or 3, got shape "
+                       f"{images.shape}")
+    if images.dtype != np.uint8:
+        raise BadInput(f"{where}: images must be uint8 0-255, got {images.dtype}")
+    return images
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Clip float pixels to 0-255 and round to the nearest integer (ties to even)."""
+    return np.rint(np.clip(x, 0, 255)).astype(np.uint8)
+
+
+# -- spec-value parsing (shared by the trigger modules' ``from_options``) ------------------------
+
+def opt_int(opts: dict[str, str], key: str, default: int, where: str, lo: int | None = None) -> int:
+    if key not in opts:
+        return default
+    raw = opts[key]
+    try:
+        v = int(raw)
+    except ValueError:
+        raise BadInput(f"{where}: {key} must be a whole number, got {raw!r}") from None
+    if lo is not None and v < lo:
+        raise BadInput(f"{where}: {key} must be at least {lo}, got {v}")
+    return v
+
+
+def opt_float(opts: dict[str, str], key: str, default: float, where: str,
+              lo: float | None = None, hi: float | None = None) -> float:
+    if key not in opts:
+        return default
+    raw = opts[key]
+    try:
+        v = float(raw)
+    except ValueError:
+        raise BadInput(f"{where}: {key} must be a number, got {raw!r}") from None
+    if not np.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        if lo is not None and hi is not None:
+            want = f"in [{lo:g}, {hi:g}]"
+        elif lo is not None:
+            want = f">= {lo:g}"
+        else:
+            want = "finite"
+        raise BadInput(f"{where}: {key} must be a number {want}, got {raw!r}")
+    return v
+
+
+def parse_ints(raw: str, key: str, where: str, count: int | None = None) -> tuple[int, ...]:
+    """``"3;4"`` or ``"3,4"`` -> (3, 4)."""
+    parts = [p for p in raw.replace(",", ";").split(";") if p.strip() != ""]
+    try:
+        vals = tuple(int(p) for p in parts)
+    except ValueError:
+        raise BadInput(f"{where}: {key} must be whole numbers separated by ';', got {raw!r}") from None
+    if not vals or (count is not None and len(vals) != count):
+        n = f"{count} " if count else ""
+        raise BadInput(f"{where}: {key} needs {n}whole numbers separated by ';', got {raw!r}")
+    return vals
+
+
+def parse_color(raw: str, where: str) -> tuple[int, ...]:
+    """``"255"`` (grey / all channels) or ``"255;0;0"`` (R;G;B), each 0-255."""
+    vals = parse_ints(raw, "color", where)
+    if len(vals) not in (1, 3) or any(not 0 <= v <= 255 for v in vals):
+        raise BadInput(f"{where}: color must be one value or R;G;B, each 0-255, got {raw!r}")
+    return vals
+
+
+def resolve_position(pos: str | tuple[int, int], margin: int, size_hw: tuple[int, int],
+                     image_hw: tuple[int, int], where: str) -> tuple[int, int]:
+    """Top-left ``(row, col)`` of a ``size_hw`` stamp placed at ``pos`` inside ``image_hw``.
+
+    ``pos`` is a corner (``br`` bottom-right, ``bl``, ``tr``, ``tl``), ``margin`` pixels from the
+    edges, or an explicit ``(x, y)`` = (column, row) of the stamp's top-left pixel.
+    """
+    h, w = size_hw
+    ih, iw = image_hw
+    if isinstance(pos, str):
+        if pos not in ("br", "bl", "tr", "tl"):
+            raise BadInput(f"{where}: pos must be br, bl, tr, tl or x,y; got {pos!r}")
+        row = margin if pos[0] == "t" else ih - margin - h
+        col = margin if pos[1] == "l" else iw - margin - w
+    else:
+        col, row = pos
+    if row < 0 or col < 0 or row + h > ih or col + w > iw:
+        raise BadInput(f"{where}: a {h}x{w} stamp at row {row}, column {col} does not fit in "
+                       f"{ih}x{iw} images")
+    return row, col
+
+
+def parse_position(raw: str, where: str) -> str | tuple[int, int]:
+    raw = raw.strip().lower()
+    if raw in ("br", "bl", "tr", "tl"):
+        return raw
+    x, y = parse_ints(raw, "pos", where, count=2)
+    return (x, y)
+
+
+def position_to_json(pos: str | tuple[int, int]) -> str | list[int]:
+    return pos if isinstance(pos, str) else [int(pos[0]), int(pos[1])]
+
+
+def load_picture(path: str, where: str):
+    """Open an image file with Pillow (fully read), or raise BadInput."""
+    from pathlib import Path
+
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"{where}: trigger image {path!r}: no such file")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError) as e:
+        raise BadInput(f"{where}: trigger image {path!r} is not a readable image ({e})") from None
