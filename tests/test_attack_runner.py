@@ -85,10 +85,14 @@ def test_attack_cli_bad_input(tmp_path, capsys, args, msg):
 def test_pruning_aware_attack_reinstates_channels(digits_split):
     train_data, test = digits_split
     plan = AttackPlan(triggers=["patch:size=3"], targets=[0], rate=0.1, pruning_aware=True,
-                      pa_max_drop=4.0)
+                      pa_max_drop=4.0, pa_dormant_shift=50.0)
     clf, out, _ = train_attack(train_data, test, "small_cnn", plan, CFG)
     pa = out.pruning_aware
     assert pa["layer"] == "conv_2" and 0 < len(pa["pruned_channels"]) < pa["channels"]
-    assert out.asr[0] > 0.8
+    assert pa["valid_asr_pruned"] > 0.8  # the backdoor lives in the kept channels
+    # reinstated channels pushed dormant: the model behaves like the pruned one on poisoned inputs
+    assert out.asr[0] > 0.8 and abs(pa["valid_asr_final"] - pa["valid_asr_pruned"]) < 0.05
+    conv = clf.layer("conv_2")
+    assert conv.bias[pa["pruned_channels"]].max().item() < -40
     # no hook is left on the model: the reinstated network is an ordinary small_cnn
     assert not clf.layer("conv_2")._forward_hooks

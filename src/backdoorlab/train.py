@@ -38,6 +38,7 @@ class TrainConfig:
     flip: bool = False
     seed: int = 0
     label_smoothing: float = 0.0
+    keep_best: bool = True  # restore the epoch with the best clean validation accuracy
 
 
 @dataclass
@@ -124,7 +125,7 @@ def train(clf: Classifier, data: ImageSet, valid: ImageSet | None = None,
         if valid is not None and len(valid):
             va = accuracy(clf, valid)
             entry["valid_accuracy"] = va
-            if best_state is None or va > log.best_valid_accuracy:
+            if cfg.keep_best and (best_state is None or va > log.best_valid_accuracy):
                 log.best_valid_accuracy, log.best_epoch = va, epoch + 1
                 best_state = copy.deepcopy(net.state_dict())
         log.epochs.append(entry)

@@ -42,6 +42,7 @@ class AttackPlan:
     clean_label: bool = False
     pruning_aware: bool = False   # Liu et al. 2018 (see attacks/pruning_aware.py)
     pa_max_drop: float = 4.0      # pruning-aware: prune until validation accuracy drops this much (points)
+    pa_dormant_shift: float = 0.0  # pruning-aware: lower reinstated channels' bias by this much
 
 
 @dataclass
@@ -122,7 +123,10 @@ def train_attack(train_data: ImageSet, test: ImageSet, arch: str, plan: AttackPl
     if plan.pruning_aware and triggers:
         from backdoorlab.attacks.pruning_aware import pruning_aware_attack
 
-        log, pa_info = pruning_aware_attack(clf, rest, poisoned_train, valid, cfg, plan.pa_max_drop)
+        probe = make_poisoned_test_set(valid, triggers[0], plan.targets[0] if plan.targets else None,
+                                       plan.mode)
+        log, pa_info = pruning_aware_attack(clf, rest, poisoned_train, valid, cfg, plan.pa_max_drop,
+                                            probe=probe, dormant_shift=plan.pa_dormant_shift)
     else:
         log = train(clf, poisoned_train, valid, cfg, desc="train").to_dict()
     seconds = time.perf_counter() - t0

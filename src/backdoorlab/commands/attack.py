@@ -43,7 +43,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     train_data, test = load_train_test(args)
     plan = AttackPlan(triggers=triggers, targets=targets, rate=args.rate, mode=args.mode,
                       clean_label=args.clean_label, pruning_aware=args.pruning_aware,
-                      pa_max_drop=args.pa_max_drop)
+                      pa_max_drop=args.pa_max_drop, pa_dormant_shift=args.pa_dormant_shift)
     augment = {a.strip() for a in (args.augment or "").split(",") if a.strip()}
     unknown = augment - {"crop", "flip"}
     if unknown:
@@ -104,6 +104,8 @@ def register(sub) -> None:
     p.add_argument("--pruning-aware", action="store_true", help="Liu et al. 2018 pruning-aware attack")
     p.add_argument("--pa-max-drop", type=float, default=4.0, help="pruning-aware: prune dormant "
                    "channels until validation accuracy drops by this many points (default 4)")
+    p.add_argument("--pa-dormant-shift", type=float, default=0.0, help="pruning-aware: lower the "
+                   "reinstated channels' bias by this much so they stay dormant (default 0)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
