@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -74,10 +75,12 @@ def _lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
 
 def train(clf: Classifier, data: ImageSet, valid: ImageSet | None = None,
           cfg: TrainConfig | None = None, desc: str = "train",
-          params: list[nn.Parameter] | None = None) -> TrainLog:
+          params: list[nn.Parameter] | None = None,
+          after_step: Callable[[], None] | None = None) -> TrainLog:
     """Train ``clf.net`` in place on ``data``; keep the best weights on ``valid``.
 
-    ``params`` restricts which parameters are updated (default: all). Returns a `TrainLog`
+    ``params`` restricts which parameters are updated (default: all); ``after_step`` runs after
+    every optimiser step (e.g. to re-apply a sparsity mask). Returns a `TrainLog`
     with per-epoch loss, training and validation accuracy.
     """
     cfg = cfg or TrainConfig()
@@ -117,6 +120,8 @@ def train(clf: Classifier, data: ImageSet, valid: ImageSet | None = None,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if after_step is not None:
+                after_step()
             total_loss += loss.item() * len(idx)
             correct += int((out.argmax(1) == yb).sum())
         net.eval()

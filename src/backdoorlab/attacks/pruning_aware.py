@@ -25,6 +25,7 @@ import torch
 from backdoorlab.data.imageset import ImageSet
 from backdoorlab.evaluate import accuracy
 from backdoorlab.models.classifier import Classifier
+from backdoorlab.models.hooks import OutputMask
 from backdoorlab.train import TrainConfig, train
 
 
@@ -33,21 +34,6 @@ def channel_mean_activation(clf: Classifier, data: ImageSet, layer: str) -> np.n
     act = clf.activations(data.images, layer)
     axes = (0, 2, 3) if act.ndim == 4 else (0,)
     return act.mean(axis=axes)
-
-
-class OutputMask:
-    """A forward hook multiplying a layer's output channels by a 0/1 mask (removable)."""
-
-    def __init__(self, module: torch.nn.Module, channels: int):
-        self.mask = torch.ones(channels)
-        self.handle = module.register_forward_hook(self._hook)
-
-    def _hook(self, module, inputs, output):
-        shape = (1, -1, 1, 1) if output.dim() == 4 else (1, -1)
-        return output * self.mask.view(shape).to(output.dtype)
-
-    def remove(self) -> None:
-        self.handle.remove()
 
 
 def _lower_bias(module: torch.nn.Module, channels: list[int], shift: float) -> None:
