@@ -1,0 +1,200 @@
+"""`backdoorlab cleanse`: Neural Cleanse detection (reverse-engineered triggers + MAD test)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from pathlib import Path
+
+from backdoorlab.commands.common import add_data_options, add_model_options, load_data, load_model_from_args
+from backdoorlab.errors import BadInput
+
+
+def parse_labels(text: str | None, num_classes: int) -> list[int] | None:
+    """``all`` / None → None (every label); ``0,3,5`` and ranges ``10-19`` → sorted labels."""
+    if text is None or text.strip().lower() == "all":
+        return None
+    out: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1)
+                out.update(range(int(lo), int(hi) + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise BadInput(f"--labels: {part!r} is not a label, a range A-B or 'all'") from None
+    bad = sorted(y for y in out if not 0 <= y < num_classes)
+    if bad:
+        raise BadInput(f"--labels: {bad[:5]} out of range for a model with {num_classes} classes "
+                       f"(0..{num_classes - 1})")
+    if not out:
+        raise BadInput("--labels: no label given")
+    return sorted(out)
+
+
+def _fmt(v: float | None, spec: str = ".2f") -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return format(v, spec)
+
+
+def write_tables(result, out: Path) -> None:
+    """``table.csv`` (every label) and ``table.md`` (fully optimised labels, smallest norm first)."""
+    from backdoorlab.io import atomic_path
+
+    full = result.full_labels()
+    screened = sorted((r for r in result.labels if r.stage == "screen"),
+                      key=lambda r: (r.screen_norm, r.label))
+    cols = ["rank", "label", "stage", "norm", "anomaly_index", "flagged", "asr", "steps", "stop",
+            "screen_norm", "screen_index", "screen_reached"]
+    with atomic_path(out / "table.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for i, r in enumerate(full + screened, start=1):
+            w.writerow([i, r.label, r.stage, _fmt(r.norm, ".4f"), _fmt(r.anomaly_index, ".4f"),
+                        int(r.flagged), _fmt(r.asr, ".4f"), r.steps, r.stop or "",
+                        _fmt(r.screen_norm, ".4f"), _fmt(r.screen_index, ".4f"),
+                        "" if r.screen_reached is None else int(r.screen_reached)])
+    lines = [
+        f"# Neural Cleanse — {result.model}",
+        "",
+        f"Mode {result.mode}; {len(result.labels)} labels scanned, {len(full)} fully optimised; "
+        f"{result.num_images} clean images ({result.input_scale} input scale). Median mask norm "
+        f"{result.median:.2f}, MAD {result.mad:.2f} (over {len(result.reference_labels)} reference "
+        f"labels); flagged: anomaly index > {result.threshold:g}.",
+        "",
+        "| rank | label | mask L1 norm | anomaly index | flagged | ASR of reversed trigger | steps |",
+        "|---:|---:|---:|---:|:---:|---:|---:|",
+    ]
+    for i, r in enumerate(full, start=1):
+        lines.append(f"| {i} | {r.label} | {_fmt(r.norm)} | {_fmt(r.anomaly_index)} | "
+                     f"{'**yes**' if r.flagged else ''} | {_fmt(r.asr, '.2%')} | {r.steps} |")
+    if screened:
+        lines += ["", f"Screened only (fast mode, {len(screened)} labels; screen norms are from a "
+                  "short round and not comparable with the table above), smallest 10: "
+                  + ", ".join(f"{r.label} ({r.screen_norm:.1f})" for r in screened[:10]) + "."]
+    lines += ["", f"Flagged labels: {', '.join(map(str, result.flagged)) or 'none'}.", ""]
+    with atomic_path(out / "table.md") as tmp:
+        tmp.write_text("\n".join(lines))
+
+
+def write_outputs(result, out: Path) -> list[str]:
+    """Write tables, figures, triggers.npz and results.json into ``out`` (each atomically)."""
+    from backdoorlab.defenses.neural_cleanse import save_triggers
+    from backdoorlab.io import atomic_dir, write_json
+    from backdoorlab.report.triggers_plot import plot_norms, plot_trigger_grid, save_trigger_pngs
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_tables(result, out)
+    full = result.full_labels()
+    plot_norms([r.label for r in full], [r.norm for r in full], result.flagged, out / "norms.png",
+               result.median, result.mad, result.threshold,
+               title=f"Neural Cleanse mask norms ({result.mode} mode)")
+    with atomic_dir(out / "masks") as tmp:
+        for y, (m, p) in sorted(result.triggers.items()):
+            save_trigger_pngs(tmp, y, m, p)
+    items = [(r.label, *result.triggers[r.label],
+              f"L1 {r.norm:.1f}, idx {_fmt(r.anomaly_index)}")
+             for r in full[: max(1, result.config["top_k"])]]
+    plot_trigger_grid(items, out / "smallest.png", title="smallest reversed triggers")
+    save_triggers(result, out / "triggers.npz")
+    files = ["table.md", "table.csv", "norms.png", "smallest.png", "masks/", "triggers.npz",
+             "results.json", "state/"]
+    write_json(out / "results.json", {"kind": "cleanse", **result.to_dict(), "outputs": files})
+    return files
+
+
+def cmd_cleanse(args: argparse.Namespace) -> int:
+    from backdoorlab.defenses.neural_cleanse import NCConfig, neural_cleanse
+    from backdoorlab.evaluate import check_compatible
+
+    clean = load_data(args.clean, args)
+    clf = load_model_from_args(args, clean if clean.labeled else None)
+    check_compatible(clf, clean, "clean data")
+    if args.check_every == "epoch":
+        check_every = None
+    else:
+        try:
+            check_every = int(args.check_every)
+        except ValueError:
+            raise BadInput(f"--check-every: expected a positive integer or 'epoch', got "
+                           f"{args.check_every!r}") from None
+    cfg = NCConfig(mode=args.mode, labels=parse_labels(args.labels, clf.num_classes),
+                   batch_size=args.batch, max_steps=args.steps, threshold=args.threshold,
+                   seed=args.seed, num_images=args.images or None, check_every=check_every,
+                   suspects=args.suspects, reference_labels=args.reference_labels,
+                   screen_steps=args.screen_steps, labels_per_batch=args.labels_per_batch,
+                   top_k=args.top_k)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out}: exists and is not a folder")
+    print(f"model: {clf.describe()}")
+    print(f"clean data: {len(clean):,} images ({cfg.num_images or len(clean)} used); mode {cfg.mode}")
+    res = neural_cleanse(clf, clean, cfg, state_dir=out / "state")
+    write_outputs(res, out)
+    full = res.full_labels()
+    resumed = sum(r.resumed for r in res.labels)
+    print(f"scanned {len(res.labels)} labels ({len(full)} fully optimised"
+          + (f", {resumed} resumed from {out / 'state'}" if resumed else "") + f") in "
+          f"{res.seconds:.0f} s; {res.passes:,} image passes")
+    print(f"median mask norm {res.median:.2f}, MAD {res.mad:.2f}")
+    for r in full[: cfg.top_k]:
+        print(f"  label {r.label:5d}  norm {r.norm:9.2f}  anomaly index {_fmt(r.anomaly_index):>7}"
+              f"  ASR {r.asr:.2%}" + ("  FLAGGED" if r.flagged else ""))
+    if res.flagged:
+        print(f"flagged (anomaly index > {res.threshold:g}): {', '.join(map(str, res.flagged))}")
+    else:
+        print(f"no label flagged (anomaly index > {res.threshold:g})")
+    print(f"outputs: {out}/ (table.md, table.csv, norms.png, smallest.png, masks/, triggers.npz, "
+          "results.json, state/)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "cleanse", help="Neural Cleanse: reverse-engineer triggers, flag backdoor target labels",
+        description="Neural Cleanse (Wang et al., IEEE S&P 2019): for each label, find the "
+        "smallest mask and pattern that send clean images to it; labels whose mask is an outlier "
+        "by the MAD test (anomaly index > --threshold) are flagged as backdoor targets. --mode fast "
+        "(default) screens every label briefly and fully optimises the most suspicious ones plus "
+        "a random sample for the median/MAD; --mode full optimises every label. Writes into --out: "
+        "table.md, table.csv, norms.png, smallest.png, masks/label_<y>_{mask,pattern,masked}.png, "
+        "triggers.npz (masks and patterns, for mitigation), results.json, and state/ (per-label "
+        "results; re-running with the same --out resumes an interrupted scan).")
+    p.add_argument("model", metavar="MODEL", help=".safetensors model or Keras .h5")
+    p.add_argument("--clean", required=True, metavar="DATA",
+                   help="clean images (labels optional; used for the search and the ASR)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--labels", default="all", help="labels to scan: all (default) or e.g. 0,3,5 / 10-19")
+    p.add_argument("--mode", choices=["fast", "full"], default="fast",
+                   help="fast: screen + selection (default); full: optimise every label")
+    p.add_argument("--steps", type=int, default=None,
+                   help="max mini-batch steps per label (default 1000 epochs x images/batch)")
+    p.add_argument("--batch", type=int, default=32, help="images per label per step (default 32)")
+    p.add_argument("--images", type=int, default=1000,
+                   help="clean images used, a seeded sample (default 1000; 0 = all)")
+    p.add_argument("--threshold", type=float, default=2.0,
+                   help="flag labels with anomaly index above this (default 2)")
+    p.add_argument("--check-every", default="1", metavar="N|epoch",
+                   help="mini-batch steps per cost-schedule check (default 1; 'epoch' = as the "
+                        "released code)")
+    p.add_argument("--suspects", type=int, default=10,
+                   help="fast mode: labels kept from the screen for full optimisation (default 10)")
+    p.add_argument("--reference-labels", type=int, default=32,
+                   help="fast mode: random labels fully optimised for the median/MAD (default 32)")
+    p.add_argument("--screen-steps", type=int, default=40,
+                   help="fast mode: steps per label in the screen round (default 40)")
+    p.add_argument("--labels-per-batch", type=int, default=None,
+                   help="labels optimised together in one pass (default 64 / batch)")
+    p.add_argument("--top-k", type=int, default=5, help="smallest triggers to show (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    add_model_options(p)
+    add_data_options(p)
+    p.set_defaults(func=cmd_cleanse)

@@ -1,0 +1,111 @@
+"""`backdoorlab fine-prune`: Fine-Pruning (prune, then fine-tune on clean data) and the
+unstructured magnitude-pruning variant."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from backdoorlab.commands.common import add_data_options, add_model_options, load_data, load_model_from_args
+from backdoorlab.errors import BadInput
+
+
+def _pct(v) -> str:
+    return "—" if v is None else f"{100 * v:.2f}"
+
+
+def stage_table(res) -> str:
+    rows = [("before", res.before), ("after pruning", res.after_pruning),
+            ("after fine-tuning", res.after_finetuning)]
+    lines = ["| model | valid acc (%) | clean test acc (%) | ASR (%) |", "|---|---|---|---|"]
+    for name, st in rows:
+        lines.append(f"| {name} | {_pct(st.valid_accuracy)} | {_pct(st.test_accuracy)} | {_pct(st.asr)} |")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_fine_prune(args: argparse.Namespace) -> int:
+    from backdoorlab.defenses.fine_pruning import fine_prune
+    from backdoorlab.defenses.magnitude_pruning import magnitude_prune
+    from backdoorlab.io import atomic_dir, write_json
+    from backdoorlab.models.files import save_model
+    from backdoorlab.train import TrainConfig
+
+    if args.drop is not None and args.fraction is not None:
+        raise BadInput("give --drop or --fraction, not both")
+    if args.magnitude is not None and (args.drop is not None or args.fraction is not None):
+        raise BadInput("--magnitude prunes single weights; --drop/--fraction are for channel pruning")
+    valid = load_data(args.valid, args, default_split="train")
+    clf = load_model_from_args(args, valid)
+    test = load_data(args.test, args) if args.test else None
+    poisoned = load_data(args.poisoned, args) if args.poisoned else None
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
+                      schedule="none", seed=args.seed)
+    print(f"model:      {clf.describe()}")
+    if args.magnitude is not None:
+        pruned, tuned, res = magnitude_prune(clf, valid, test, poisoned, args.target, args.magnitude,
+                                             args.scope, cfg, args.select_fraction, args.seed)
+        what = (f"magnitude pruning: {res.pruned_weights:,} of {res.total_weights:,} kernel weights "
+                f"({res.sparsity:.0%}, {res.scope})")
+        kind = "magnitude-prune"
+    else:
+        drop = args.drop if args.fraction is None else None
+        if drop is None and args.fraction is None:
+            drop = 4.0
+        pruned, tuned, res = fine_prune(clf, valid, test, poisoned, args.target, args.layer, drop,
+                                        args.fraction, args.drop_unit, args.order, cfg,
+                                        args.select_fraction, args.seed)
+        what = (f"pruned {len(res.pruned_channels)} of {res.num_channels} channels of {res.layer} "
+                f"({res.fraction:.0%})")
+        kind = "fine-prune"
+    table = stage_table(res)
+    out = Path(args.out)
+    with atomic_dir(out) as tmp:
+        save_model(pruned, tmp / "pruned.safetensors")
+        save_model(tuned, tmp / "finetuned.safetensors")
+        (tmp / "table.md").write_text(f"{what}; fine-tuned {cfg.epochs} epochs on clean validation "
+                                      f"data (lr {cfg.lr:g}).\n\n" + table)
+        write_json(tmp / "results.json", {"kind": kind, **res.to_dict(),
+                                          "inputs": {"model": args.model, "valid": args.valid,
+                                                     "test": args.test, "poisoned": args.poisoned}})
+    print(what)
+    print(table, end="")
+    for note in getattr(res, "notes", []):
+        print(f"note: {note}")
+    print(f"wrote {out}/ (pruned.safetensors, finetuned.safetensors, table.md, results.json)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "fine-prune", help="Fine-Pruning: prune dormant channels, then fine-tune on clean data",
+        description="Fine-Pruning (Liu et al., RAID 2018): prune the layer's channels in order of mean "
+        "activation on clean validation data (to --drop points of validation accuracy, or a --fraction "
+        "of channels), then fine-tune on the clean validation data (a seeded share of it picks the best "
+        "epoch). --magnitude S instead zeroes the smallest S share of all kernel weights (unstructured) "
+        "and fine-tunes. Test and poisoned data are only reported. Writes pruned and fine-tuned models, "
+        "table.md and results.json into --out.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--valid", required=True, metavar="DATA", help="clean validation data (the defender's)")
+    p.add_argument("--test", metavar="DATA", help="clean test data (reported only)")
+    p.add_argument("--poisoned", metavar="DATA", help="poisoned test data (reported only)")
+    p.add_argument("--target", type=int, help="attack target (default: per-image targets in the file)")
+    p.add_argument("--layer", help="layer to prune (default: the last conv layer)")
+    p.add_argument("--drop", type=float, help="prune until validation accuracy drops this much (default 4)")
+    p.add_argument("--drop-unit", choices=["points", "relative"], default="points")
+    p.add_argument("--fraction", type=float, help="prune this share of the layer's channels instead")
+    p.add_argument("--order", choices=["increasing", "decreasing", "abs", "random"], default="increasing")
+    p.add_argument("--magnitude", type=float, metavar="SPARSITY", help="unstructured magnitude pruning "
+                   "to this sparsity (e.g. 0.8) instead of channel pruning")
+    p.add_argument("--scope", choices=["global", "layer"], default="global", help="magnitude pruning: "
+                   "one threshold for all layers or per layer")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    p.add_argument("--select-fraction", type=float, default=0.2, help="share of the validation data that "
+                   "picks the best fine-tuning epoch (default 0.2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, metavar="DIR")
+    add_model_options(p)
+    add_data_options(p)
+    p.set_defaults(func=cmd_fine_prune)

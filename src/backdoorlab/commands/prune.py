@@ -1,0 +1,296 @@
+"""`backdoorlab prune`: the pruning defense (Fine-Pruning's pruning step) and its GoodNets."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from backdoorlab.commands.common import add_data_options, add_model_options, load_data, load_model_from_args
+from backdoorlab.errors import BadInput
+
+DROP_HEADER = {"points": "drop (points)", "relative": "drop (% rel.)"}
+
+
+def _parse_drops(text: str) -> tuple[float, ...]:
+    from backdoorlab.defenses.pruning import parse_drops
+
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        return parse_drops([float(p) for p in parts])
+    except ValueError:
+        raise BadInput(f"--drops: expected numbers separated by commas (e.g. 2,4,10,30), got {text!r}") \
+            from None
+
+
+def _tag(drop: float) -> str:
+    return f"drop{drop:g}"
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out}: exists and is a file, expected a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "results.json").exists():
+        raise BadInput(f"--out {out}: folder exists and is not an earlier prune output (no "
+                       "results.json); choose a new folder")
+
+
+def _sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_info(source: str | None) -> dict | None:
+    if source is None:
+        return None
+    from backdoorlab.data import parse_source
+
+    _, path = parse_source(source)
+    p = Path(path)
+    info: dict = {"source": source}
+    if p.is_file():
+        info["bytes"] = p.stat().st_size
+    return info
+
+
+def _pct(v: float | None) -> str:
+    return "" if v is None or v != v else f"{100 * v:.2f}"
+
+
+def _rows(res, extra: dict) -> list[dict]:
+    """One row per drop threshold (plus the unpruned model), figures in %."""
+    rows = [{"drop": "0 (unpruned)", "pruned": 0, "fraction": 0.0,
+             "valid": res.valid_accuracy[0],
+             "test": None if res.test_accuracy is None else res.test_accuracy[0],
+             "asr": None if res.asr is None else res.asr[0], "g": None, "reached": True}]
+    for t in res.thresholds:
+        if not t.reached:
+            rows.append({"drop": f"{t.drop:g}", "reached": False})
+            continue
+        rows.append({"drop": f"{t.drop:g}", "pruned": t.pruned, "fraction": t.pruned / res.num_channels,
+                     "valid": t.valid_accuracy, "test": t.test_accuracy, "asr": t.asr,
+                     "g": extra.get(t.drop), "reached": True})
+    return rows
+
+
+def _table_md(res, rows: list[dict]) -> str:
+    head = ["drop", "pruned channels", "fraction pruned (%)", "valid acc (%)",
+            "B' clean test acc (%)", "B' ASR (%)", "G clean test acc (%)", "G ASR (%)",
+            "G detection rate (%)"]
+    unit = "percentage points below" if res.drop_unit == "points" else "% (relative) of"
+    lines = [
+        f"Pruning {res.layer} (measured at {res.point or res.layer}; {res.num_channels} channels, "
+        f"order: {res.order} mean activation on clean validation data).",
+        f"Drop = validation accuracy {unit} the unpruned {100 * res.valid_accuracy[0]:.2f} %. "
+        "B' = pruned model, G = GoodNet (class N = backdoored). Figures in %.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+    ]
+    max_drop = float(np.max(res.drop))
+    for r in rows:
+        if not r["reached"]:
+            lines.append(f"| {r['drop']} | not reached (largest drop {max_drop:.2f}) |" + " |" * 7)
+            continue
+        g = r.get("g")
+        cells = [r["drop"], str(r["pruned"]), f"{100 * r['fraction']:.1f}", _pct(r["valid"]),
+                 _pct(r["test"]), _pct(r["asr"]),
+                 _pct(g.clean_accuracy) if g else "", _pct(g.asr) if g else "",
+                 _pct(g.detection_rate) if g else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _table_csv(res, rows: list[dict]) -> str:
+    unit = "points" if res.drop_unit == "points" else "relative_pct"
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([f"drop_{unit}", "reached", "pruned_channels", "fraction_pruned", "valid_acc_pct",
+                "bprime_clean_test_acc_pct", "bprime_asr_pct", "goodnet_clean_test_acc_pct",
+                "goodnet_asr_pct", "goodnet_detection_rate_pct"])
+    for r in rows:
+        if not r["reached"]:
+            w.writerow([r["drop"], "no"] + [""] * 8)
+            continue
+        g = r.get("g")
+        w.writerow([r["drop"].split(" ")[0], "yes", r["pruned"], f"{r['fraction']:.6f}",
+                    _pct(r["valid"]), _pct(r["test"]), _pct(r["asr"]),
+                    _pct(g.clean_accuracy) if g else "", _pct(g.asr) if g else "",
+                    _pct(g.detection_rate) if g else ""])
+    return buf.getvalue()
+
+
+def _curve_csv(res) -> str:
+    unit = "points" if res.drop_unit == "points" else "relative_pct"
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["step", "pruned_channels", "channel_pruned", "fraction_pruned", "valid_acc_pct",
+                "clean_test_acc_pct", "asr_pct", f"drop_{unit}"])
+    for k in range(res.steps):
+        w.writerow([k, int(res.pruned[k]), "" if k == 0 else int(res.ranking[k - 1]),
+                    f"{res.fraction[k]:.6f}", _pct(res.valid_accuracy[k]),
+                    "" if res.test_accuracy is None else _pct(res.test_accuracy[k]),
+                    "" if res.asr is None else _pct(res.asr[k]), f"{res.drop[k]:.4f}"])
+    return buf.getvalue()
+
+
+def _print_table(res, rows: list[dict]) -> None:
+    unit = "points" if res.drop_unit == "points" else "% rel."
+    print(f"\n{'drop':>13} {'pruned':>7} {'valid':>7} | {'B test':>7} {'B ASR':>7} | "
+          f"{'G test':>7} {'G ASR':>7} {'G det.':>7}   (all in %; drop in {unit})")
+    for r in rows:
+        if not r["reached"]:
+            print(f"{r['drop']:>13} not reached")
+            continue
+        g = r.get("g")
+        print(f"{r['drop']:>13} {r['pruned']:>7} {_pct(r['valid']):>7} | {_pct(r['test']):>7} "
+              f"{_pct(r['asr']):>7} | {_pct(g.clean_accuracy) if g else '':>7} "
+              f"{_pct(g.asr) if g else '':>7} {_pct(g.detection_rate) if g else '':>7}")
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from backdoorlab.defenses.goodnet import goodnet_predictions, make_goodnet, metrics_from_predictions
+    from backdoorlab.defenses.masking import apply_channel_mask
+    from backdoorlab.defenses.pruning import UNITS, prune_sweep
+    from backdoorlab.io import atomic_dir, write_json
+    from backdoorlab.models.files import save_model
+    from backdoorlab.report.curves import plot_sweep
+
+    t_start = time.perf_counter()
+    drops = _parse_drops(args.drops)
+    out = Path(args.out)
+    _check_out(out)
+    save_keras = None
+    if args.save_format == "keras":
+        from backdoorlab.models import keras_h5
+
+        save_keras = getattr(keras_h5, "save_keras_weights", None)
+        if save_keras is None:
+            raise BadInput("--save-format keras: Keras export is unavailable in this version")
+    valid = load_data(args.valid, args, default_split="train")
+    clf = load_model_from_args(args, valid)
+    test = load_data(args.test, args) if args.test else None
+    poisoned = load_data(args.poisoned, args) if args.poisoned else None
+    t_load = time.perf_counter() - t_start
+    print(f"model:      {clf.describe()}")
+    sets = f"validation {len(valid):,}" + (f", test {len(test):,}" if test else "") + \
+        (f", poisoned {len(poisoned):,}" if poisoned else "")
+    print(f"images:     {sets}")
+    res = prune_sweep(clf, valid, test, poisoned, target=args.target, layer=args.layer, order=args.order,
+                      drops=drops, drop_unit=args.drop_unit, stop=args.stop, seed=args.seed,
+                      batch_size=args.batch_size)
+    print(f"layer:      {res.layer} ({res.num_channels} channels, measured at "
+          f"{res.point or res.layer}; method {res.method}); swept {res.steps - 1} channels in "
+          f"{res.timings['total_seconds']:.1f} s")
+    for note in res.notes:
+        print(f"note:       {note}")
+
+    t_save = time.perf_counter()
+    g_metrics: dict = {}
+    thresholds_out = []
+    with atomic_dir(out) as tmp:
+        for t in res.thresholds:
+            entry = t.to_dict()
+            if not t.reached:
+                thresholds_out.append(entry)
+                continue
+            pruned = apply_channel_mask(clf, res.layer, t.mask)
+            pruned.provenance["pruning"] = {
+                "defense": "pruning (Liu et al., Fine-Pruning, RAID 2018)", "source": args.model,
+                "drop": t.drop, "drop_unit": res.drop_unit, "order": res.order, "step": t.step}
+            tag = _tag(t.drop)
+            files = {"pruned": save_model(pruned, tmp / f"pruned_{tag}.safetensors").name}
+            if save_keras is not None:
+                files["pruned_keras"] = Path(save_keras(pruned, tmp / f"pruned_{tag}.h5")).name
+            goodnet = make_goodnet(clf, pruned)
+            files["goodnet"] = save_model(goodnet, tmp / f"goodnet_{tag}.safetensors").name
+            entry["files"] = files
+            if test is not None:
+                preds = res.predictions[t.step]
+                base = res.predictions[0]
+                n = clf.num_classes
+                g_test = goodnet_predictions(base["test"], preds["test"], n)
+                g_pois = (goodnet_predictions(base["poisoned"], preds["poisoned"], n)
+                          if poisoned is not None else None)
+                m = metrics_from_predictions(g_test, test.require_labels(), n, g_pois,
+                                             res.poisoned_targets, res.asr_rule)
+                g_metrics[t.drop] = m
+                entry["goodnet"] = m.to_dict()
+            thresholds_out.append(entry)
+        rows = _rows(res, g_metrics)
+        (tmp / "table.md").write_text(_table_md(res, rows))
+        (tmp / "table.csv").write_text(_table_csv(res, rows))
+        (tmp / "curve.csv").write_text(_curve_csv(res))
+        plot_sweep(res, tmp / "curve.png")
+        sweep = res.to_dict()
+        sweep["thresholds"] = thresholds_out
+        results = {
+            "command": "prune",
+            "settings": {"model": args.model, "arch": clf.arch, "input_scale": clf.spec.scale,
+                         "layer": res.layer, "measure_point": res.point, "order": res.order,
+                         "drops": list(drops), "drop_unit": res.drop_unit, "stop": res.stop,
+                         "seed": res.seed, "batch_size": args.batch_size, "target": res.target,
+                         "save_format": args.save_format},
+            "units": {"accuracy, asr, detection_rate in JSON": "share in [0, 1]",
+                      "tables and curve.csv": "%", "drop": UNITS[res.drop_unit]},
+            "inputs": {"model": {"path": args.model, "sha256": _sha256(Path(args.model))},
+                       "valid": _file_info(args.valid), "test": _file_info(args.test),
+                       "poisoned": _file_info(args.poisoned)},
+            "sweep": sweep,
+            "timings": {"load_seconds": t_load, **res.timings,
+                        "save_seconds": time.perf_counter() - t_save},
+            "machine": {"python": platform.python_version(), "platform": platform.platform()},
+        }
+        results["timings"]["command_seconds"] = time.perf_counter() - t_start
+        write_json(tmp / "results.json", results)
+    _print_table(res, rows)
+    print(f"\nwrote {out}/ (table.md, table.csv, curve.csv, curve.png, results.json, models)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "prune", help="pruning defense: sweep a layer's channels, save repaired models and GoodNets",
+        description="Prune the last conv layer of MODEL channel by channel in order of increasing mean "
+        "activation on clean --valid data (Liu et al., Fine-Pruning, RAID 2018), recording validation "
+        "accuracy, clean --test accuracy and the attack success rate on --poisoned data after every "
+        "channel. The models where validation accuracy first drops by each of --drops are saved, each "
+        "with its GoodNet (class N = backdoored: B and the pruned B' disagree).")
+    p.add_argument("model", metavar="MODEL", help=".safetensors model or Keras .h5")
+    p.add_argument("--valid", required=True, metavar="DATA", help="clean labeled validation data "
+                   "(ranks the channels and defines the drops)")
+    p.add_argument("--test", metavar="DATA", help="clean labeled test data (reported only)")
+    p.add_argument("--poisoned", metavar="DATA", help="poisoned test data (reported only)")
+    p.add_argument("--target", type=int, help="attack target label (default: per-image targets in "
+                   "the poisoned file, else the most frequent prediction on it)")
+    p.add_argument("--layer", help="layer to prune (default: the architecture's last conv layer, "
+                   "e.g. conv_3 for DeepID)")
+    p.add_argument("--order", choices=["increasing", "decreasing", "abs", "random"], default="increasing",
+                   help="pruning order by mean activation on the validation data (default increasing; "
+                   "abs = increasing mean absolute activation; random uses --seed)")
+    p.add_argument("--drops", default="2,4,10,30", help="validation accuracy drops at which to save a "
+                   "model (default 2,4,10,30)")
+    p.add_argument("--drop-unit", choices=["points", "relative"], default="points",
+                   help="points = percentage points below the unpruned validation accuracy (default); "
+                   "relative = %% of it")
+    p.add_argument("--stop", choices=["all", "max_drop"], default="all",
+                   help="prune every channel (default) or stop once the largest drop is reached")
+    p.add_argument("--save-format", choices=["native", "keras"], default="native",
+                   help="keras: also write the pruned models as Keras HDF5 weights (GoodNets stay native)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward batch (default 64)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (written atomically)")
+    add_model_options(p)
+    add_data_options(p)
+    p.set_defaults(func=cmd_prune)

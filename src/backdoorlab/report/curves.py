@@ -1,0 +1,57 @@
+"""Plots of pruning sweeps: accuracy and attack success rate vs the share of channels pruned.
+
+Rendered with matplotlib's Agg canvas directly (no pyplot, no global backend switch), so it works
+headless and leaves other users of matplotlib alone.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from backdoorlab.io import atomic_path
+
+ORDER_LABEL = {"increasing": "increasing mean activation", "decreasing": "decreasing mean activation",
+               "abs": "increasing mean |activation|", "random": "random (seeded)"}
+UNIT_LABEL = {"points": "percentage points", "relative": "% of the unpruned accuracy"}
+
+
+def plot_sweep(result, path: str | os.PathLike, title: str | None = None, dpi: int = 120) -> Path:
+    """Write a PNG of a `PruneSweepResult`: validation accuracy, clean test accuracy and ASR (in %)
+    vs the fraction of channels pruned (in %), with the drop thresholds marked as vertical lines."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    x = [100.0 * f for f in result.fraction]
+    fig = Figure(figsize=(7.5, 4.6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(x, [100 * v for v in result.valid_accuracy], label="validation accuracy", color="C0",
+            lw=1.8)
+    if result.test_accuracy is not None:
+        ax.plot(x, [100 * v for v in result.test_accuracy], label="clean test accuracy",
+                color="C2", lw=1.5, ls="--")
+    if result.asr is not None:
+        ax.plot(x, [100 * v for v in result.asr], label=f"attack success rate (target {result.target})",
+                color="C3", lw=1.8)
+    for t in result.thresholds:
+        if t.reached:
+            fx = 100.0 * result.fraction[t.step]
+            ax.axvline(fx, color="0.45", lw=0.8, ls=":")
+            ax.annotate(f"-{t.drop:g}", (fx, 101), fontsize=7, ha="center", va="bottom",
+                        color="0.3", annotation_clip=False)
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    order = ORDER_LABEL.get(result.order, result.order)
+    ax.set_xlabel(f"channels of {result.layer} pruned (%), order: {order}")
+    ax.set_ylabel("%")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    unit = UNIT_LABEL.get(result.drop_unit, result.drop_unit)
+    ax.set_title(title or f"Pruning sweep of {result.layer} (drops marked in {unit})", fontsize=10,
+                 pad=14)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    return path

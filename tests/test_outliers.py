@@ -1,0 +1,69 @@
+"""MAD outlier test (Neural Cleanse's anomaly index), checked against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from backdoorlab.defenses.outliers import CONSISTENCY, anomaly_index, detect_outliers, median_mad
+from backdoorlab.errors import BadInput
+
+
+def test_median_mad_by_hand():
+    # median 24; |x - 24| = 14 4 2 0 2 4 6 -> sorted 0 2 2 4 4 6 14 -> MAD 4
+    assert median_mad([10, 20, 22, 24, 26, 28, 30]) == (24.0, 4.0)
+    # even count: median 2.5; deviations 1.5 .5 .5 1.5 -> MAD 1.0
+    assert median_mad([4, 1, 3, 2]) == (2.5, 1.0)
+
+
+def test_anomaly_index_sign_and_value():
+    x = [10, 20, 22, 24, 26, 28, 30]
+    idx = anomaly_index(x, 24.0, 4.0)
+    assert CONSISTENCY == 1.4826
+    assert idx[0] == pytest.approx(14 / (1.4826 * 4))  # 2.3607: below the median -> positive
+    assert idx[1] == pytest.approx(4 / 5.9304)
+    assert idx[3] == 0.0
+    assert idx[-1] == pytest.approx(-6 / 5.9304)  # above the median -> negative
+
+
+def test_flagging_only_small_side():
+    values = {0: 10.0, 1: 20.0, 2: 22.0, 3: 24.0, 4: 26.0, 5: 28.0, 6: 60.0}
+    # median 24, deviations 14 4 2 0 2 4 36 -> MAD 4; label 6 is far *above*: index -6.07
+    res = detect_outliers(values, threshold=2.0, top_k=2)
+    assert res.median == 24.0 and res.mad == 4.0
+    assert res.flagged == [0]
+    assert res.index[6] == pytest.approx(-36 / 5.9304)
+    assert res.smallest == [0, 1]
+    assert detect_outliers(values, threshold=2.5).flagged == []  # 2.36 < 2.5
+
+
+def test_flagged_ordered_by_index():
+    values = {7: 1.0, 3: 5.0, 1: 40.0, 2: 41.0, 4: 42.0, 5: 43.0, 6: 44.0}
+    res = detect_outliers(values, threshold=2.0)
+    assert res.flagged == [7, 3]
+
+
+def test_reference_subset():
+    values = {0: 5.0, 1: 30.0, 2: 32.0, 3: 34.0, 4: 1.0}
+    res = detect_outliers(values, reference=[1, 2, 3])
+    assert res.median == 32.0 and res.mad == 2.0
+    assert res.index[0] == pytest.approx(27 / (1.4826 * 2))
+    assert res.flagged == [4, 0]
+    with pytest.raises(BadInput):
+        detect_outliers(values, reference=[1, 99])
+
+
+def test_zero_mad():
+    idx = anomaly_index(np.array([3.0, 3.0, 3.0, 1.0, 5.0]), 3.0, 0.0)
+    assert idx[3] == math.inf and idx[4] == -math.inf and idx[0] == 0.0
+
+
+def test_bad_values():
+    with pytest.raises(BadInput):
+        median_mad([])
+    with pytest.raises(BadInput):
+        median_mad([1.0, float("nan")])
+    with pytest.raises(BadInput):
+        detect_outliers({})
