@@ -122,5 +122,14 @@ def test_demo_quick_writes_outputs(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "results.json").read_text())
-    assert res["clean_model"]["test_clean_accuracy"] > 0.85
+    assert res["kind"] == "demo"
+    assert res["models"]["clean"]["clean_accuracy"] > 0.85
+    assert res["models"]["badnets"]["asr"] > 0.8
+    assert len(res["table"]["rows"]) == 3
+    html = (out / "report.html").read_text()
+    for section in ("Summary", "Attack: attack-badnets", "Pruning defense: prune-badnets",
+                    "Fine-Pruning: fine-prune-badnets", "Neural Cleanse: cleanse-badnets", "Provenance"):
+        assert section in html, section
+    assert html.count("data:image/png;base64,") >= 6  # plots embedded, self-contained
+    assert (out / "report.md").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers

@@ -96,10 +96,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    d = sub.add_parser("demo", help="the whole story on the embedded digits data",
-                       description="Train a model on scikit-learn's bundled digits and report.")
-    d.add_argument("--out", help="folder for the outputs (model, results.json)")
-    d.add_argument("--quick", action="store_true", help="smaller, faster variant")
+    d = sub.add_parser("demo", help="the whole story on the embedded digits: attack, detect, repair, report",
+                       description="On scikit-learn's bundled digits (no download): train a clean, a "
+                       "BadNets and an FTrojan model, run the pruning sweep with GoodNets, Fine-Pruning "
+                       "and Neural Cleanse, and write report.html, report.md and results.json.")
+    d.add_argument("--out", default="backdoorlab-demo", help="output folder (default ./backdoorlab-demo)")
+    d.add_argument("--quick", action="store_true", help="a smaller variant (about a minute)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
 

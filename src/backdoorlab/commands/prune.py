@@ -187,9 +187,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
     sets = f"validation {len(valid):,}" + (f", test {len(test):,}" if test else "") + \
         (f", poisoned {len(poisoned):,}" if poisoned else "")
     print(f"images:     {sets}")
+    ranking = None
+    if args.order == "guided":
+        from backdoorlab.defenses.guided_pruning import guided_ranking, stamp_reversed_triggers
+
+        if bool(args.guide) == bool(args.guide_triggers):
+            raise BadInput("--order guided needs exactly one of --guide (poisoned validation data) or "
+                           "--guide-triggers (triggers.npz from 'backdoorlab cleanse')")
+        if args.guide:
+            backdoored = load_data(args.guide, args, default_split="train")
+        else:
+            labels = [int(v) for v in args.guide_labels.split(",")] if args.guide_labels else None
+            backdoored = stamp_reversed_triggers(valid, args.guide_triggers, labels)
+        ranking, _ = guided_ranking(clf, valid, backdoored, args.layer)
+        print(f"guided:     channels ranked by activation on {len(backdoored):,} backdoored inputs "
+              "minus clean ones")
     res = prune_sweep(clf, valid, test, poisoned, target=args.target, layer=args.layer, order=args.order,
                       drops=drops, drop_unit=args.drop_unit, stop=args.stop, seed=args.seed,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, ranking=ranking)
     print(f"layer:      {res.layer} ({res.num_channels} channels, measured at "
           f"{res.point or res.layer}; method {res.method}); swept {res.steps - 1} channels in "
           f"{res.timings['total_seconds']:.1f} s")
@@ -276,9 +291,15 @@ def register(sub) -> None:
                    "the poisoned file, else the most frequent prediction on it)")
     p.add_argument("--layer", help="layer to prune (default: the architecture's last conv layer, "
                    "e.g. conv_3 for DeepID)")
-    p.add_argument("--order", choices=["increasing", "decreasing", "abs", "random"], default="increasing",
+    p.add_argument("--order", choices=["increasing", "decreasing", "abs", "random", "guided"],
+                   default="increasing",
                    help="pruning order by mean activation on the validation data (default increasing; "
-                   "abs = increasing mean absolute activation; random uses --seed)")
+                   "abs = increasing mean absolute activation; random uses --seed; guided = largest "
+                   "backdoored-minus-clean activation first, needs --guide or --guide-triggers)")
+    p.add_argument("--guide", metavar="DATA", help="guided: poisoned validation data the defender holds")
+    p.add_argument("--guide-triggers", metavar="NPZ", help="guided: triggers.npz written by 'backdoorlab "
+                   "cleanse' (reversed triggers stamped on the clean validation images)")
+    p.add_argument("--guide-labels", help="guided: which reversed triggers to use (default: all in the file)")
     p.add_argument("--drops", default="2,4,10,30", help="validation accuracy drops at which to save a "
                    "model (default 2,4,10,30)")
     p.add_argument("--drop-unit", choices=["points", "relative"], default="points",

@@ -474,7 +474,7 @@ def prune_sweep(clf: Classifier, valid: ImageSet, test: ImageSet | None = None,
                 drops: tuple[float, ...] | list[float] = (2, 4, 10, 30), drop_unit: str = "points",
                 stop: str = "all", seed: int = 0, batch_size: int = 64, *,
                 tail_batch_size: int = 256, method: str = "auto",
-                skip_inactive: bool = True) -> PruneSweepResult:
+                skip_inactive: bool = True, ranking: np.ndarray | None = None) -> PruneSweepResult:
     """Prune ``layer`` channel by channel and record accuracy and ASR after every channel.
 
     ``valid`` (clean, labeled) ranks the channels and defines the drops; ``test`` (clean, labeled)
@@ -484,9 +484,11 @@ def prune_sweep(clf: Classifier, valid: ImageSet, test: ImageSet | None = None,
     are only reported. ``stop="max_drop"`` ends once the largest drop is reached.
     ``method``: ``auto`` picks ``incremental`` (DeepID head), else ``cached`` (StagedNet), else
     ``hook``. ``skip_inactive`` re-runs only rows where the pruned channel is non-zero (exact).
+    ``ranking`` (a permutation of the channels) replaces the order computed from ``order`` — e.g.
+    the guided ranking of `backdoorlab.defenses.guided_pruning`; ``order`` then only names it.
     """
     t_start = time.perf_counter()
-    if order not in ORDERS:
+    if order not in ORDERS and ranking is None:
         raise BadInput(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     if stop not in STOPS:
         raise BadInput(f"stop must be one of {', '.join(STOPS)}, got {stop!r}")
@@ -577,8 +579,13 @@ def prune_sweep(clf: Classifier, valid: ImageSet, test: ImageSet | None = None,
     cache_bytes = sum(int(t.numel() * t.element_size()) for s in sets
                       for t in [s.cache, *s.aux.values()] if t is not None)
 
-    ranking = ranking_from(mean, mean_abs, order, seed)
     n_ch = tgt.channels
+    if ranking is None:
+        ranking = ranking_from(mean, mean_abs, order, seed)
+    else:
+        ranking = np.asarray(ranking, dtype=np.int64)
+        if sorted(ranking.tolist()) != list(range(n_ch)):
+            raise BadInput(f"a custom pruning ranking must list each of the {n_ch} channels once")
     va, ta, asr = [sets[0].score()], [], []
     if test is not None:
         ta.append(sets[1].score())

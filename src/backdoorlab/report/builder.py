@@ -1,0 +1,319 @@
+"""Build `report.md` and a self-contained `report.html` from any run folder backdoorlab wrote.
+
+The builder reads every ``results.json`` in the folder and its sub-folders (attack, prune,
+fine-prune, magnitude-prune, cleanse, experiment, demo), renders one section per run — tables,
+curves, trigger and reversed-trigger images — and a provenance section (versions, seeds, input
+files with SHA-256). HTML embeds the images as data URIs, so the file can be mailed as is.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backdoorlab.errors import BadInput
+from backdoorlab.io import atomic_path
+
+KIND_ORDER = ["demo", "experiment", "attack", "prune", "fine-prune", "magnitude-prune", "cleanse",
+              "mitigate"]
+
+
+@dataclass
+class Section:
+    title: str
+    # ("p", text) | ("table", head, rows) | ("img", path, caption)
+    blocks: list[tuple] = field(default_factory=list)
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, head: list[str], rows: list[list]) -> None:
+        self.blocks.append(("table", head, [[("—" if c is None else str(c)) for c in r] for r in rows]))
+
+    def img(self, path: Path, caption: str) -> None:
+        if path.is_file():
+            self.blocks.append(("img", path, caption))
+
+
+def pct(v) -> str:
+    return "—" if v is None else f"{100 * float(v):.2f} %"
+
+
+def kind_of(res: dict) -> str | None:
+    if "kind" in res:
+        return res["kind"]
+    if res.get("command") == "prune" or "sweep" in res:
+        return "prune"
+    if "median" in res and "labels" in res and "flagged" in res:
+        return "cleanse"
+    return None
+
+
+def find_runs(root: Path) -> list[tuple[str, Path, dict]]:
+    runs = []
+    for f in sorted([root / "results.json", *root.glob("*/results.json"), *root.glob("*/*/results.json")]):
+        if not f.is_file():
+            continue
+        try:
+            res = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadInput(f"{f}: not valid JSON ({e})") from None
+        kind = kind_of(res) if isinstance(res, dict) else None
+        if kind:
+            runs.append((kind, f.parent, res))
+    runs.sort(key=lambda r: (KIND_ORDER.index(r[0]) if r[0] in KIND_ORDER else 99, str(r[1])))
+    return runs
+
+
+# -- sections per kind -------------------------------------------------------------------------
+
+def attack_section(name: str, d: Path, r: dict) -> Section:
+    s = Section(f"Attack: {name}")
+    plan = r["settings"]["plan"]
+    trig = ", ".join(f"`{t}` → {g}" for t, g in zip(plan["triggers"], plan["targets"] or ["y+1"] * 9,
+                                                    strict=False)) or "none (clean reference)"
+    s.p(f"Architecture {r['settings']['arch']}, {r['epochs']} epochs ({r['train_seconds']:.0f} s), "
+        f"mode {plan['mode']}, poisoning rate {plan['rate']:.0%}, seed {r['settings']['seed']}. "
+        f"Triggers: {trig}.")
+    rows = [["clean test accuracy", pct(r["clean_accuracy"])],
+            ["validation accuracy (clean)", pct(r["valid_accuracy"])]]
+    for i, (a, q) in enumerate(zip(r["asr"], r["trigger_quality"], strict=False)):
+        label = plan["triggers"][i] if i < len(plan["triggers"]) else plan["triggers"][0]
+        rows.append([f"ASR `{label}`", pct(a)])
+        if q.get("psnr_mean") is not None:
+            ssim = f", SSIM {q['ssim_mean']:.3f}" if q.get("ssim_mean") is not None else ""
+            rows.append([f"PSNR `{label}`", f"{q['psnr_mean']:.1f} dB{ssim}"])
+    if r.get("pruning_aware"):
+        pa = r["pruning_aware"]
+        rows.append(["pruning-aware: channels pruned then reinstated", len(pa["pruned_channels"])])
+    s.table(["figure", "value"], rows)
+    s.img(d / "trigger_preview.png", "Top: clean test images; then per trigger the poisoned images and "
+          "their difference from the clean ones ×10.")
+    return s
+
+
+def prune_section(name: str, d: Path, r: dict) -> Section:
+    sw = r["sweep"]
+    s = Section(f"Pruning defense: {name}")
+    unit = "percentage points" if sw["drop_unit"] == "points" else "% relative"
+    s.p(f"Layer {sw['layer']} (measured at {sw.get('measure_point') or sw['layer']}; "
+        f"{sw['num_channels']} channels) pruned in {sw['order']} order of mean activation on clean "
+        f"validation data. Drops in {unit} of validation accuracy. B′ = pruned model, G = GoodNet "
+        "(answers N when B and B′ disagree).")
+    rows = []
+    for t in sw["thresholds"]:
+        if not t["reached"]:
+            rows.append([f"{t['drop']:g}", "not reached", "", "", "", "", "", ""])
+            continue
+        g = t.get("goodnet") or {}
+        rows.append([f"{t['drop']:g}", t["pruned"], pct(t["valid_accuracy"]), pct(t["test_accuracy"]),
+                     pct(t["asr"]), pct(g.get("clean_accuracy")), pct(g.get("asr")),
+                     pct(g.get("detection_rate"))])
+    s.table(["drop", "pruned channels", "valid acc", "B′ test acc", "B′ ASR", "G test acc", "G ASR",
+             "G detection"], rows)
+    s.img(d / "curve.png", "Accuracy and attack success rate against the share of channels pruned.")
+    return s
+
+
+def stages_section(title: str, r: dict, what: str) -> Section:
+    s = Section(title)
+    s.p(what)
+    rows = [[name, pct(st["valid_accuracy"]), pct(st.get("test_accuracy")), pct(st.get("asr"))]
+            for name, st in (("before", r["before"]), ("after pruning", r["after_pruning"]),
+                             ("after fine-tuning", r["after_finetuning"]))]
+    s.table(["model", "valid acc", "clean test acc", "ASR"], rows)
+    return s
+
+
+def cleanse_section(name: str, d: Path, r: dict) -> Section:
+    s = Section(f"Neural Cleanse: {name}")
+    full = sorted((x for x in r["labels"] if x["stage"] == "full"), key=lambda x: x["norm"])
+    flagged = r["flagged"]
+    s.p(f"{len(r['labels'])} labels scanned ({len(full)} fully optimised, {r['mode']} mode) in "
+        f"{r['seconds']:.0f} s, {r['passes']:,} image passes. Median mask L1 norm {r['median']:.2f}, "
+        f"MAD {r['mad']:.2f}; labels with anomaly index > {r['threshold']:g} are flagged: "
+        f"**{', '.join(map(str, flagged)) or 'none'}**.")
+    rows = [[x["label"], f"{x['norm']:.2f}",
+             "—" if x["anomaly_index"] is None else f"{x['anomaly_index']:.2f}",
+             pct(x.get("asr")), "yes" if x["flagged"] else ""] for x in full[:10]]
+    s.table(["label", "mask L1 norm", "anomaly index", "reversed-trigger ASR", "flagged"], rows)
+    s.img(d / "norms.png", "Mask norms per label; flagged labels marked.")
+    s.img(d / "smallest.png", "The smallest reversed triggers (mask, pattern, mask × pattern).")
+    return s
+
+
+def mitigate_section(name: str, d: Path, r: dict) -> Section:
+    s = Section(f"Neural Cleanse mitigation: {name}")
+    s.p(f"Reversed trigger(s) of label(s) {r.get('labels')}; figures on the user's test data.")
+    s.table(["method", "clean test acc", "ASR", "detection rate"],
+            [[m["method"], pct(m.get("clean_accuracy")), pct(m.get("asr")), pct(m.get("detection_rate"))]
+             for m in r["methods"]])
+    return s
+
+
+def demo_section(d: Path, r: dict) -> Section:
+    s = Section("Summary")
+    s.p(r.get("summary", ""))
+    if r.get("table"):
+        s.table(r["table"]["head"], r["table"]["rows"])
+    return s
+
+
+def experiment_section(d: Path, r: dict) -> Section:
+    s = Section(f"Experiment: {r.get('name', d.name)}")
+    s.p(r.get("description", ""))
+    s.table(r["table"]["head"], r["table"]["rows"])
+    return s
+
+
+def sections_for(root: Path) -> list[Section]:
+    out = []
+    for kind, d, r in find_runs(root):
+        name = str(d.relative_to(root)) if d != root else root.name
+        if kind == "attack":
+            out.append(attack_section(name, d, r))
+        elif kind == "prune":
+            out.append(prune_section(name, d, r))
+        elif kind == "fine-prune":
+            out.append(stages_section(f"Fine-Pruning: {name}", r,
+                                      f"Pruned {len(r['pruned_channels'])} of {r['num_channels']} channels "
+                                      f"of {r['layer']}, then fine-tuned on clean validation data "
+                                      f"({r['settings']['train']['epochs']} epochs)."))
+        elif kind == "magnitude-prune":
+            out.append(stages_section(f"Magnitude pruning: {name}", r,
+                                      f"{r['pruned_weights']:,} of {r['total_weights']:,} kernel weights "
+                                      f"zeroed ({r['sparsity']:.0%}, {r['scope']}), then fine-tuned."))
+        elif kind == "cleanse":
+            out.append(cleanse_section(name, d, r))
+        elif kind == "mitigate":
+            out.append(mitigate_section(name, d, r))
+        elif kind == "demo":
+            out.append(demo_section(d, r))
+        elif kind == "experiment":
+            out.append(experiment_section(d, r))
+    return out
+
+
+def provenance(root: Path) -> Section:
+    import numpy
+    import torch
+
+    from backdoorlab import __version__
+
+    s = Section("Provenance")
+    s.table(["", ""], [["backdoorlab", __version__], ["torch", torch.__version__],
+                       ["numpy", numpy.__version__], ["python", platform.python_version()],
+                       ["platform", platform.platform()]])
+    rows = []
+    seeds = set()
+    for _, d, r in find_runs(root):
+        seed = (r.get("settings") or {}).get("seed", r.get("seed", (r.get("config") or {}).get("seed")))
+        if seed is not None:
+            seeds.add(seed)
+        inputs = r.get("inputs") or {}
+        for role, v in inputs.items():
+            path = v.get("path") if isinstance(v, dict) else v
+            if isinstance(v, dict) and "source" in v:
+                path = v["source"]
+            if not path:
+                continue
+            p = Path(str(path).split(":", 1)[-1]) if ":" in str(path) and not Path(str(path)).exists() \
+                else Path(str(path))
+            rows.append([d.name, role, str(path), _sha256(p) or "—"])
+    if seeds:
+        s.p(f"Seeds: {', '.join(map(str, sorted(seeds)))}.")
+    if rows:
+        s.table(["run", "input", "file", "SHA-256"], rows)
+    return s
+
+
+def _sha256(p: Path) -> str | None:
+    if not p.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16] + "…"
+
+
+# -- rendering -----------------------------------------------------------------------------------
+
+def render_md(title: str, sections: list[Section], root: Path) -> str:
+    lines = [f"# {title}", ""]
+    for s in sections:
+        lines += [f"## {s.title}", ""]
+        for b in s.blocks:
+            if b[0] == "p":
+                lines += [b[1], ""]
+            elif b[0] == "table":
+                head, rows = b[1], b[2]
+                lines.append("| " + " | ".join(head) + " |")
+                lines.append("|" + "|".join("---" for _ in head) + "|")
+                lines += ["| " + " | ".join(r) + " |" for r in rows]
+                lines.append("")
+            elif b[0] == "img":
+                rel = b[1].relative_to(root) if b[1].is_relative_to(root) else b[1]
+                lines += [f"![{b[2]}]({rel.as_posix()})", "", f"*{b[2]}*", ""]
+    return "\n".join(lines)
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{border-bottom:2px solid #444}h2{margin-top:2em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 10px;text-align:right}
+th{background:#eee}td:first-child{text-align:left}img{max-width:100%;border:1px solid #ddd}
+figcaption{color:#555;font-size:90%}code{background:#f3f3f3;padding:0 3px}"""
+
+
+def _inline(text: str) -> str:
+    import re
+
+    t = html.escape(text)
+    t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+
+
+def render_html(title: str, sections: list[Section]) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts.append("<nav><ul>" + "".join(f"<li><a href='#s{i}'>{html.escape(s.title)}</a></li>"
+                                       for i, s in enumerate(sections)) + "</ul></nav>")
+    for i, s in enumerate(sections):
+        parts.append(f"<h2 id='s{i}'>{html.escape(s.title)}</h2>")
+        for b in s.blocks:
+            if b[0] == "p":
+                parts.append(f"<p>{_inline(b[1])}</p>")
+            elif b[0] == "table":
+                head = "".join(f"<th>{_inline(h)}</th>" for h in b[1])
+                body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in b[2])
+                parts.append(f"<table><tr>{head}</tr>{body}</table>")
+            elif b[0] == "img":
+                data = base64.b64encode(b[1].read_bytes()).decode()
+                parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(b[2])}'>"
+                             f"<figcaption>{_inline(b[2])}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def build_report(root: str | Path, title: str | None = None) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` into ``root``; returns their paths."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BadInput(f"{root}: no such folder")
+    sections = sections_for(root)
+    if not sections:
+        raise BadInput(f"{root}: no backdoorlab results.json found (run attack, prune, fine-prune, "
+                       "cleanse, run or demo first)")
+    sections.append(provenance(root))
+    title = title or f"backdoorlab report: {root.resolve().name}"
+    md, hp = root / "report.md", root / "report.html"
+    with atomic_path(md) as tmp:
+        tmp.write_text(render_md(title, sections, root))
+    with atomic_path(hp) as tmp:
+        tmp.write_text(render_html(title, sections))
+    return md, hp
