@@ -126,4 +126,8 @@ def build_net(arch: str, num_classes: int, input_shape: tuple[int, int, int],
         from backdoorlab.models import keras_h5  # noqa: F401  (registers its builder)
 
         return SPECIAL_BUILDERS[arch](num_classes, input_shape, options)
+    if arch == "goodnet":
+        from backdoorlab.defenses import goodnet  # noqa: F401  (registers its builder)
+
+        return SPECIAL_BUILDERS[arch](num_classes, input_shape, options)
     return architectures.build(arch, num_classes, input_shape, **options)
