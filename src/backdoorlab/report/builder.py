@@ -101,10 +101,11 @@ def prune_section(name: str, d: Path, r: dict) -> Section:
     sw = r["sweep"]
     s = Section(f"Pruning defense: {name}")
     unit = "percentage points" if sw["drop_unit"] == "points" else "% relative"
+    how = ("guided order (largest backdoored-minus-clean mean activation first)" if sw["order"] == "guided"
+           else f"{sw['order']} order of mean activation on clean validation data")
     s.p(f"Layer {sw['layer']} (measured at {sw.get('measure_point') or sw['layer']}; "
-        f"{sw['num_channels']} channels) pruned in {sw['order']} order of mean activation on clean "
-        f"validation data. Drops in {unit} of validation accuracy. B′ = pruned model, G = GoodNet "
-        "(answers N when B and B′ disagree).")
+        f"{sw['num_channels']} channels) pruned in {how}. Drops in {unit} of validation accuracy. "
+        "B′ = pruned model, G = GoodNet (answers N when B and B′ disagree).")
     rows = []
     for t in sw["thresholds"]:
         if not t["reached"]:
