@@ -1,4 +1,9 @@
-"""Keras HDF5 import (no TensorFlow): weights-only files onto a known architecture.
+"""Keras HDF5 import and export (no TensorFlow).
+
+Import: weights-only files onto a known architecture (``arch``), or full-model files
+(``model_config``) rebuilt as a `KerasGraph` (see `keras_graph`). Export: `save_keras_weights` writes
+a Keras-2.2.4-style weights-only file (the layout of the CSAW-HackML-2020 files) that Keras 2 and 3
+``model.load_weights`` read.
 
 Keras stores conv kernels as HWIO and dense kernels as (in, out); torch wants OIHW and
 (out, in). Because our flatten layers follow Keras' (H, W, C) order, no other permutation is
@@ -7,14 +12,20 @@ needed. HDF5 content is read as arrays with h5py; nothing is executed or unpickl
 
 from __future__ import annotations
 
+import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from backdoorlab.errors import BadInput
+from backdoorlab.io import atomic_path
 from backdoorlab.models import architectures
+from backdoorlab.models import keras_graph as _keras_graph  # registers the "keras_graph" builder
 from backdoorlab.models.classifier import Classifier
+from backdoorlab.models.layers import KerasFlatten
 from backdoorlab.models.spec import InputSpec
 
 DEFAULT_SHAPES = {"deepid": (55, 47, 3), "gtsrb_cnn": (32, 32, 3), "small_cnn": (16, 16, 1)}
@@ -26,6 +37,9 @@ def _open(path: Path):
     try:
         return h5py.File(path, "r")
     except OSError as e:
+        if zipfile.is_zipfile(path):
+            raise BadInput(f"{path}: a Keras 3 '.keras' zip archive, not HDF5; re-save it in Keras with "
+                           f"model.save('model.h5')") from None
         raise BadInput(f"{path}: not a readable HDF5 file ({e})") from None
 
 
@@ -137,3 +151,104 @@ def assign_keras_layer(m: torch.nn.Module, name: str, arrays: list[np.ndarray], 
         else:
             raise BadInput(f"{path}: cannot load weights into layer {name!r} "
                            f"({type(m).__name__})")
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------
+KERAS_VERSION = "2.2.4"
+KERAS_BACKEND = "tensorflow"
+# DeepID's Keras layers in the order of the CSAW-HackML-2020 files (parameter-free layers included)
+DEEPID_KERAS_LAYERS = ("input", "conv_1", "pool_1", "conv_2", "pool_2", "conv_3", "pool_3", "conv_4",
+                       "flatten_1", "flatten_2", "fc_1", "fc_2", "add_1", "activation_1", "output")
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().cpu().float().numpy())
+
+
+def _module_weights(m: nn.Module, name: str) -> list[tuple[str, np.ndarray]]:
+    """Keras (weight name, array) pairs of one torch module (Conv2d → HWIO kernel, Linear → (in, out))."""
+    if isinstance(m, nn.Conv2d):
+        if m.groups != 1 or tuple(m.dilation) != (1, 1):
+            raise BadInput(f"cannot export layer {name!r}: grouped or dilated convolution")
+        out = [("kernel", _np(m.weight.permute(2, 3, 1, 0)))]
+        return out + ([("bias", _np(m.bias))] if m.bias is not None else [])
+    if isinstance(m, nn.Linear):
+        out = [("kernel", _np(m.weight.t()))]
+        return out + ([("bias", _np(m.bias))] if m.bias is not None else [])
+    if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+        out = []
+        if m.affine and getattr(m, "scale", True):
+            out.append(("gamma", _np(m.weight)))
+        if m.affine and getattr(m, "center", True):
+            out.append(("beta", _np(m.bias)))
+        if m.running_mean is None or m.running_var is None:
+            raise BadInput(f"cannot export layer {name!r}: batch norm without running statistics")
+        return out + [("moving_mean", _np(m.running_mean)), ("moving_variance", _np(m.running_var))]
+    if any(True for _ in m.parameters()):
+        raise BadInput(f"cannot export layer {name!r} ({type(m).__name__}) to Keras: no single Keras "
+                       f"layer holds its weights")
+    return []
+
+
+def keras_layers(clf: Classifier) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
+    """The Keras layers of ``clf`` in file order: (layer name, [(weight name, array), ...]).
+
+    Supported: Keras graphs (their own layer order), DeepID (the CSAW file order, with the
+    parameter-free layers) and staged networks whose stages are single conv / dense / batch-norm or
+    parameter-free layers (e.g. small_cnn). Anything else is refused with BadInput."""
+    net = clf.net
+    if isinstance(net, _keras_graph.KerasGraph):
+        names = [n["name"] for n in net.options["nodes"] if not n.get("synthetic")]
+        layers = [(n, _module_weights(net.module(n), n)) for n in names]
+    elif clf.arch == "deepid":
+        modules = {full.split(".")[-1]: m for full, m in net.named_modules() if full}
+        layers = [(n, _module_weights(modules[n], n) if n in modules else []) for n in DEEPID_KERAS_LAYERS]
+    elif hasattr(net, "stages") and hasattr(net, "stage_names"):
+        layers = [(n, _module_weights(net.stages[n], n)) for n in net.stage_names]
+    else:
+        raise BadInput(f"cannot export architecture {clf.arch!r} to Keras: its layers have no Keras names")
+    if any(isinstance(m, nn.Flatten) and not isinstance(m, KerasFlatten) for m in net.modules()):
+        raise BadInput(f"cannot export architecture {clf.arch!r} to Keras: it flattens in torch's (C, H, W) "
+                       f"order, Keras in (H, W, C)")
+    covered = sum(a.size for _, ws in layers for w, a in ws if not w.startswith("moving_"))
+    total = sum(p.numel() for p in net.parameters())  # a torch-pruned weight counts as its weight_orig
+    if covered != total:
+        raise BadInput(f"cannot export architecture {clf.arch!r} to Keras: {total - covered:,} of its "
+                       f"{total:,} parameters belong to no Keras layer")
+    for name, _ in layers:
+        if "/" in name or not name:
+            raise BadInput(f"cannot export layer {name!r}: a Keras layer name cannot contain '/'")
+    return layers
+
+
+def save_keras_weights(clf: Classifier, path: str | os.PathLike) -> Path:
+    """Write ``clf``'s weights as a Keras-2.2.4-style weights-only HDF5 file (atomically).
+
+    Layout as in the CSAW-HackML-2020 files: root attributes ``layer_names``, ``backend``,
+    ``keras_version``; one group per layer with attribute ``weight_names`` and datasets
+    ``<layer>/<layer>/kernel:0``, ``bias:0`` (conv kernels HWIO, dense kernels (in, out); batch norm
+    ``gamma``, ``beta``, ``moving_mean``, ``moving_variance``). Keras 2 and Keras 3
+    ``model.load_weights`` read it (Keras 3: the name must end in ``.h5`` but not ``.weights.h5``).
+    Returns the path written."""
+    import h5py
+
+    path = Path(path)
+    layers = keras_layers(clf)
+    ascii_str = h5py.string_dtype("ascii")
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["layer_names"] = np.array([n.encode("utf-8") for n, _ in layers])
+            f.attrs.create("backend", KERAS_BACKEND, dtype=ascii_str)
+            f.attrs.create("keras_version", KERAS_VERSION, dtype=ascii_str)
+            for name, weights in layers:
+                g = f.create_group(name)
+                if not weights:
+                    g.attrs["weight_names"] = np.array([], dtype=np.float64)
+                    continue
+                names = [f"{name}/{w}:0" for w, _ in weights]
+                g.attrs["weight_names"] = np.array([n.encode("utf-8") for n in names])
+                for wname, (_, arr) in zip(names, weights, strict=True):
+                    g.create_dataset(wname, data=arr.astype(np.float32))
+    return path
