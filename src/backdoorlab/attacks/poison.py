@@ -212,11 +212,9 @@ def attack_success(clf: Classifier, poisoned: ImageSet, targets: np.ndarray | in
     """Attack success rate for per-sample ``targets`` (or one target for all): the share of
     poisoned images classified as their own target, leaving out images whose true label equals
     their target (when labels are known)."""
+    from backdoorlab.evaluate import per_image_success_rate
+
     t = np.broadcast_to(np.asarray(targets, dtype=np.int64), (len(poisoned),))
     if len(t) and (t.min() < 0 or t.max() >= clf.num_classes):
         raise BadInput(f"attack targets must lie in 0..{clf.num_classes - 1}")
-    keep = np.ones(len(poisoned), dtype=bool) if poisoned.labels is None else poisoned.labels != t
-    if not keep.any():
-        raise BadInput(f"{poisoned.name!r}: no poisoned images left to measure the attack success on")
-    pred = clf.predict(poisoned.images[keep], batch_size)
-    return float((pred == t[keep]).mean())
+    return per_image_success_rate(clf, poisoned, t, batch_size)[0]

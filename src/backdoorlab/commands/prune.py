@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import platform
 import time
@@ -14,6 +13,7 @@ import numpy as np
 
 from backdoorlab.commands.common import add_data_options, add_model_options, load_data, load_model_from_args
 from backdoorlab.errors import BadInput
+from backdoorlab.io import file_sha256
 
 DROP_HEADER = {"points": "drop (points)", "relative": "drop (% rel.)"}
 
@@ -39,16 +39,6 @@ def _check_out(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / "results.json").exists():
         raise BadInput(f"--out {out}: folder exists and is not an earlier prune output (no "
                        "results.json); choose a new folder")
-
-
-def _sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _file_info(source: str | None) -> dict | None:
@@ -259,7 +249,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                          "save_format": args.save_format},
             "units": {"accuracy, asr, detection_rate in JSON": "share in [0, 1]",
                       "tables and curve.csv": "%", "drop": UNITS[res.drop_unit]},
-            "inputs": {"model": {"path": args.model, "sha256": _sha256(Path(args.model))},
+            "inputs": {"model": {"path": args.model, "sha256": file_sha256(args.model)},
                        "valid": _file_info(args.valid), "test": _file_info(args.test),
                        "poisoned": _file_info(args.poisoned)},
             "sweep": sweep,

@@ -9,7 +9,6 @@ files with SHA-256). HTML embeds the images as data URIs, so the file can be mai
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import json
 import platform
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backdoorlab.errors import BadInput
-from backdoorlab.io import atomic_path
+from backdoorlab.io import atomic_path, file_sha256
 
 KIND_ORDER = ["demo", "experiment", "attack", "prune", "fine-prune", "magnitude-prune", "cleanse",
               "mitigate"]
@@ -234,13 +233,8 @@ def provenance(root: Path) -> Section:
 
 
 def _sha256(p: Path) -> str | None:
-    if not p.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16] + "…"
+    digest = file_sha256(p)
+    return None if digest is None else digest[:16] + "…"
 
 
 # -- rendering -----------------------------------------------------------------------------------
