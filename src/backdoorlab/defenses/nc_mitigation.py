@@ -1,0 +1,232 @@
+"""Neural Cleanse mitigation (Wang et al., IEEE S&P 2019, Section VI) with reversed triggers.
+
+Given the trigger(s) Neural Cleanse reverse-engineered for the flagged label(s) (``triggers.npz``
+from ``backdoorlab cleanse``) and the defender's clean validation data:
+
+- ``unlearn``: fine-tune on the clean validation data where a share of the images (default 20 %)
+  carry a reversed trigger but keep their true label, so the network unlearns the shortcut;
+- ``prune``: rank the channels of the last conv layer by (activation on reversed-trigger inputs −
+  activation on clean inputs) and prune the largest first, until the reversed trigger's success on
+  validation images falls to ``stop_asr`` or validation accuracy has dropped ``max_drop`` points
+  (the same ranking as guided pruning);
+- ``filter``: an input filter — a model with one extra class N answering N when the mean
+  activation of the top ``top_fraction`` most trigger-sensitive channels exceeds a threshold set
+  to flag at most ``false_positive_rate`` of the clean validation images (the paper's 5 %).
+
+Every method is measured on the user's test data; nothing is tuned on it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from backdoorlab.data.imageset import ImageSet
+from backdoorlab.defenses.fine_pruning import finetune_split
+from backdoorlab.defenses.guided_pruning import guided_ranking
+from backdoorlab.defenses.masking import apply_channel_mask, mask_from_channels, resolve_target
+from backdoorlab.defenses.neural_cleanse import apply_trigger
+from backdoorlab.defenses.pruning import prune_sweep
+from backdoorlab.errors import BadInput
+from backdoorlab.evaluate import accuracy, per_image_success_rate
+from backdoorlab.models import files
+from backdoorlab.models.classifier import Classifier
+from backdoorlab.train import TrainConfig, train
+
+FILTER_ARCH = "nc_filter"
+
+
+@dataclass
+class MethodResult:
+    """Shares in [0, 1] on the user's test data; ``detection_rate`` only for the filter."""
+
+    method: str
+    clean_accuracy: float
+    asr: float | None
+    detection_rate: float | None = None
+    clean_flagged: float | None = None
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class MitigationResult:
+    labels: list[int]
+    methods: list[MethodResult]
+    settings: dict
+
+    def to_dict(self) -> dict:
+        return {"kind": "mitigate", **asdict(self)}
+
+
+def stamped(data: ImageSet, triggers: dict[int, tuple[np.ndarray, np.ndarray]],
+            labels: list[int]) -> tuple[ImageSet, np.ndarray]:
+    """Images of other labels stamped with each label's reversed trigger; (set with true labels,
+    per-image targets)."""
+    xs, ys, ts = [], [], []
+    y_all = data.require_labels()
+    for lab in labels:
+        keep = y_all != lab
+        mask, pattern = triggers[lab]
+        xs.append(apply_trigger(data.images[keep], mask, pattern))
+        ys.append(y_all[keep])
+        ts.append(np.full(int(keep.sum()), lab, dtype=np.int64))
+    return (ImageSet(np.concatenate(xs), np.concatenate(ys), data.num_classes, "reversed-trigger"),
+            np.concatenate(ts))
+
+
+def _copy(clf: Classifier) -> Classifier:
+    return Classifier(copy.deepcopy(clf.net), clf.spec, clf.num_classes, clf.arch,
+                      copy.deepcopy(clf.arch_options), copy.deepcopy(clf.provenance), clf.channels_last)
+
+
+def unlearn(clf: Classifier, valid: ImageSet, triggers: dict, labels: list[int], share: float = 0.2,
+            cfg: TrainConfig | None = None, seed: int = 0) -> Classifier:
+    """Fine-tune a copy on validation data with ``share`` of the images carrying a reversed trigger
+    (true labels kept)."""
+    cfg = cfg or TrainConfig(epochs=5, lr=1e-4, batch_size=64, schedule="none", seed=seed)
+    tune, select = finetune_split(valid, 0.2, seed)
+    rng = np.random.default_rng(seed)
+    x = tune.images.copy()
+    pick = rng.choice(len(x), size=int(round(share * len(x))), replace=False)
+    for i, chunk in enumerate(np.array_split(pick, len(labels))):
+        mask, pattern = triggers[labels[i]]
+        x[chunk] = apply_trigger(x[chunk], mask, pattern)
+    tuned = _copy(clf)
+    train(tuned, ImageSet(x, tune.labels, tune.num_classes, "unlearning"), select, cfg, desc="unlearn")
+    tuned.provenance["nc_unlearning"] = {"labels": labels, "share": share, "epochs": cfg.epochs}
+    return tuned
+
+
+def prune_by_trigger(clf: Classifier, valid: ImageSet, triggers: dict, labels: list[int],
+                     layer: str | None = None, stop_asr: float = 0.05,
+                     max_drop: float = 10.0) -> tuple[Classifier, dict]:
+    """Prune the most trigger-activated channels until the reversed trigger stops working on
+    validation images (ASR ≤ ``stop_asr``) or accuracy drops ``max_drop`` points."""
+    trig_valid, targets = stamped(valid, triggers, labels)
+    ranking, score = guided_ranking(clf, valid, trig_valid, layer)
+    trig_valid.meta["targets"] = targets
+    sweep = prune_sweep(clf, valid, poisoned=trig_valid, layer=layer, ranking=ranking, order="guided",
+                        drops=(max_drop,), stop="max_drop")
+    ok = np.flatnonzero((sweep.asr <= stop_asr) & (sweep.drop <= max_drop))
+    step = int(ok[0]) if len(ok) else int(np.flatnonzero(sweep.drop <= max_drop)[-1])
+    tgt = resolve_target(clf, layer)
+    pruned = apply_channel_mask(clf, tgt.layer, mask_from_channels(tgt.channels, ranking[:step]))
+    return pruned, {"layer": tgt.layer, "pruned_channels": [int(c) for c in ranking[:step]],
+                    "valid_trigger_asr": float(sweep.asr[step]), "valid_drop_points": float(sweep.drop[step]),
+                    "stopped_by": "trigger" if len(ok) else "max_drop"}
+
+
+class TriggerFilter(nn.Module):
+    """N + 1 logits: the network's own where the top channels' mean activation is at most
+    ``threshold``, class N (the last) where it is above."""
+
+    def __init__(self, net: nn.Module, point: str, channels: list[int], threshold: float, num_classes: int):
+        super().__init__()
+        self.net = net
+        self.point = point
+        self.register_buffer("channels", torch.tensor(channels, dtype=torch.long))
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self.num_classes = int(num_classes)
+
+    def score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.net.forward_to(self.point, x)
+        s = h[:, self.channels].flatten(1).mean(1)
+        return self.net.forward_from(self.point, h), s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, s = self.score(x)
+        hi = logits.max(1).values
+        lo = logits.min(1).values
+        extra = torch.where(s > self.threshold, hi + 1.0 + hi.abs(), lo - 1.0 - lo.abs())
+        return torch.cat([logits, extra.unsqueeze(1)], dim=1)
+
+
+def build_filter(num_classes: int, input_shape: tuple[int, int, int], options: dict) -> nn.Module:
+    try:
+        base = files.build_net(options["arch"], num_classes - 1, input_shape, options.get("options") or {})
+        return TriggerFilter(base, options["point"], list(options["channels"]), float(options["threshold"]),
+                             num_classes - 1)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadInput(f"nc_filter model: malformed options ({e!r})") from None
+
+
+files.SPECIAL_BUILDERS[FILTER_ARCH] = build_filter
+
+
+def make_filter(clf: Classifier, valid: ImageSet, triggers: dict, labels: list[int],
+                top_fraction: float = 0.1, false_positive_rate: float = 0.05) -> Classifier:
+    """The input filter as a `Classifier` with N + 1 classes (class N = "triggered")."""
+    if not clf.staged:
+        raise BadInput("the input filter needs a network that can run up to a layer (a staged network)")
+    tgt = resolve_target(clf, None)
+    if tgt.point is None:
+        raise BadInput("the input filter needs a measure point after the last conv layer")
+    trig_valid, _ = stamped(valid, triggers, labels)
+    ranking, _ = guided_ranking(clf, valid, trig_valid)
+    k = max(1, int(round(top_fraction * tgt.channels)))
+    channels = [int(c) for c in ranking[:k]]
+    acts = clf.activations(valid.images, tgt.point)
+    clean_scores = acts[:, channels].reshape(len(acts), -1).mean(1)
+    threshold = float(np.quantile(clean_scores, 1.0 - false_positive_rate))
+    net = TriggerFilter(copy.deepcopy(clf.net), tgt.point, channels, threshold, clf.num_classes)
+    options = {"arch": clf.arch, "options": copy.deepcopy(clf.arch_options), "point": tgt.point,
+               "channels": channels, "threshold": threshold}
+    prov = {"defense": "neural cleanse input filter", "labels": labels, "top_fraction": top_fraction,
+            "false_positive_rate": false_positive_rate, "base": copy.deepcopy(clf.provenance)}
+    return Classifier(net, clf.spec, clf.num_classes + 1, FILTER_ARCH, options, prov, clf.channels_last)
+
+
+def _asr(clf: Classifier, poisoned: ImageSet | None, target: int | None) -> float | None:
+    if poisoned is None:
+        return None
+    if target is None:
+        if "targets" not in poisoned.meta:
+            raise BadInput("poisoned data without per-image targets: give the attack's target")
+        t = np.asarray(poisoned.meta["targets"])
+    else:
+        t = np.full(len(poisoned), target, dtype=np.int64)
+    return per_image_success_rate(clf, poisoned, t)[0]
+
+
+def mitigate(clf: Classifier, valid: ImageSet, test: ImageSet, triggers: dict, labels: list[int],
+             poisoned: ImageSet | None = None, target: int | None = None,
+             methods: tuple[str, ...] = ("unlearn", "prune", "filter"), cfg: TrainConfig | None = None,
+             seed: int = 0) -> tuple[MitigationResult, dict[str, Classifier]]:
+    """Run the chosen mitigations; returns the result table and the repaired models."""
+    missing = [y for y in labels if y not in triggers]
+    if missing:
+        raise BadInput(f"no reversed trigger for label(s) {missing}")
+    unknown = set(methods) - {"unlearn", "prune", "filter"}
+    if unknown:
+        raise BadInput(f"unknown mitigation(s) {sorted(unknown)} (unlearn, prune, filter)")
+    out = [MethodResult("none (the model as given)", accuracy(clf, test), _asr(clf, poisoned, target))]
+    models: dict[str, Classifier] = {}
+    if "unlearn" in methods:
+        m = unlearn(clf, valid, triggers, labels, cfg=cfg, seed=seed)
+        models["unlearn"] = m
+        out.append(MethodResult("unlearning", accuracy(m, test), _asr(m, poisoned, target)))
+    if "prune" in methods:
+        m, info = prune_by_trigger(clf, valid, triggers, labels)
+        models["prune"] = m
+        out.append(MethodResult("neuron pruning", accuracy(m, test), _asr(m, poisoned, target), details=info))
+    if "filter" in methods:
+        from backdoorlab.defenses.goodnet import metrics_from_predictions
+
+        m = make_filter(clf, valid, triggers, labels)
+        models["filter"] = m
+        n = clf.num_classes
+        pred = m.predict(test.images)
+        p_pred = t = None
+        if poisoned is not None:
+            t = (np.asarray(poisoned.meta["targets"]) if target is None
+                 else np.full(len(poisoned), target, dtype=np.int64))
+            keep = np.ones(len(t), bool) if poisoned.labels is None else poisoned.labels != t
+            p_pred, t = m.predict(poisoned.images[keep]), t[keep]
+        gm = metrics_from_predictions(pred, test.require_labels(), n, p_pred, t, None)
+        out.append(MethodResult("input filter", gm.clean_accuracy, gm.asr, gm.detection_rate,
+                                gm.clean_flagged))
+    return MitigationResult(labels, out, {"methods": list(methods), "seed": seed}), models
