@@ -10,7 +10,6 @@ at zero during fine-tuning (their output is masked, so they get no gradient).
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -82,8 +81,7 @@ def finetune_masked(clf: Classifier, layer: str, mask: np.ndarray, tune: ImageSe
                     cfg: TrainConfig) -> tuple[Classifier, dict]:
     """Fine-tune a copy of the pruned ``clf`` with ``layer``'s pruned channels held at zero."""
     target = resolve_target(clf, layer)
-    tuned = Classifier(copy.deepcopy(clf.net), clf.spec, clf.num_classes, clf.arch,
-                       copy.deepcopy(clf.arch_options), copy.deepcopy(clf.provenance), clf.channels_last)
+    tuned = clf.copy()
     with OutputMask(tuned.layer(target.weights), target.channels, mask):
         log = train(tuned, tune, select, cfg, desc="fine-tune")
     tuned = apply_channel_mask(tuned, layer, mask)  # exact zeros again (e.g. BN statistics)

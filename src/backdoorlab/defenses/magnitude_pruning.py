@@ -9,7 +9,6 @@ re-imposed after every optimiser step.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass
 
@@ -97,15 +96,11 @@ def magnitude_prune(clf: Classifier, valid: ImageSet, test: ImageSet | None = No
     t0 = time.perf_counter()
     cfg = cfg or TrainConfig(epochs=5, lr=1e-4, batch_size=64, schedule="none", seed=seed)
 
-    def copy_of(c: Classifier) -> Classifier:
-        return Classifier(copy.deepcopy(c.net), c.spec, c.num_classes, c.arch,
-                          copy.deepcopy(c.arch_options), copy.deepcopy(c.provenance), c.channels_last)
-
-    pruned = copy_of(clf)
+    pruned = clf.copy()
     masks = magnitude_masks(pruned.net, sparsity, scope)
     apply_masks(pruned.net, masks)
     pruned.provenance["magnitude_pruned"] = {"sparsity": sparsity, "scope": scope}
-    tuned = copy_of(pruned)
+    tuned = pruned.copy()
     tune, select = finetune_split(valid, select_fraction, seed)
     log = train(tuned, tune, select, cfg, desc="fine-tune", after_step=lambda: apply_masks(tuned.net, masks))
     apply_masks(tuned.net, masks)

@@ -19,7 +19,6 @@ A mask is a boolean array over the layer's output channels; ``True`` means *prun
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,8 +168,7 @@ def apply_channel_mask(clf: Classifier, layer: str | None, mask: np.ndarray | li
     """
     target = resolve_target(clf, layer)
     m = as_mask(mask, target.channels)
-    out = Classifier(copy.deepcopy(clf.net), clf.spec, clf.num_classes, clf.arch,
-                     copy.deepcopy(clf.arch_options), copy.deepcopy(clf.provenance), clf.channels_last)
+    out = clf.copy()
     zero_channels(out.layer(target.weights), m)
     out.provenance["pruned"] = {"layer": target.layer, "weights": target.weights,
                                 "channels": [int(i) for i in np.flatnonzero(m)],

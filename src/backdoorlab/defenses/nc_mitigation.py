@@ -78,11 +78,6 @@ def stamped(data: ImageSet, triggers: dict[int, tuple[np.ndarray, np.ndarray]],
             np.concatenate(ts))
 
 
-def _copy(clf: Classifier) -> Classifier:
-    return Classifier(copy.deepcopy(clf.net), clf.spec, clf.num_classes, clf.arch,
-                      copy.deepcopy(clf.arch_options), copy.deepcopy(clf.provenance), clf.channels_last)
-
-
 def unlearn(clf: Classifier, valid: ImageSet, triggers: dict, labels: list[int], share: float = 0.2,
             cfg: TrainConfig | None = None, seed: int = 0) -> Classifier:
     """Fine-tune a copy on validation data with ``share`` of the images carrying a reversed trigger
@@ -95,7 +90,7 @@ def unlearn(clf: Classifier, valid: ImageSet, triggers: dict, labels: list[int],
     for i, chunk in enumerate(np.array_split(pick, len(labels))):
         mask, pattern = triggers[labels[i]]
         x[chunk] = apply_trigger(x[chunk], mask, pattern)
-    tuned = _copy(clf)
+    tuned = clf.copy()
     train(tuned, ImageSet(x, tune.labels, tune.num_classes, "unlearning"), select, cfg, desc="unlearn")
     tuned.provenance["nc_unlearning"] = {"labels": labels, "share": share, "epochs": cfg.epochs}
     return tuned

@@ -105,6 +105,14 @@ class Classifier:
             raise BadInput(f"architecture {self.arch!r} names no default pruning layer; pass --layer")
         return layer, getattr(self.net, "prune_point", layer) or layer
 
+    def copy(self) -> Classifier:
+        """An independent deep copy (network weights, options and provenance)."""
+        import copy
+
+        return Classifier(copy.deepcopy(self.net), self.spec, self.num_classes, self.arch,
+                          copy.deepcopy(self.arch_options), copy.deepcopy(self.provenance),
+                          self.channels_last)
+
     def with_scale(self, scale: str) -> Classifier:
         """The same network with another input scale (``raw`` or ``unit``)."""
         return Classifier(self.net, self.spec.with_scale(scale), self.num_classes, self.arch,
