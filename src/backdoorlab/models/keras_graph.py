@@ -35,7 +35,7 @@ from torch import nn
 from backdoorlab.errors import BadInput
 from backdoorlab.models import files
 from backdoorlab.models.classifier import Classifier
-from backdoorlab.models.layers import KerasFlatten
+from backdoorlab.models.layers import KerasFlatten, activate
 from backdoorlab.models.spec import InputSpec
 
 OPTIONS_FORMAT = "keras-graph"
@@ -429,34 +429,6 @@ def _out_size(size: int, k: int, s: int, padding: str) -> int:
     return math.ceil(size / s) if padding == "same" else (size - k) // s + 1
 
 
-def _apply_activation(y: torch.Tensor, act: str) -> torch.Tensor:
-    if act == "linear":
-        return y
-    if act == "relu":
-        return torch.relu(y)
-    if act == "softmax":  # over Keras' last axis = channels = dim 1 in NCHW and for (N, F)
-        return torch.softmax(y, dim=1)
-    if act == "sigmoid":
-        return torch.sigmoid(y)
-    if act == "tanh":
-        return torch.tanh(y)
-    if act == "elu":
-        return F.elu(y)
-    if act == "selu":
-        return F.selu(y)
-    if act == "softplus":
-        return F.softplus(y)
-    if act == "softsign":
-        return F.softsign(y)
-    if act in ("swish", "silu"):
-        return F.silu(y)
-    if act == "relu6":
-        return F.relu6(y)
-    if act == "exponential":
-        return torch.exp(y)
-    raise ValueError(f"unsupported activation {act!r}")  # parse_keras_config refuses these first
-
-
 class KerasInput(nn.Identity):
     """The model input (a named identity, so its activations can be hooked like any layer)."""
 
@@ -477,7 +449,7 @@ class KerasConv2D(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pads is not None:
             x = F.pad(x, self.pads)
-        return _apply_activation(super().forward(x), self.act)
+        return activate(super().forward(x), self.act)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", pads={self.pads}, act={self.act}"
@@ -545,7 +517,7 @@ class KerasDense(nn.Linear):
             y = super().forward(x.movedim(1, -1)).movedim(-1, 1)
         else:
             y = super().forward(x)
-        return _apply_activation(y, self.act)
+        return activate(y, self.act)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", act={self.act}"
@@ -577,7 +549,7 @@ class KerasActivation(nn.Module):
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _apply_activation(x, self.act)
+        return activate(x, self.act)
 
     def extra_repr(self) -> str:
         return f"act={self.act}"

@@ -18,7 +18,7 @@ class Conv2dAct(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
-        return _activate(y, self.act)
+        return activate(y, self.act)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", act={self.act}"
@@ -32,7 +32,7 @@ class LinearAct(nn.Linear):
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _activate(super().forward(x), self.act)
+        return activate(super().forward(x), self.act)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", act={self.act}"
@@ -63,24 +63,30 @@ class KerasFlatten(nn.Module):
         return x.reshape(x.shape[0], -1)
 
 
-ACTIVATIONS = ("relu", "linear", "softmax", "sigmoid", "tanh", "elu", "selu", "softplus", None)
+_FUNCTIONS = {
+    "relu": torch.relu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "elu": nn.functional.elu,
+    "selu": nn.functional.selu,
+    "softplus": nn.functional.softplus,
+    "softsign": nn.functional.softsign,
+    "swish": nn.functional.silu,
+    "silu": nn.functional.silu,
+    "relu6": nn.functional.relu6,
+    "exponential": torch.exp,
+}
+ACTIVATIONS = (None, "linear", "softmax", *_FUNCTIONS)
 
 
-def _activate(y: torch.Tensor, act: str | None) -> torch.Tensor:
+def activate(y: torch.Tensor, act: str | None) -> torch.Tensor:
+    """Apply a Keras activation by name (``None``/``linear`` = identity; softmax over dim 1, the
+    channel axis in NCHW and the feature axis of (N, F))."""
     if act is None or act == "linear":
         return y
     if act == "softmax":  # final layers drop it (networks here return logits); mid-graph keeps it
         return torch.softmax(y, dim=1)
-    if act == "relu":
-        return torch.relu(y)
-    if act == "sigmoid":
-        return torch.sigmoid(y)
-    if act == "tanh":
-        return torch.tanh(y)
-    if act == "elu":
-        return nn.functional.elu(y)
-    if act == "selu":
-        return nn.functional.selu(y)
-    if act == "softplus":
-        return nn.functional.softplus(y)
-    raise ValueError(f"unsupported activation {act!r}")
+    fn = _FUNCTIONS.get(act)
+    if fn is None:
+        raise ValueError(f"unsupported activation {act!r}")
+    return fn(y)
