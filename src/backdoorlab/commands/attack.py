@@ -27,6 +27,13 @@ def load_train_test(args: argparse.Namespace):
         else:
             train_data, test = train_data.split(args.test_fraction, seed=args.seed + 1000)
             print(f"test set: carved {len(test)} images ({args.test_fraction:.0%}) from the data")
+    for opt in ("train_limit", "test_limit"):
+        if getattr(args, opt, None) is not None and getattr(args, opt) < 1:
+            raise BadInput(f"--{opt.replace('_', '-')} must be at least 1, got {getattr(args, opt)}")
+    if getattr(args, "train_limit", None):
+        train_data = train_data.take(args.train_limit, seed=args.seed)
+    if getattr(args, "test_limit", None):
+        test = test.take(args.test_limit, seed=args.seed + 1)
     return train_data, test
 
 
@@ -90,6 +97,10 @@ def register(sub) -> None:
     p.add_argument("--test-fraction", type=float, default=0.2, help="share carved for testing when the "
                    "data has no test split (default 0.2)")
     p.add_argument("--size", type=int, help="resize images to SIZE x SIZE where the reader can")
+    p.add_argument("--train-limit", type=int, metavar="N", help="train on a seeded random sample of N "
+                   "training images (default: all)")
+    p.add_argument("--test-limit", type=int, metavar="N", help="evaluate on a seeded random sample of "
+                   "N test images (default: all)")
     p.add_argument("--arch", default="gtsrb_cnn", help="architecture (gtsrb_cnn, preact_resnet18, "
                    "small_cnn, deepid)")
     p.add_argument("--trigger", action="append", metavar="SPEC", help="trigger spec; repeat with "

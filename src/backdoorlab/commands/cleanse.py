@@ -191,7 +191,7 @@ def run_mitigation(args: argparse.Namespace, clf, clean, res, out: Path) -> None
         for name, model in models.items():
             save_model(model, tmp / f"{name}.safetensors")
         (tmp / "table.md").write_text("\n".join(lines) + "\n")
-        write_json(tmp / "results.json", result.to_dict())
+        write_json(tmp / "results.json", {"kind": "mitigate", **result.to_dict()})
     print("\n".join(lines[2:]))
     print(f"mitigation outputs: {out / 'mitigation'}/ ({', '.join(models)} models, table.md, results.json)")
 

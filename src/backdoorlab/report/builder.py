@@ -190,6 +190,12 @@ def sections_for(root: Path) -> list[Section]:
                                       f"zeroed ({r['sparsity']:.0%}, {r['scope']}), then fine-tuned."))
         elif kind == "cleanse":
             out.append(cleanse_section(name, d, r))
+            mit = d / "mitigation" / "results.json"
+            if mit.is_file():
+                try:
+                    out.append(mitigate_section(name, mit.parent, json.loads(mit.read_text())))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise BadInput(f"{mit}: not valid JSON ({e})") from None
         elif kind == "mitigate":
             out.append(mitigate_section(name, d, r))
         elif kind == "demo":

@@ -1,0 +1,1 @@
+"""Declarative experiments: ``backdoorlab run EXPERIMENT.toml`` (config, cells, executors, summary)."""

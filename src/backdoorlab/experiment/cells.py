@@ -1,0 +1,379 @@
+"""The cells of an experiment grid, their content keys, and how one cell is computed.
+
+A cell is one attack model (attack × seed) or one defense applied to one attack model
+(attack × defense × seed). Its key is the SHA-256 of everything its result depends on: the
+options of the cell itself, the key of the model it starts from (for a defense), a fingerprint
+of the data files (path, size and modification time of every file), the seed and the
+backdoorlab version. A finished cell is a folder ``cells/<label>-<key[:12]>/`` holding the
+command's usual outputs and, written last, ``cell.json``; a cell whose ``cell.json`` exists with
+the same key is not computed again, so a re-run recomputes only cells whose inputs changed.
+
+Each cell runs the same code as the corresponding command (``attack``, ``prune``,
+``fine-prune``, ``cleanse``), in-process, its output captured in ``logs/<label>.log``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from backdoorlab import __version__
+from backdoorlab.errors import BadInput
+from backdoorlab.experiment.config import Experiment
+
+DEFAULT_DROPS = (2.0, 4.0, 10.0, 30.0)
+# `cleanse --mitigate` method -> its row in mitigation/results.json
+MITIGATION_ROWS = {"unlearn": "unlearning", "prune": "neuron pruning", "filter": "input filter"}
+
+
+@dataclass
+class Cell:
+    key: str
+    label: str            # readable name, e.g. "badnets-fine-pruning-s0"
+    kind: str             # "attack" or a defense kind
+    attack: str
+    defense: str | None
+    seed: int
+    spec: dict            # what the cell computes (options), part of the key
+    parent: str | None    # key of the attack cell a defense starts from
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.label}-{self.key[:12]}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def data_fingerprint(source: str) -> dict:
+    """Cheap identity of a data source: every file's relative path, size and mtime (not its bytes)."""
+    from backdoorlab.data import parse_source
+
+    fmt, path = parse_source(source)
+    if fmt == "digits" or source == "digits":
+        return {"source": "digits"}
+    p = Path(path)
+    if not p.exists():
+        raise BadInput(f"data source {source}: {p} does not exist")
+    h = hashlib.sha256()
+    n = 0
+    if p.is_file():
+        st = p.stat()
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        n = 1
+    else:
+        for root, dirs, files in os.walk(p):
+            dirs.sort()
+            for f in sorted(files):
+                st = (Path(root) / f).stat()
+                rel = os.path.relpath(Path(root) / f, p)
+                h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+                n += 1
+    return {"source": source, "files": n, "fingerprint": h.hexdigest()}
+
+
+def plan_cells(exp: Experiment) -> list[Cell]:
+    """Every cell of the grid, attack cells first (defense cells name their parent's key)."""
+    trains = any(a.given is None for a in exp.attacks)
+    data_id = {"data": {k: v for k, v in exp.data.items() if k not in ("source", "test")},
+               "train_data": data_fingerprint(exp.data["source"]) if trains else None,
+               "test_data": data_fingerprint(exp.data["test"]) if exp.data.get("test") else None}
+    cells: list[Cell] = []
+    for seed in exp.seeds:
+        for a in exp.attacks:
+            if a.given is not None:
+                files = {k: data_fingerprint(v) for k, v in a.given.items()
+                         if k in ("model", "valid", "test", "poisoned", "poisoned_valid")}
+                key = digest({"kind": "given", "version": __version__, "seed": seed, "given": a.given,
+                              "files": files})
+                cells.append(Cell(key, f"{a.name}-s{seed}", "given", a.name, None, seed, dict(a.given), None))
+            else:
+                spec = {"data": exp.data, "model": exp.model, "train": exp.train, "attack": a.options}
+                key = digest({"kind": "attack", "version": __version__, "seed": seed, "data_id": data_id,
+                              "model": exp.model, "train": exp.train, "attack": a.options,
+                              "data": data_id["data"]})
+                cells.append(Cell(key, f"{a.name}-s{seed}", "attack", a.name, None, seed, spec, None))
+            for d in exp.defenses:
+                dspec: dict = {"kind": d.kind, "options": d.options}
+                if d.kind in ("prune", "guided"):
+                    dspec["report_drops"] = d.report_drops
+                if d.kind == "guided":
+                    dspec["guide"] = d.guide
+                if d.kind == "cleanse":
+                    dspec["mitigate"] = d.mitigate
+                dkey = digest({"kind": "defense", "version": __version__, "seed": seed, "parent": key,
+                               "defense": dspec})
+                cells.append(Cell(dkey, f"{a.name}-{d.name}-s{seed}", d.kind, a.name, d.name, seed,
+                                  dspec, key))
+    return cells
+
+
+# -- running one cell -----------------------------------------------------------------------------
+
+def _flags(options: dict) -> list[str]:
+    """{"batch_size": 64, "clean_label": True, "trigger": ["a", "b"]} -> CLI flags."""
+    out: list[str] = []
+    for k, v in options.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            if v:
+                out.append(flag)
+        elif isinstance(v, list):
+            for item in v:
+                out += [flag, str(item)]
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+def attack_args(cell: Cell) -> list[str]:
+    s = cell.spec
+    data = s["data"]
+    args = ["attack", "--data", data["source"], "--arch", s["model"]["arch"], "--seed", str(cell.seed)]
+    if data.get("test"):
+        args += ["--test-data", data["test"]]
+    args += _flags({k: v for k, v in data.items() if k not in ("source", "test")})
+    args += _flags({k: v for k, v in s["model"].items() if k != "arch"})
+    args += _flags(s["train"])
+    args += _flags(s["attack"])
+    return args
+
+
+def _drops(report_drops: list[float]) -> str:
+    return ",".join(f"{d:g}" for d in sorted({*DEFAULT_DROPS, *report_drops}))
+
+
+def defense_args(cell: Cell, parent_dir: Path, out: Path) -> list[list[str]]:
+    """The command line(s) of a defense cell, given its attack cell's folder."""
+    return _defense_lines(cell, parent_dir, out, json.loads((parent_dir / "results.json").read_text()))
+
+
+def _defense_lines(cell: Cell, parent_dir: Path, out: Path, pres: dict) -> list[list[str]]:
+    files = pres["files"]
+    model = str(parent_dir / files["model"])
+    valid = str(parent_dir / files["clean_valid"])
+    test = str(parent_dir / files["clean_test"])
+    poisoned = [str(parent_dir / files["poisoned_test"][0])] if files["poisoned_test"] else []
+    opts = dict(cell.spec["options"])
+    seed = ["--seed", str(cell.seed)]
+    kind = cell.kind
+    pz = ["--poisoned", *poisoned] if poisoned else []
+    if poisoned and pres.get("target") is not None:  # a given model whose poisoned file has no targets
+        pz += ["--target", str(pres["target"])]
+    if kind == "prune":
+        return [["prune", model, "--valid", valid, "--test", test, *pz,
+                 "--drops", _drops(cell.spec["report_drops"]), *seed, *_flags(opts), "--out", str(out)]]
+    if kind == "guided":
+        base = ["prune", model, "--valid", valid, "--test", test, *pz, "--order", "guided",
+                "--drops", _drops(cell.spec["report_drops"]), *seed, *_flags(opts), "--out", str(out)]
+        if cell.spec["guide"] == "poisoned":
+            if not files.get("poisoned_valid"):
+                raise BadInput(f"{cell.label}: guided pruning with guide = \"poisoned\" needs a backdoored "
+                               "model (this attack has no trigger)")
+            return [base[:-2] + ["--guide", str(parent_dir / files["poisoned_valid"][0]), "--out", str(out)]]
+        scan = out.with_name(out.name + "-nc")
+        return [["cleanse", model, "--clean", valid, *seed, "--out", str(scan)],
+                base[:-2] + ["--guide-triggers", str(scan / "triggers.npz"), "--guide-labels", "{flagged}",
+                             "--out", str(out)]]
+    if kind in ("fine-prune", "magnitude"):
+        if kind == "magnitude":
+            opts = {"magnitude": opts.pop("sparsity", 0.5), **opts}
+        return [["fine-prune", model, "--valid", valid, "--test", test, *pz, *seed, *_flags(opts),
+                 "--out", str(out)]]
+    if kind == "cleanse":
+        return [["cleanse", model, "--clean", valid, "--test", test, *pz, "--mitigate",
+                 cell.spec["mitigate"], *seed, *_flags(opts), "--out", str(out)]]
+    raise BadInput(f"unknown defense kind {kind!r}")
+
+
+def _run_cli(args: list[str], log) -> None:
+    from backdoorlab.cli import main
+
+    print("$ backdoorlab " + " ".join(args), file=log, flush=True)
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            rc = main(args)
+        except SystemExit as e:  # argparse refusing an option
+            rc = e.code if isinstance(e.code, int) else 2
+    if rc != 0:
+        raise BadInput(f"backdoorlab {args[0]} failed (exit {rc}); see the log")
+
+
+def check_options(cells: list[Cell]) -> None:
+    """Parse every cell's command line before anything runs, so an option typo costs no training."""
+    import io
+
+    from backdoorlab.cli import build_parser
+
+    parser = build_parser()
+    fake = {"model": "m.safetensors", "clean_valid": "v.h5", "clean_test": "t.h5",
+            "poisoned_test": ["p.h5"], "poisoned_valid": ["pv.h5"]}
+    for c in cells:
+        if c.kind == "given":
+            continue
+        if c.kind == "attack":
+            lines = [[*attack_args(c), "--out", "x"]]
+        else:
+            lines = _defense_lines(c, Path("parent"), Path("x"), {"files": fake})
+        for args in lines:
+            err = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                    parser.parse_args([a if a != "{flagged}" else "0" for a in args])
+            except SystemExit:
+                msg = err.getvalue().strip().splitlines()
+                raise BadInput(f"{c.label}: {msg[-1] if msg else 'bad options'}") from None
+
+
+def _summary(cell: Cell, d: Path, parent_dir: Path | None) -> dict:
+    """Figures for the summary table: clean test accuracy and ASR, before and after."""
+    res = json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else {}
+    if cell.kind in ("attack", "given"):
+        asr = res["asr"][0] if res.get("asr") else None
+        return {"accuracy": res["clean_accuracy"], "asr": asr, "detail": ""}
+    p = json.loads((parent_dir / "results.json").read_text())
+    before = {"accuracy": p["clean_accuracy"], "asr": p["asr"][0] if p.get("asr") else None}
+    if cell.kind in ("prune", "guided"):
+        if not res:  # guided by Neural Cleanse with nothing flagged: the model is left as it is
+            return {**before, "detail": "no label flagged: model unchanged"}
+        by_drop = {}
+        n = res["sweep"]["num_channels"]
+        unit = "pt" if res["sweep"].get("drop_unit", "points") == "points" else "%"
+        for drop in cell.spec["report_drops"]:
+            th = next(t for t in res["sweep"]["thresholds"] if abs(t["drop"] - drop) < 1e-9)
+            if not th["reached"]:
+                by_drop[f"{drop:g}"] = {"accuracy": None, "asr": None,
+                                        "detail": f"{drop:g}-{unit} drop not reached"}
+                continue
+            detail = f"{th['pruned']}/{n} channels"
+            gd = (th.get("goodnet") or {}).get("detection_rate")
+            if gd is not None:
+                detail += f"; GoodNet detects {100 * gd:.1f} %"
+            by_drop[f"{drop:g}"] = {"accuracy": th["test_accuracy"], "asr": th["asr"], "detail": detail}
+        first = by_drop[f"{cell.spec['report_drops'][0]:g}"]
+        return {**first, "by_drop": by_drop}
+    if cell.kind in ("fine-prune", "magnitude"):
+        after = res["after_finetuning"]
+        detail = (f"{len(res['pruned_channels'])}/{res['num_channels']} channels" if cell.kind == "fine-prune"
+                  else f"sparsity {res['sparsity']:.0%}")
+        return {"accuracy": after["test_accuracy"], "asr": after["asr"], "detail": detail}
+    if cell.kind == "cleanse":
+        flagged = res.get("flagged", [])
+        mit = d / "mitigation" / "results.json"
+        if not flagged or not mit.exists():
+            return {**before, "detail": "no label flagged: model unchanged"}
+        m = json.loads(mit.read_text())
+        name = MITIGATION_ROWS[cell.spec["mitigate"]]
+        row = next(r for r in m["methods"] if r["method"] == name)
+        detail = f"flagged {', '.join(map(str, flagged))}"
+        if row.get("detection_rate") is not None:
+            detail += f"; filter detects {100 * row['detection_rate']:.1f} %"
+        return {"accuracy": row["clean_accuracy"], "asr": row["asr"], "detail": detail}
+    raise BadInput(f"unknown cell kind {cell.kind!r}")
+
+
+def _given_model(cell: Cell, out: Path, log) -> None:
+    """Take over a handed-over model: native copy (defenses need no --arch), clean accuracy, ASR."""
+    from backdoorlab.commands.common import load_data
+    from backdoorlab.evaluate import accuracy, check_compatible
+    from backdoorlab.io import atomic_dir, write_json
+    from backdoorlab.models.files import load_model, save_model
+
+    g = cell.spec
+    clf = load_model(g["model"], arch=g.get("arch"), input_scale=g.get("input_scale"))
+    ns = type("A", (), {"split": None, "size": None})()
+    valid, test = load_data(g["valid"], ns), load_data(g["test"], ns)
+    for what, ds in (("valid", valid), ("test", test)):
+        check_compatible(clf, ds, what)
+    asr = []
+    if g.get("poisoned"):
+        from backdoorlab.attacks.poison import attack_success
+
+        poisoned = load_data(g["poisoned"], ns)
+        targets = g.get("target", poisoned.meta.get("targets"))
+        if targets is None:
+            raise BadInput(f"{cell.label}: give 'target' (the poisoned file has no per-image targets)")
+        asr = [attack_success(clf, poisoned, targets)]
+    acc = accuracy(clf, test)
+    with atomic_dir(out) as tmp:
+        save_model(clf, tmp / "model.safetensors")
+        files = {"model": "model.safetensors", "clean_valid": str(Path(g["valid"]).resolve()),
+                 "clean_test": str(Path(g["test"]).resolve()),
+                 "poisoned_test": [str(Path(g["poisoned"]).resolve())] if g.get("poisoned") else [],
+                 "poisoned_valid": [str(Path(g["poisoned_valid"]).resolve())] if g.get("poisoned_valid")
+                 else []}
+        write_json(tmp / "results.json", {"kind": "given", "model": g["model"], "clean_accuracy": acc,
+                                          "asr": asr, "files": files, "target": g.get("target")})
+    print(f"given model {g['model']}: clean test accuracy {acc:.2%}"
+          + (f", ASR {asr[0]:.2%}" if asr else ""), file=log)
+
+
+def cell_dir(root: Path, cell: Cell) -> Path:
+    return root / "cells" / cell.dirname
+
+
+def finished(root: Path, cell: Cell) -> dict | None:
+    """The stored record of a finished cell with this key, or None."""
+    f = cell_dir(root, cell) / "cell.json"
+    if not f.is_file():
+        # the same key under another label (an attack or defense renamed): reuse it
+        hits = sorted((root / "cells").glob(f"*-{cell.key[:12]}/cell.json"))
+        if not hits:
+            return None
+        f = hits[0]
+    try:
+        rec = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return rec if rec.get("key") == cell.key else None
+
+
+def run_cell(cell_dict: dict, root: str, parent_dirname: str | None, threads: int) -> dict:
+    """Compute one cell (in a worker process or a Ray task); returns its cell.json record."""
+    import torch
+
+    from backdoorlab.io import write_json
+
+    torch.set_num_threads(max(1, threads))
+    cell = Cell(**cell_dict)
+    rootp = Path(root)
+    d = cell_dir(rootp, cell)
+    parent_dir = rootp / "cells" / parent_dirname if parent_dirname else None
+    (rootp / "logs").mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    stale = d / "cell.json"
+    if d.exists() and not stale.exists():
+        shutil.rmtree(d)  # an interrupted earlier attempt
+    with open(rootp / "logs" / f"{cell.dirname}.log", "w", encoding="utf-8") as log:
+        if cell.kind == "attack":
+            _run_cli([*attack_args(cell), "--out", str(d)], log)
+        elif cell.kind == "given":
+            _given_model(cell, d, log)
+        else:
+            assert parent_dir is not None
+            for args in defense_args(cell, parent_dir, d):
+                if "{flagged}" in args:
+                    scan = json.loads((Path(args[args.index("--guide-triggers") + 1]).parent
+                                       / "results.json").read_text())
+                    if not scan["flagged"]:
+                        print("Neural Cleanse flagged no label: nothing to guide pruning; model unchanged",
+                              file=log)
+                        d.mkdir(parents=True, exist_ok=True)
+                        break
+                    args = [str(scan["flagged"][0]) if a == "{flagged}" else a for a in args]
+                _run_cli(args, log)
+    rec = {"key": cell.key, "cell": cell.to_dict(), "dir": cell.dirname, "parent_dir": parent_dirname,
+           "seconds": round(time.perf_counter() - t0, 2), "threads": threads,
+           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **_summary(cell, d, parent_dir)}
+    write_json(d / "cell.json", rec)
+    return rec

@@ -1,0 +1,230 @@
+"""Experiment files (TOML): one data set and architecture, a training budget, attacks × defenses × seeds.
+
+```toml
+name = "BadNets vs FTrojan on GTSRB"
+seeds = [0, 1]
+
+[data]
+source = "gtsrb:${BACKDOORLAB_DATA:-../shared/data}/gtsrb32/GTSRB"
+train_limit = 8000          # optional: seeded sample of the training images
+
+[model]
+arch = "gtsrb_cnn"
+
+[train]                     # options of `backdoorlab attack`
+epochs = 3
+
+[[attack]]
+name = "badnets"
+trigger = "patch:size=4"
+target = 0
+rate = 0.05
+
+[[defense]]
+name = "fine-pruning"
+kind = "fine-prune"         # prune | guided | fine-prune | magnitude | cleanse
+epochs = 5                  # other keys are the command's own options
+```
+
+Paths may use ``${VAR}`` and ``${VAR:-default}``; relative paths are taken from the working
+directory, as on the command line. Every key is checked: a typo is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backdoorlab.errors import BadInput
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFENSE_KINDS = ("prune", "guided", "fine-prune", "magnitude", "cleanse")
+DATA_KEYS = {"source", "test", "size", "train_limit", "test_limit", "valid_fraction", "test_fraction"}
+MODEL_KEYS = {"arch", "input_scale"}
+TRAIN_KEYS = {"epochs", "batch_size", "lr", "optimizer", "schedule", "augment", "crop_padding"}
+ATTACK_KEYS = {"name", "trigger", "target", "rate", "mode", "clean_label", "pruning_aware",
+               "pa_max_drop", "pa_dormant_shift"}
+# an [[attack]] with "model" is a given (already backdoored) model and its data files, e.g. a CSAW BadNet
+GIVEN_KEYS = {"name", "model", "arch", "input_scale", "valid", "test", "poisoned", "poisoned_valid", "target"}
+# keys of a [[defense]] table that the experiment itself reads; the rest go to the command
+DEFENSE_OWN_KEYS = {"name", "kind", "report_drop", "guide", "mitigate"}
+TOP_KEYS = {"name", "description", "seeds", "data", "model", "train", "attack", "defense"}
+# options the runner sets itself (files and output folder): not allowed in a [[defense]] table
+RESERVED = {"model", "valid", "test", "poisoned", "out", "clean", "guide_triggers", "seed", "drops",
+            "mitigate_labels", "target"}
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand(text: str, where: str) -> str:
+    """Replace ``${VAR}`` / ``${VAR:-default}``; an unset variable without default is an error."""
+
+    def sub(m: re.Match) -> str:
+        val = os.environ.get(m.group(1))
+        if val:
+            return val
+        if m.group(2) is not None:
+            return m.group(2)
+        raise BadInput(f"{where}: environment variable {m.group(1)} is not set (write "
+                       f"${{{m.group(1)}:-default}} to give a default)")
+
+    return _VAR.sub(sub, text)
+
+
+@dataclass
+class AttackSpec:
+    name: str
+    options: dict  # `backdoorlab attack` options (trigger/target lists, rate, mode, ...)
+    given: dict | None = None  # a model handed over with its data files, not trained here
+
+
+@dataclass
+class DefenseSpec:
+    name: str
+    kind: str
+    options: dict        # passed to the command as --key value
+    report_drops: list[float]  # prune/guided: the saved thresholds the summary reports
+    guide: str = "poisoned"   # guided: "poisoned" (attacker-held poisoned validation) or "cleanse"
+    mitigate: str = "unlearn"  # cleanse: mitigation method reported
+
+
+@dataclass
+class Experiment:
+    name: str
+    description: str
+    seeds: list[int]
+    data: dict
+    model: dict
+    train: dict
+    attacks: list[AttackSpec]
+    defenses: list[DefenseSpec]
+    path: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _check_keys(table: dict, allowed: set[str], where: str) -> None:
+    if not isinstance(table, dict):
+        raise BadInput(f"{where}: expected a table")
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise BadInput(f"{where}: unknown key(s) {', '.join(unknown)} "
+                       f"(allowed: {', '.join(sorted(allowed))})")
+
+
+def _as_list(v) -> list:
+    return list(v) if isinstance(v, list) else [v]
+
+
+def _scalar_options(table: dict, where: str) -> dict:
+    for k, v in table.items():
+        if isinstance(v, dict):
+            raise BadInput(f"{where}: option {k} is a table; options are numbers, strings, booleans or lists")
+    return dict(table)
+
+
+def _name_ok(name, where: str) -> str:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise BadInput(f"{where}: name {name!r} must be letters, digits, '-', '_' or '.'")
+    return name
+
+
+def parse_experiment(doc: dict, path: str = "<config>") -> Experiment:
+    """Validate a parsed TOML document; raise BadInput naming the first problem."""
+    _check_keys(doc, TOP_KEYS, path)
+    if "attack" not in doc:
+        raise BadInput(f"{path}: no [[attack]]")
+    trains = any(isinstance(a, dict) and "model" not in a for a in _as_list(doc["attack"]))
+    for key in ("data", "model"):
+        if trains and key not in doc:
+            raise BadInput(f"{path}: missing [{key}] (needed to train the attack models)")
+    data = dict(doc.get("data", {}))
+    _check_keys(data, DATA_KEYS, f"{path} [data]")
+    if trains and "source" not in data:
+        raise BadInput(f"{path} [data]: missing 'source' (e.g. \"gtsrb:path/to/GTSRB\" or \"digits\")")
+    for k in ("source", "test"):
+        if k in data:
+            data[k] = expand(str(data[k]), f"{path} [data] {k}")
+    model = dict(doc.get("model", {}))
+    _check_keys(model, MODEL_KEYS, f"{path} [model]")
+    if trains and "arch" not in model:
+        raise BadInput(f"{path} [model]: missing 'arch' (gtsrb_cnn, preact_resnet18, small_cnn, deepid)")
+    train = dict(doc.get("train", {}))
+    _check_keys(train, TRAIN_KEYS, f"{path} [train]")
+    seeds = doc.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise BadInput(f"{path}: seeds must be a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise BadInput(f"{path}: seeds repeat: {seeds}")
+    attacks = []
+    for i, a in enumerate(_as_list(doc["attack"])):
+        where = f"{path} [[attack]] #{i + 1}"
+        if isinstance(a, dict) and "model" in a:
+            _check_keys(a, GIVEN_KEYS, where)
+            given = {k: v for k, v in a.items() if k != "name"}
+            for k in ("valid", "test"):
+                if k not in given:
+                    raise BadInput(f"{where}: a given model needs '{k}' (clean labeled data)")
+            for k in ("model", "valid", "test", "poisoned", "poisoned_valid"):
+                if k in given:
+                    given[k] = expand(str(given[k]), f"{where} {k}")
+            attacks.append(AttackSpec(_name_ok(a.get("name", f"model{i + 1}"), where), {}, given))
+            continue
+        _check_keys(a, ATTACK_KEYS, where)
+        name = _name_ok(a.get("name", f"attack{i + 1}"), where)
+        opts = _scalar_options({k: v for k, v in a.items() if k != "name"}, where)
+        if "trigger" in opts:
+            opts["trigger"] = _as_list(opts["trigger"])
+        if "target" in opts:
+            opts["target"] = _as_list(opts["target"])
+        attacks.append(AttackSpec(name, opts))
+    defenses = []
+    for i, d in enumerate(_as_list(doc.get("defense", []))):
+        where = f"{path} [[defense]] #{i + 1}"
+        if not isinstance(d, dict):
+            raise BadInput(f"{where}: expected a table")
+        kind = d.get("kind")
+        if kind not in DEFENSE_KINDS:
+            raise BadInput(f"{where}: kind must be one of {', '.join(DEFENSE_KINDS)}, got {kind!r}")
+        name = _name_ok(d.get("name", kind), where)
+        opts = _scalar_options({k: v for k, v in d.items() if k not in DEFENSE_OWN_KEYS}, where)
+        bad = sorted(set(opts) & RESERVED)
+        if bad:
+            raise BadInput(f"{where}: {', '.join(bad)} is set by the experiment runner, not in the file")
+        guide = d.get("guide", "poisoned")
+        if guide not in ("poisoned", "cleanse"):
+            raise BadInput(f"{where}: guide must be \"poisoned\" or \"cleanse\", got {guide!r}")
+        mitigate = d.get("mitigate", "unlearn")
+        if mitigate not in ("unlearn", "prune", "filter"):
+            raise BadInput(f"{where}: mitigate must be unlearn, prune or filter, got {mitigate!r}")
+        drops = _as_list(d.get("report_drop", 4.0))
+        if not drops or not all(isinstance(x, int | float) and not isinstance(x, bool) and x > 0
+                                for x in drops):
+            raise BadInput(f"{where}: report_drop must be a positive number or a list of them, got "
+                           f"{d.get('report_drop')!r}")
+        defenses.append(DefenseSpec(name, kind, opts, [float(x) for x in drops], guide, mitigate))
+    for what, items in (("attack", attacks), ("defense", defenses)):
+        names = [x.name for x in items]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise BadInput(f"{path}: {what} name(s) used twice: {', '.join(dup)}")
+    return Experiment(name=str(doc.get("name", Path(path).stem)), description=str(doc.get("description", "")),
+                      seeds=seeds, data=data, model=model, train=train, attacks=attacks,
+                      defenses=defenses, path=path)
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"{p}: no such experiment file")
+    try:
+        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{p}: not valid TOML ({e})") from None
+    return parse_experiment(doc, str(p))

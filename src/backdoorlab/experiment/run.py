@@ -1,0 +1,100 @@
+"""``backdoorlab run EXPERIMENT.toml``: plan the grid, compute what is missing, write table and report."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from backdoorlab.experiment.cells import check_options, plan_cells
+from backdoorlab.experiment.config import load_experiment
+from backdoorlab.experiment.executors import default_jobs_threads, execute, make_backend
+from backdoorlab.experiment.summary import HEAD, markdown_table, summary_rows
+from backdoorlab.io import atomic_path, write_json
+
+
+def run_experiment(config: str | Path, out: str | Path | None = None, executor: str = "local",
+                   jobs: int | None = None, threads: int | None = None, address: str | None = None,
+                   dry_run: bool = False, report: bool = True) -> dict:
+    exp = load_experiment(config)
+    root = Path(out) if out else Path("runs") / Path(config).stem
+    cells = plan_cells(exp)
+    check_options(cells)
+    jobs, threads = default_jobs_threads(jobs, threads)
+    n_att = sum(c.kind == "attack" for c in cells)
+    n_given = sum(c.kind == "given" for c in cells)
+    print(f"experiment {exp.name!r}: {len(exp.attacks)} attack(s) × {len(exp.defenses)} defense(s) × "
+          f"{len(exp.seeds)} seed(s) = {len(cells)} cells ({n_att} models to train, "
+          + (f"{n_given} given, " if n_given else "")
+          + f"{len(cells) - n_att - n_given} defense runs); output {root}/")
+    if dry_run:
+        from backdoorlab.experiment.cells import finished
+
+        for c in cells:
+            state = "cached" if finished(root, c) else "to run"
+            print(f"  {c.label:40s} {c.key[:12]}  {state}")
+        return {}
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(config, root / "experiment.toml") if Path(config).resolve() != (
+        root / "experiment.toml").resolve() else None
+    t0 = time.perf_counter()
+    times: list[float] = []
+
+    def say(rec: dict, cached: bool, done: int, total: int) -> None:
+        el = time.perf_counter() - t0
+        if not cached:
+            times.append(rec["seconds"])
+        left = total - done
+        eta = ""
+        if times and left:
+            eta = f", ETA ~{left * (sum(times) / len(times)) / max(1, jobs) / 60:.0f} min"
+        what = "cached" if cached else f"{rec['seconds']:.0f} s"
+        acc = "—" if rec["accuracy"] is None else f"{100 * rec['accuracy']:.2f} %"
+        asr = "—" if rec["asr"] is None else f"{100 * rec['asr']:.2f} %"
+        print(f"[{done}/{total}] {rec['cell']['label']}: clean acc {acc}, ASR {asr} ({what}; "
+              f"{el:.0f} s elapsed{eta})", flush=True)
+
+    if executor == "local":
+        print(f"executor local: {jobs} worker process(es) × {threads} torch thread(s)")
+    else:
+        print(f"executor ray: tasks of {threads} torch thread(s)")
+    backend = make_backend(executor, jobs, threads, address)
+    records, errors = execute(cells, root, backend, threads, say)
+    rows = summary_rows(cells, records)
+    seconds = time.perf_counter() - t0
+    computed = sum(not r["cached"] for r in records.values())
+    desc = (f"{exp.description} " if exp.description else "") + (
+        (f"Data {exp.data['source']}, architecture {exp.model['arch']}, " if exp.data.get("source") else "")
+        + f"seeds {exp.seeds}. "
+        "Clean accuracy on the clean test set and ASR on its poisoned copy (inputs already of the "
+        "target label excluded), in %, mean ± sample standard deviation over seeds; Δ acc in "
+        "percentage points. Pruning rows report the model saved at the stated drop of clean "
+        "validation accuracy.")
+    result = {"kind": "experiment", "name": exp.name, "description": desc, "config_file": str(config),
+              "seeds": exp.seeds, "executor": executor, "threads_per_cell": threads,
+              "table": {"head": HEAD, "rows": rows},
+              "cells": [{k: v for k, v in r.items()} for r in records.values()],
+              "errors": errors, "computed_cells": computed, "cached_cells": len(records) - computed,
+              "seconds": round(seconds, 1)}
+    write_json(root / "results.json", result)
+    with atomic_path(root / "summary.md") as tmp:
+        tmp.write_text(f"# {exp.name}\n\n{desc}\n\n" + markdown_table(HEAD, rows))
+    with atomic_path(root / "summary.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(HEAD)
+        w.writerows(rows)
+    print()
+    widths = [max(len(r[i]) for r in [HEAD, *rows]) for i in range(len(HEAD))]
+    for r in [HEAD, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    print(f"\n{computed} cell(s) computed, {len(records) - computed} from cache, in {seconds:.0f} s")
+    if report:
+        from backdoorlab.report.builder import build_report
+
+        md, hp = build_report(root, f"Experiment: {exp.name}")
+        print(f"report: {hp}  (also {md.name}, summary.md, summary.csv, results.json)")
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    return result

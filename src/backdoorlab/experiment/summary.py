@@ -1,0 +1,78 @@
+"""The experiment's summary table: clean accuracy and ASR before and after each defense, over seeds.
+
+Each row is one attack × defense (the row "none" is the attack model itself). Figures are the
+mean ± sample standard deviation (n − 1) over the seeds that finished, in percent: clean
+accuracy on the clean test set, ASR on the poisoned test set (inputs whose true label is the
+target excluded). Δ acc is the change in clean test accuracy in percentage points.
+"""
+
+from __future__ import annotations
+
+import math
+
+from backdoorlab.experiment.cells import Cell
+
+HEAD = ["attack", "defense", "seeds", "clean acc before", "ASR before", "clean acc after", "ASR after",
+        "Δ acc (pts)", "notes"]
+
+
+def mean_std(values: list[float | None]) -> tuple[float, float, int] | None:
+    v = [x for x in values if x is not None]
+    if not v:
+        return None
+    m = sum(v) / len(v)
+    s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return m, s, len(v)
+
+
+def fmt(ms: tuple[float, float, int] | None, scale: float = 100.0, digits: int = 2) -> str:
+    if ms is None:
+        return "—"
+    m, s, n = ms
+    return f"{scale * m:.{digits}f}" + (f" ± {scale * s:.{digits}f}" if n > 1 else "")
+
+
+def summary_rows(cells: list[Cell], records: dict[str, dict]) -> list[list[str]]:
+    """Rows in grid order; cells without a record (failed) are left out of the means.
+
+    A pruning defense reporting several drops gives one row per drop."""
+    order: list[tuple[str, str | None]] = []
+    for c in cells:
+        if (c.attack, c.defense) not in order:
+            order.append((c.attack, c.defense))
+    rows = []
+    for attack, defense in order:
+        group = [c for c in cells if c.attack == attack and c.defense == defense and c.key in records]
+        if not group:
+            rows.append([attack, defense or "none", "0", "—", "—", "—", "—", "—", "failed"])
+            continue
+        parents = [records.get(c.parent) if c.parent else records[c.key] for c in group]
+        before_acc = mean_std([p["accuracy"] if p else None for p in parents])
+        before_asr = mean_std([p["asr"] if p else None for p in parents])
+        if defense is None:
+            rows.append([attack, "none", str(len(group)), fmt(before_acc), fmt(before_asr), "", "", "", ""])
+            continue
+        drops = group[0].spec.get("report_drops") or [None]
+        for drop in drops:
+            recs = [records[c.key] for c in group]
+            if drop is not None and len(drops) > 1:
+                recs = [r.get("by_drop", {}).get(f"{drop:g}", r) for r in recs]
+            name = defense if drop is None else f"{defense} ({drop:g}-pt drop)"
+            after_acc = mean_std([r["accuracy"] for r in recs])
+            after_asr = mean_std([r["asr"] for r in recs])
+            delta = mean_std([r["accuracy"] - p["accuracy"] if (p and r["accuracy"] is not None) else None
+                              for r, p in zip(recs, parents, strict=True)])
+            notes: list[str] = []
+            for r in recs:
+                if r.get("detail") and r["detail"] not in notes:
+                    notes.append(r["detail"])
+            rows.append([attack, name, str(len(recs)), fmt(before_acc), fmt(before_asr), fmt(after_acc),
+                         fmt(after_asr), fmt(delta),
+                         "; ".join(notes[:3]) + (" …" if len(notes) > 3 else "")])
+    return rows
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,265 @@
+"""`backdoorlab run`: config checks, content keys, the grid on digits, cache, given models, Ray."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from backdoorlab.cli import main
+from backdoorlab.errors import BadInput
+from backdoorlab.experiment.cells import plan_cells
+from backdoorlab.experiment.config import load_experiment, parse_experiment
+from backdoorlab.experiment.run import run_experiment
+from backdoorlab.experiment.summary import mean_std
+
+GRID = """
+name = "tiny"
+seeds = [0]
+[data]
+source = "digits"
+size = 16
+train_limit = 1200
+test_limit = 300
+test_fraction = 0.25
+[model]
+arch = "small_cnn"
+[train]
+epochs = 6
+batch_size = 64
+lr = 3e-3
+[[attack]]
+name = "badnets"
+trigger = "patch:size=3"
+target = 0
+rate = 0.1
+[[defense]]
+name = "pruning"
+kind = "prune"
+report_drop = [2, 4]
+[[defense]]
+name = "fp"
+kind = "fine-prune"
+drop = 4
+epochs = 1
+[[defense]]
+name = "nc"
+kind = "cleanse"
+mode = "full"
+labels = "0,1,2,3,4"
+steps = 20
+images = 64
+"""
+
+
+def write(tmp: Path, text: str, name: str = "exp.toml") -> Path:
+    p = tmp / name
+    p.write_text(text)
+    return p
+
+
+def doc(**over) -> dict:
+    d = {"data": {"source": "digits"}, "model": {"arch": "small_cnn"},
+         "attack": [{"name": "a", "trigger": "patch", "target": 0}],
+         "defense": [{"name": "p", "kind": "prune"}]}
+    d.update(over)
+    return d
+
+
+# -- config -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad, msg", [
+    (doc(attack=[{"name": "a", "trigger": "patch", "targte": 0}]), "unknown key(s) targte"),
+    (doc(defense=[{"kind": "prunning"}]), "kind must be one of"),
+    (doc(defense=[{"kind": "prune", "out": "x"}]), "set by the experiment runner"),
+    (doc(defense=[{"kind": "prune", "report_drop": -1}]), "report_drop"),
+    (doc(seeds=[0, 0]), "seeds repeat"),
+    (doc(seeds=[]), "non-empty list"),
+    ({"data": {"source": "digits"}, "model": {"arch": "small_cnn"}}, "no [[attack]]"),
+    (doc(model={}), "missing 'arch'"),
+    (doc(attack=[{"name": "a b"}]), "must be letters"),
+    (doc(attack=[{"name": "x"}, {"name": "x"}]), "used twice"),
+    (doc(attack=[{"model": "m.h5", "valid": "v.h5"}]), "needs 'test'"),
+])
+def test_config_errors_name_the_problem(bad, msg):
+    with pytest.raises(BadInput, match=None) as e:
+        parse_experiment(bad, "x.toml")
+    assert msg in str(e.value) and "x.toml" in str(e.value)
+
+
+def test_config_expands_variables(monkeypatch):
+    monkeypatch.setenv("BL_T", "/data/here")
+    monkeypatch.delenv("BL_UNSET", raising=False)
+    e = parse_experiment(doc(data={"source": "gtsrb:${BL_T}/G", "test": "${BL_UNSET:-/d}/t"}))
+    assert e.data["source"] == "gtsrb:/data/here/G" and e.data["test"] == "/d/t"
+    with pytest.raises(BadInput, match="BL_UNSET is not set"):
+        parse_experiment(doc(data={"source": "${BL_UNSET}/x"}))
+
+
+def test_keys_change_only_with_what_a_cell_depends_on():
+    base = plan_cells(parse_experiment(doc(defense=[{"name": "p", "kind": "prune"},
+                                                     {"name": "f", "kind": "fine-prune", "epochs": 2}])))
+    assert len(base) == 3 and len({c.key for c in base}) == 3
+    same = plan_cells(parse_experiment(doc(defense=[{"name": "p", "kind": "prune"},
+                                                     {"name": "f", "kind": "fine-prune", "epochs": 2}])))
+    assert [c.key for c in same] == [c.key for c in base]
+    # a defense option: only that defense's key moves
+    f3 = plan_cells(parse_experiment(doc(defense=[{"name": "p", "kind": "prune"},
+                                                   {"name": "f", "kind": "fine-prune", "epochs": 3}])))
+    assert [a.key == b.key for a, b in zip(base, f3, strict=True)] == [True, True, False]
+    # the training budget: every cell moves (defenses start from the retrained model)
+    ep = plan_cells(parse_experiment(doc(train={"epochs": 2}, defense=[
+        {"name": "p", "kind": "prune"}, {"name": "f", "kind": "fine-prune", "epochs": 2}])))
+    assert all(a.key != b.key for a, b in zip(base, ep, strict=True))
+    # renaming changes labels, not keys
+    ren = plan_cells(parse_experiment(doc(attack=[{"name": "zz", "trigger": "patch", "target": 0}],
+                                          defense=[{"name": "p2", "kind": "prune"},
+                                                   {"name": "f", "kind": "fine-prune", "epochs": 2}])))
+    assert [c.key for c in ren] == [c.key for c in base] and ren[0].label == "zz-s0"
+    # seeds multiply the grid
+    two = plan_cells(parse_experiment(doc(seeds=[0, 1])))
+    assert len(two) == 4 and len({c.key for c in two}) == 4
+
+
+def test_mean_std():
+    assert mean_std([None, None]) is None
+    m, s, n = mean_std([0.5, 0.7, None])
+    assert (round(m, 6), round(s, 6), n) == (0.6, round(0.1414213562, 6), 2)
+    assert mean_std([0.3]) == (0.3, 0.0, 1)
+
+
+# -- running a grid ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("exp")
+    cfg = write(tmp, GRID)
+    res = run_experiment(cfg, tmp / "out", jobs=2, threads=1, report=True)
+    return tmp, cfg, res
+
+
+def test_grid_runs_and_writes_table_and_report(grid_run):
+    tmp, cfg, res = grid_run
+    out = tmp / "out"
+    assert res["errors"] == [] and res["computed_cells"] == 4 and res["cached_cells"] == 0
+    rows = {(r[0], r[1]): r for r in res["table"]["rows"]}
+    assert set(rows) == {("badnets", "none"), ("badnets", "pruning (2-pt drop)"),
+                         ("badnets", "pruning (4-pt drop)"), ("badnets", "fp"), ("badnets", "nc")}
+    cells = {c["cell"]["label"]: c for c in res["cells"]}
+    attack = cells["badnets-s0"]
+    att_res = json.loads((out / "cells" / attack["dir"] / "results.json").read_text())
+    # the table's "before" figures are the attack model's own measurements
+    assert rows[("badnets", "none")][3] == f"{100 * att_res['clean_accuracy']:.2f}"
+    assert rows[("badnets", "none")][4] == f"{100 * att_res['asr'][0]:.2f}"
+    fp = json.loads((out / "cells" / cells["badnets-fp-s0"]["dir"] / "results.json").read_text())
+    assert rows[("badnets", "fp")][5] == f"{100 * fp['after_finetuning']['test_accuracy']:.2f}"
+    assert rows[("badnets", "fp")][6] == f"{100 * fp['after_finetuning']['asr']:.2f}"
+    pr = json.loads((out / "cells" / cells["badnets-pruning-s0"]["dir"] / "results.json").read_text())
+    th4 = next(t for t in pr["sweep"]["thresholds"] if t["drop"] == 4.0)
+    want = f"{100 * th4['asr']:.2f}" if th4["reached"] else "—"
+    assert rows[("badnets", "pruning (4-pt drop)")][6] == want
+    for f in ("summary.md", "summary.csv", "results.json", "report.html", "report.md", "experiment.toml"):
+        assert (out / f).is_file(), f
+    html = (out / "report.html").read_text()
+    assert "Experiment: tiny" in html and "pruning (4-pt drop)" in html
+    # the report has a section for every kind of run in the grid
+    md = (out / "report.md").read_text()
+    for title in ("## Experiment: tiny", f"## Attack: cells/{attack['dir']}", "## Pruning defense: cells/",
+                  "## Fine-Pruning: cells/", "## Neural Cleanse: cells/", "## Provenance"):
+        assert title in md, title
+    nc = json.loads((out / "cells" / cells["badnets-nc-s0"]["dir"] / "results.json").read_text())
+    assert ("## Neural Cleanse mitigation: cells/" in md) == bool(nc["flagged"])
+    assert len(list((out / "logs").glob("*.log"))) == 4
+
+
+def test_rerun_comes_from_cache_and_a_changed_option_recomputes_one_cell(grid_run):
+    tmp, cfg, first = grid_run
+    again = run_experiment(cfg, tmp / "out", jobs=2, threads=1, report=False)
+    assert again["computed_cells"] == 0 and again["cached_cells"] == 4
+    assert again["table"] == first["table"]
+    changed = write(tmp, GRID.replace("epochs = 1", "epochs = 2"), "exp2.toml")
+    third = run_experiment(changed, tmp / "out", jobs=1, threads=1, report=False)
+    assert third["computed_cells"] == 1
+    assert [c["cell"]["label"] for c in third["cells"] if not c["cached"]] == ["badnets-fp-s0"]
+
+
+def test_an_interrupted_cell_is_recomputed(grid_run, tmp_path):
+    tmp, cfg, first = grid_run
+    out = tmp_path / "copy"
+    shutil.copytree(tmp / "out", out)
+    nc = next(c for c in first["cells"] if c["cell"]["label"] == "badnets-nc-s0")
+    (out / "cells" / nc["dir"] / "cell.json").unlink()  # as if killed before it finished
+    res = run_experiment(cfg, out, jobs=1, threads=1, report=False)
+    assert res["computed_cells"] == 1 and res["table"] == first["table"]
+
+
+def test_given_model_matches_the_trained_one(grid_run, tmp_path):
+    tmp, cfg, first = grid_run
+    cells = {c["cell"]["label"]: c for c in first["cells"]}
+    d = tmp / "out" / "cells" / cells["badnets-s0"]["dir"]
+    given = f"""
+[[attack]]
+name = "handed"
+model = "{d / 'model.safetensors'}"
+valid = "{d / 'clean_valid.h5'}"
+test = "{d / 'clean_test.h5'}"
+poisoned = "{d / 'poisoned_test.h5'}"
+[[defense]]
+name = "pruning"
+kind = "prune"
+report_drop = [2, 4]
+"""
+    res = run_experiment(write(tmp_path, given), tmp_path / "out", jobs=1, threads=1, report=False)
+    rows = {r[1]: r for r in res["table"]["rows"]}
+    trained = {r[1]: r for r in first["table"]["rows"]}
+    assert rows["none"][3:5] == trained["none"][3:5]
+    assert rows["pruning (4-pt drop)"][3:8] == trained["pruning (4-pt drop)"][3:8]
+
+
+def test_cli_bad_config_is_one_line(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing.toml")]) == 2
+    assert "no such experiment file" in capsys.readouterr().err
+    bad = write(tmp_path, "name = [unclosed")
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "not valid TOML" in err and len(err.strip().splitlines()) == 1
+    missing = write(tmp_path, GRID.replace('source = "digits"', 'source = "gtsrb:/nonexistent/G"'), "m.toml")
+    assert main(["run", str(missing), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_option_typos_are_caught_before_any_training(tmp_path, capsys):
+    cfg = write(tmp_path, GRID.replace('kind = "fine-prune"\ndrop = 4', 'kind = "fine-prune"\ndorp = 4'))
+    assert main(["run", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "fp" in err and "dorp" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "cells").exists()
+
+
+def test_a_failing_cell_is_reported_and_the_rest_continue(tmp_path, capsys):
+    cfg = write(tmp_path, GRID.replace('kind = "fine-prune"\ndrop = 4', 'kind = "fine-prune"\ndrop = 4\n'
+                                       'layer = "conv_9"'))
+    res = run_experiment(cfg, tmp_path / "out", jobs=2, threads=1, report=False)
+    assert len(res["errors"]) == 1 and "badnets-fp-s0" in res["errors"][0]
+    rows = {r[1]: r for r in res["table"]["rows"]}
+    assert rows["fp"][-1] == "failed" and rows["nc"][2] == "1"
+
+
+def test_ray_executor_gives_the_local_table(grid_run, tmp_path):
+    pytest.importorskip("ray")
+    tmp, cfg, first = grid_run
+    res = run_experiment(cfg, tmp_path / "ray", executor="ray", threads=1, report=False)
+    assert res["errors"] == [] and res["computed_cells"] == 4
+    assert res["table"] == first["table"]
+
+
+def test_example_configs_parse():
+    root = Path(__file__).resolve().parents[1] / "examples"
+    files = sorted(root.glob("*.toml"))
+    assert len(files) >= 4
+    for f in files:
+        e = load_experiment(f)
+        assert e.attacks and e.defenses, f
