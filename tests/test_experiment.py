@@ -51,6 +51,23 @@ mode = "full"
 labels = "0,1,2,3,4"
 steps = 20
 images = 64
+[[defense]]
+name = "mag"
+kind = "magnitude"
+sparsity = 0.3
+epochs = 1
+[[defense]]
+name = "guided"
+kind = "guided"
+guide = "poisoned"
+[[defense]]
+name = "guided-nc"
+kind = "guided"
+guide = "cleanse"
+nc_mode = "full"
+nc_labels = "0,1,2,3,4"
+nc_steps = 20
+nc_images = 64
 """
 
 
@@ -143,10 +160,12 @@ def grid_run(tmp_path_factory):
 def test_grid_runs_and_writes_table_and_report(grid_run):
     tmp, cfg, res = grid_run
     out = tmp / "out"
-    assert res["errors"] == [] and res["computed_cells"] == 4 and res["cached_cells"] == 0
+    assert res["errors"] == [] and res["computed_cells"] == 7 and res["cached_cells"] == 0
     rows = {(r[0], r[1]): r for r in res["table"]["rows"]}
     assert set(rows) == {("badnets", "none"), ("badnets", "pruning (2-pt drop)"),
-                         ("badnets", "pruning (4-pt drop)"), ("badnets", "fp"), ("badnets", "nc")}
+                         ("badnets", "pruning (4-pt drop)"), ("badnets", "fp"), ("badnets", "nc"),
+                         ("badnets", "mag"), ("badnets", "guided (4-pt drop)"),
+                         ("badnets", "guided-nc (4-pt drop)")}
     cells = {c["cell"]["label"]: c for c in res["cells"]}
     attack = cells["badnets-s0"]
     att_res = json.loads((out / "cells" / attack["dir"] / "results.json").read_text())
@@ -167,19 +186,33 @@ def test_grid_runs_and_writes_table_and_report(grid_run):
     # the report has a section for every kind of run in the grid
     md = (out / "report.md").read_text()
     for title in ("## Experiment: tiny", f"## Attack: cells/{attack['dir']}", "## Pruning defense: cells/",
-                  "## Fine-Pruning: cells/", "## Neural Cleanse: cells/", "## Provenance"):
+                  "## Fine-Pruning: cells/", "## Neural Cleanse: cells/", "## Magnitude pruning: cells/",
+                  "## Provenance"):
         assert title in md, title
     nc = json.loads((out / "cells" / cells["badnets-nc-s0"]["dir"] / "results.json").read_text())
     assert ("## Neural Cleanse mitigation: cells/" in md) == bool(nc["flagged"])
-    assert len(list((out / "logs").glob("*.log"))) == 4
+    assert len(list((out / "logs").glob("*.log"))) == 7
+    mag = json.loads((out / "cells" / cells["badnets-mag-s0"]["dir"] / "results.json").read_text())
+    assert mag["kind"] == "magnitude-prune" and abs(mag["sparsity"] - 0.3) < 1e-9
+    gd = json.loads((out / "cells" / cells["badnets-guided-s0"]["dir"] / "results.json").read_text())
+    assert gd["sweep"]["order"] == "guided"
+    # guided by Neural Cleanse: the scan ran with the nc_ options, and pruning used its flagged label
+    scan_dir = out / "cells" / (cells["badnets-guided-nc-s0"]["dir"] + "-nc")
+    scan = json.loads((scan_dir / "results.json").read_text())
+    assert scan["mode"] == "full" and sorted(x["label"] for x in scan["labels"]) == [0, 1, 2, 3, 4]
+    gnc_dir = out / "cells" / cells["badnets-guided-nc-s0"]["dir"]
+    if scan["flagged"]:
+        assert json.loads((gnc_dir / "results.json").read_text())["sweep"]["order"] == "guided"
+    else:
+        assert cells["badnets-guided-nc-s0"]["detail"] == "no label flagged: model unchanged"
 
 
 def test_rerun_comes_from_cache_and_a_changed_option_recomputes_one_cell(grid_run):
     tmp, cfg, first = grid_run
     again = run_experiment(cfg, tmp / "out", jobs=2, threads=1, report=False)
-    assert again["computed_cells"] == 0 and again["cached_cells"] == 4
+    assert again["computed_cells"] == 0 and again["cached_cells"] == 7
     assert again["table"] == first["table"]
-    changed = write(tmp, GRID.replace("epochs = 1", "epochs = 2"), "exp2.toml")
+    changed = write(tmp, GRID.replace("drop = 4\nepochs = 1", "drop = 4\nepochs = 2"), "exp2.toml")
     third = run_experiment(changed, tmp / "out", jobs=1, threads=1, report=False)
     assert third["computed_cells"] == 1
     assert [c["cell"]["label"] for c in third["cells"] if not c["cached"]] == ["badnets-fp-s0"]
@@ -252,7 +285,7 @@ def test_ray_executor_gives_the_local_table(grid_run, tmp_path):
     pytest.importorskip("ray")
     tmp, cfg, first = grid_run
     res = run_experiment(cfg, tmp_path / "ray", executor="ray", threads=1, report=False)
-    assert res["errors"] == [] and res["computed_cells"] == 4
+    assert res["errors"] == [] and res["computed_cells"] == 7
     assert res["table"] == first["table"]
 
 

@@ -174,6 +174,8 @@ def _defense_lines(cell: Cell, parent_dir: Path, out: Path, pres: dict) -> list[
         return [["prune", model, "--valid", valid, "--test", test, *pz,
                  "--drops", _drops(cell.spec["report_drops"]), *seed, *_flags(opts), "--out", str(out)]]
     if kind == "guided":
+        nc_opts = {k[3:]: v for k, v in opts.items() if k.startswith("nc_")}  # options of the NC scan
+        opts = {k: v for k, v in opts.items() if not k.startswith("nc_")}
         base = ["prune", model, "--valid", valid, "--test", test, *pz, "--order", "guided",
                 "--drops", _drops(cell.spec["report_drops"]), *seed, *_flags(opts), "--out", str(out)]
         if cell.spec["guide"] == "poisoned":
@@ -182,7 +184,7 @@ def _defense_lines(cell: Cell, parent_dir: Path, out: Path, pres: dict) -> list[
                                "model (this attack has no trigger)")
             return [base[:-2] + ["--guide", str(parent_dir / files["poisoned_valid"][0]), "--out", str(out)]]
         scan = out.with_name(out.name + "-nc")
-        return [["cleanse", model, "--clean", valid, *seed, "--out", str(scan)],
+        return [["cleanse", model, "--clean", valid, *seed, *_flags(nc_opts), "--out", str(scan)],
                 base[:-2] + ["--guide-triggers", str(scan / "triggers.npz"), "--guide-labels", "{flagged}",
                              "--out", str(out)]]
     if kind in ("fine-prune", "magnitude"):

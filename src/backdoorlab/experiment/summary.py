@@ -57,7 +57,8 @@ def summary_rows(cells: list[Cell], records: dict[str, dict]) -> list[list[str]]
             recs = [records[c.key] for c in group]
             if drop is not None and len(drops) > 1:
                 recs = [r.get("by_drop", {}).get(f"{drop:g}", r) for r in recs]
-            name = defense if drop is None else f"{defense} ({drop:g}-pt drop)"
+            unit = " %" if group[0].spec["options"].get("drop_unit") == "relative" else "-pt"
+            name = defense if drop is None else f"{defense} ({drop:g}{unit} drop)"
             after_acc = mean_std([r["accuracy"] for r in recs])
             after_asr = mean_std([r["asr"] for r in recs])
             delta = mean_std([r["accuracy"] - p["accuracy"] if (p and r["accuracy"] is not None) else None
