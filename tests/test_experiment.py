@@ -277,6 +277,7 @@ def test_a_failing_cell_is_reported_and_the_rest_continue(tmp_path, capsys):
                                        'layer = "conv_9"'))
     res = run_experiment(cfg, tmp_path / "out", jobs=2, threads=1, report=False)
     assert len(res["errors"]) == 1 and "badnets-fp-s0" in res["errors"][0]
+    assert "conv_9" in res["errors"][0] and "fine-prune failed" in res["errors"][0]
     rows = {r[1]: r for r in res["table"]["rows"]}
     assert rows["fp"][-1] == "failed" and rows["nc"][2] == "1"
 

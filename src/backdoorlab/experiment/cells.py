@@ -208,7 +208,10 @@ def _run_cli(args: list[str], log) -> None:
         except SystemExit as e:  # argparse refusing an option
             rc = e.code if isinstance(e.code, int) else 2
     if rc != 0:
-        raise BadInput(f"backdoorlab {args[0]} failed (exit {rc}); see the log")
+        log.flush()
+        lines = Path(log.name).read_text(encoding="utf-8", errors="replace").splitlines()
+        why = next((ln for ln in reversed(lines) if "error:" in ln), f"exit status {rc}")
+        raise BadInput(f"backdoorlab {args[0]} failed: {why.strip()}")
 
 
 def check_options(cells: list[Cell]) -> None:
