@@ -92,8 +92,8 @@ class RayBackend:
 Reporter = Callable[[dict, bool, int, int], None]
 
 
-def execute(cells: list[Cell], root: Path, backend, threads: int,
-            report: Reporter | None = None) -> tuple[dict[str, dict], list[str]]:
+def execute(cells: list[Cell], root: Path, backend, threads: int, report: Reporter | None = None,
+            on_start: Callable[[Cell], None] | None = None) -> tuple[dict[str, dict], list[str]]:
     """Compute every unfinished cell; returns ({key: record}, [error lines])."""
     records: dict[str, dict] = {}
     errors: list[str] = []
@@ -122,6 +122,8 @@ def execute(cells: list[Cell], root: Path, backend, threads: int,
                 waiting.remove(c)
                 parent_dir = records[c.parent]["dir"] if c.parent else None
                 pending[backend.submit(c.to_dict(), str(root), parent_dir, threads)] = c
+                if on_start:
+                    on_start(c)
 
     try:
         submit_ready()

@@ -61,7 +61,10 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
     else:
         print(f"executor ray: tasks of {threads} torch thread(s)")
     backend = make_backend(executor, jobs, threads, address)
-    records, errors = execute(cells, root, backend, threads, say)
+    def started(c) -> None:
+        print(f"  submitted {c.label} (log: {root / 'logs' / (c.dirname + '.log')})", flush=True)
+
+    records, errors = execute(cells, root, backend, threads, say, started)
     rows = summary_rows(cells, records)
     seconds = time.perf_counter() - t0
     computed = sum(not r["cached"] for r in records.values())
