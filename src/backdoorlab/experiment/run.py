@@ -19,7 +19,8 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
                    jobs: int | None = None, threads: int | None = None, address: str | None = None,
                    dry_run: bool = False, report: bool = True) -> dict:
     exp = load_experiment(config)
-    root = Path(out) if out else Path("runs") / Path(config).stem
+    # absolute, so workers whose working directory differs (Ray) write to the same place
+    root = (Path(out) if out else Path("runs") / Path(config).stem).resolve()
     cells = plan_cells(exp)
     check_options(cells)
     jobs, threads = default_jobs_threads(jobs, threads)
