@@ -32,7 +32,8 @@ def plot_sweep(result, path: str | os.PathLike, title: str | None = None, dpi: i
         ax.plot(x, [100 * v for v in result.test_accuracy], label="clean test accuracy",
                 color="C2", lw=1.5, ls="--")
     if result.asr is not None:
-        ax.plot(x, [100 * v for v in result.asr], label=f"attack success rate (target {result.target})",
+        which = "per-image targets" if result.target is None else f"target {result.target}"
+        ax.plot(x, [100 * v for v in result.asr], label=f"attack success rate ({which})",
                 color="C3", lw=1.8)
     for t in result.thresholds:
         if t.reached:
