@@ -262,6 +262,9 @@ def test_cli_bad_config_is_one_line(tmp_path, capsys):
     assert main(["run", str(missing), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    (tmp_path / "afile").write_text("x")
+    assert main(["run", str(write(tmp_path, GRID)), "--out", str(tmp_path / "afile")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
 
 
 def test_option_typos_are_caught_before_any_training(tmp_path, capsys):

@@ -289,22 +289,21 @@ def _summary(cell: Cell, d: Path, parent_dir: Path | None) -> dict:
 
 def _given_model(cell: Cell, out: Path, log) -> None:
     """Take over a handed-over model: native copy (defenses need no --arch), clean accuracy, ASR."""
-    from backdoorlab.commands.common import load_data
+    from backdoorlab.data import load_dataset
     from backdoorlab.evaluate import accuracy, check_compatible
     from backdoorlab.io import atomic_dir, write_json
     from backdoorlab.models.files import load_model, save_model
 
     g = cell.spec
     clf = load_model(g["model"], arch=g.get("arch"), input_scale=g.get("input_scale"))
-    ns = type("A", (), {"split": None, "size": None})()
-    valid, test = load_data(g["valid"], ns), load_data(g["test"], ns)
+    valid, test = load_dataset(g["valid"], split="train"), load_dataset(g["test"], split="test")
     for what, ds in (("valid", valid), ("test", test)):
         check_compatible(clf, ds, what)
     asr = []
     if g.get("poisoned"):
         from backdoorlab.attacks.poison import attack_success
 
-        poisoned = load_data(g["poisoned"], ns)
+        poisoned = load_dataset(g["poisoned"], split="test")
         targets = g.get("target", poisoned.meta.get("targets"))
         if targets is None:
             raise BadInput(f"{cell.label}: give 'target' (the poisoned file has no per-image targets)")

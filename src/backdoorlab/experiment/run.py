@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from backdoorlab.errors import BadInput
 from backdoorlab.experiment.cells import check_options, plan_cells
 from backdoorlab.experiment.config import load_experiment
 from backdoorlab.experiment.executors import default_jobs_threads, execute, make_backend
@@ -37,9 +38,11 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
             state = "cached" if finished(root, c) else "to run"
             print(f"  {c.label:40s} {c.key[:12]}  {state}")
         return {}
+    if root.exists() and not root.is_dir():
+        raise BadInput(f"--out {root}: exists and is not a folder")
     root.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(config, root / "experiment.toml") if Path(config).resolve() != (
-        root / "experiment.toml").resolve() else None
+    if Path(config).resolve() != (root / "experiment.toml").resolve():
+        shutil.copyfile(config, root / "experiment.toml")
     t0 = time.perf_counter()
     times: list[float] = []
 
