@@ -35,23 +35,29 @@ class Stage:
 
 
 @dataclass
-class FinePruneResult:
-    layer: str
-    pruned_channels: list[int]
-    num_channels: int
-    drop: float | None
-    drop_unit: str
-    fraction: float
+class StagedResult:
+    """A prune-then-fine-tune run: the model's figures before, after pruning, after fine-tuning."""
+
     before: Stage
     after_pruning: Stage
     after_finetuning: Stage
     finetune: dict
     settings: dict
     seconds: float
-    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class FinePruneResult(StagedResult):
+    layer: str
+    pruned_channels: list[int]
+    num_channels: int
+    drop: float | None
+    drop_unit: str
+    fraction: float
+    notes: list[str] = field(default_factory=list)
 
 
 def measure(clf: Classifier, valid: ImageSet, test: ImageSet | None, poisoned: ImageSet | None,

@@ -16,27 +16,18 @@ import torch
 from torch import nn
 
 from backdoorlab.data.imageset import ImageSet
-from backdoorlab.defenses.fine_pruning import Stage, finetune_split, measure
+from backdoorlab.defenses.fine_pruning import StagedResult, finetune_split, measure
 from backdoorlab.errors import BadInput
 from backdoorlab.models.classifier import Classifier
 from backdoorlab.train import TrainConfig, train
 
 
 @dataclass
-class MagnitudePruneResult:
+class MagnitudePruneResult(StagedResult):
     sparsity: float
     scope: str
     pruned_weights: int
     total_weights: int
-    before: Stage
-    after_pruning: Stage
-    after_finetuning: Stage
-    finetune: dict
-    settings: dict
-    seconds: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def kernels(net: nn.Module) -> list[torch.Tensor]:
