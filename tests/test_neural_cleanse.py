@@ -208,6 +208,11 @@ def test_cli_outputs_and_resume(backdoored, tmp_path, capsys):
         assert (out / name).is_file(), name
     res = json.loads((out / "results.json").read_text())
     assert [r["label"] for r in res["labels"]] == [0, 1, 2]
+    # three labels, full mode: the chance figure is that of a 3-label scan at threshold 2
+    from backdoorlab.defenses.outliers import null_flag_rate
+
+    assert res["null_flag_rate"] == null_flag_rate(3, 2.0).rate
+    assert "Chance of at least one flag" in (out / "table.md").read_text()
     trig = load_triggers(out / "triggers.npz")
     with np.load(out / "triggers.npz", allow_pickle=False) as z:
         assert z["masks"].shape == (3, 16, 16) and z["patterns"].shape == (3, 16, 16, 1)
@@ -217,6 +222,15 @@ def test_cli_outputs_and_resume(backdoored, tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 0  # a re-run resumes every label from state/
     assert "3 resumed" in capsys.readouterr().out
+    # --threshold auto re-tests the resumed labels at the family-wise 5 % index of a 3-label scan
+    assert main(argv + ["--threshold", "auto"]) == 0
+    auto = json.loads((out / "results.json").read_text())
+    assert auto["config"]["threshold"] == "auto"
+    assert auto["threshold"] == null_flag_rate(3, None).threshold_5pct != 2.0
+    assert auto["null_flag_rate"] == pytest.approx(0.05, abs=0.005)
+    assert auto["flagged"] == [r["label"] for r in auto["labels"] if r["anomaly_index"] > auto["threshold"]]
+    with pytest.raises(BadInput, match="threshold"):
+        NCConfig(threshold="high").validate()
     assert main(["cleanse", str(model), "--clean", "digits", "--out", str(out), "--labels",
                  "0,99"]) == 2
     err = capsys.readouterr().err.strip()

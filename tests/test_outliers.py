@@ -7,7 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from backdoorlab.defenses.outliers import CONSISTENCY, anomaly_index, detect_outliers, median_mad
+from backdoorlab.defenses.outliers import (
+    CONSISTENCY,
+    anomaly_index,
+    detect_outliers,
+    median_mad,
+    null_flag_rate,
+)
 from backdoorlab.errors import BadInput
 
 
@@ -67,3 +73,47 @@ def test_bad_values():
         median_mad([1.0, float("nan")])
     with pytest.raises(BadInput):
         detect_outliers({})
+
+
+def _brute_null_rate(n: int, n_ref: int | None, n_sus: int, threshold: float, draws: int,
+                     seed: int) -> float:
+    """Run the real MAD test on simulated backdoor-free scans (normal norms), fast-mode selection
+    included: reference = random sample, suspects = the smallest labels overall."""
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(draws):
+        x = rng.standard_normal(n)
+        if n_ref is None:
+            tested, ref = list(range(n)), None
+        else:
+            ref = sorted(rng.choice(n, size=n_ref, replace=False).tolist())
+            tested = sorted(set(ref) | set(np.argsort(x)[:n_sus].tolist()))
+        res = detect_outliers({i: float(x[i]) for i in tested}, threshold, 0, reference=ref)
+        hits += bool(res.flagged)
+    return hits / draws
+
+
+def test_null_flag_rate_matches_the_mad_test_full_mode():
+    # 43 labels, threshold 2: a backdoor-free network shows a flag in about 64 % of scans
+    est = null_flag_rate(43, 2.0, draws=20000, seed=1)
+    assert est.rate == pytest.approx(_brute_null_rate(43, None, 0, 2.0, 3000, seed=2), abs=0.035)
+    assert 0.55 < est.rate < 0.72
+    # the 5 % threshold is where the rate falls to 5 %
+    at5 = null_flag_rate(43, est.threshold_5pct, draws=20000, seed=3)
+    assert at5.rate == pytest.approx(0.05, abs=0.01)
+    assert null_flag_rate(43, 3.0).rate < null_flag_rate(43, 2.5).rate < est.rate
+
+
+def test_null_flag_rate_matches_the_mad_test_fast_mode():
+    est = null_flag_rate(60, 2.0, n_reference=20, n_suspects=5, draws=20000, seed=1)
+    brute = _brute_null_rate(60, 20, 5, 2.0, 3000, seed=4)
+    assert est.rate == pytest.approx(brute, abs=0.035)
+    # testing the screen's suspects against a small reference sample raises the rate
+    assert est.rate > null_flag_rate(20, 2.0, draws=20000, seed=1).rate + 0.1
+
+
+def test_null_flag_rate_bad_sizes():
+    with pytest.raises(BadInput):
+        null_flag_rate(0)
+    with pytest.raises(BadInput):
+        null_flag_rate(10, n_reference=11)

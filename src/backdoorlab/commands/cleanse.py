@@ -45,8 +45,18 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
     return format(v, spec)
 
 
+def _threshold(text: str) -> float | str:
+    if text == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 def write_tables(result, out: Path) -> None:
     """``table.csv`` (every label) and ``table.md`` (fully optimised labels, smallest norm first)."""
+    from backdoorlab.defenses.outliers import null_note
     from backdoorlab.io import atomic_path
 
     full = result.full_labels()
@@ -68,7 +78,7 @@ def write_tables(result, out: Path) -> None:
         f"Mode {result.mode}; {len(result.labels)} labels scanned, {len(full)} fully optimised; "
         f"{result.num_images} clean images ({result.input_scale} input scale). Median mask norm "
         f"{result.median:.2f}, MAD {result.mad:.2f} (over {len(result.reference_labels)} reference "
-        f"labels); flagged: anomaly index > {result.threshold:g}.",
+        f"labels); flagged: anomaly index > {result.threshold:.3g}.",
         "",
         "| rank | label | mask L1 norm | anomaly index | flagged | ASR of reversed trigger | steps |",
         "|---:|---:|---:|---:|:---:|---:|---:|",
@@ -81,6 +91,8 @@ def write_tables(result, out: Path) -> None:
                   "short round and not comparable with the table above), smallest 10: "
                   + ", ".join(f"{r.label} ({r.screen_norm:.1f})" for r in screened[:10]) + "."]
     lines += ["", f"Flagged labels: {', '.join(map(str, result.flagged)) or 'none'}.", ""]
+    if result.null_flag_rate is not None:
+        lines += [null_note(result.null_flag_rate, result.null_threshold_5pct, result.threshold), ""]
     with atomic_path(out / "table.md") as tmp:
         tmp.write_text("\n".join(lines))
 
@@ -113,6 +125,7 @@ def write_outputs(result, out: Path) -> list[str]:
 
 def cmd_cleanse(args: argparse.Namespace) -> int:
     from backdoorlab.defenses.neural_cleanse import NCConfig, neural_cleanse
+    from backdoorlab.defenses.outliers import null_note
     from backdoorlab.evaluate import check_compatible
 
     clean = load_data(args.clean, args)
@@ -149,9 +162,11 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
         print(f"  label {r.label:5d}  norm {r.norm:9.2f}  anomaly index {_fmt(r.anomaly_index):>7}"
               f"  ASR {r.asr:.2%}" + ("  FLAGGED" if r.flagged else ""))
     if res.flagged:
-        print(f"flagged (anomaly index > {res.threshold:g}): {', '.join(map(str, res.flagged))}")
+        print(f"flagged (anomaly index > {res.threshold:.3g}): {', '.join(map(str, res.flagged))}")
     else:
-        print(f"no label flagged (anomaly index > {res.threshold:g})")
+        print(f"no label flagged (anomaly index > {res.threshold:.3g})")
+    if res.null_flag_rate is not None:
+        print(null_note(res.null_flag_rate, res.null_threshold_5pct, res.threshold))
     print(f"outputs: {out}/ (table.md, table.csv, norms.png, smallest.png, masks/, triggers.npz, "
           "results.json, state/)")
     if args.mitigate:
@@ -223,8 +238,9 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=32, help="images per label per step (default 32)")
     p.add_argument("--images", type=int, default=1000,
                    help="clean images used, a seeded sample (default 1000; 0 = all)")
-    p.add_argument("--threshold", type=float, default=2.0,
-                   help="flag labels with anomaly index above this (default 2)")
+    p.add_argument("--threshold", type=_threshold, default=2.0,
+                   help="flag labels with anomaly index above this (default 2); 'auto': the index a "
+                        "network without a backdoor exceeds in only 5 %% of scans of this shape")
     p.add_argument("--check-every", default="1", metavar="N|epoch",
                    help="mini-batch steps per cost-schedule check (default 1; 'epoch' = as the "
                         "released code)")

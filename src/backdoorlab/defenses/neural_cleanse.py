@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from backdoorlab.data.imageset import ImageSet
-from backdoorlab.defenses.outliers import detect_outliers
+from backdoorlab.defenses.outliers import detect_outliers, null_flag_rate
 from backdoorlab.errors import BadInput
 from backdoorlab.io import atomic_path, write_json
 from backdoorlab.models.classifier import Classifier
@@ -91,7 +91,9 @@ class NCConfig:
     tested against them. With fewer labels than ``suspects + reference_labels`` every label is
     optimised fully.
 
-    Detection: ``threshold`` (anomaly index above which a label is flagged, 2), ``top_k`` (how
+    Detection: ``threshold`` (anomaly index above which a label is flagged, 2; ``"auto"`` (not in
+    the paper): the index that a backdoor-free network's most anomalous label exceeds in only 5 %
+    of scans of this shape, see `backdoorlab.defenses.outliers.null_flag_rate`), ``top_k`` (how
     many smallest masks to list), ``asr_images`` (clean images on which the final ASR of each
     reversed trigger is measured; None = all used images). ``seed`` seeds everything.
     """
@@ -119,7 +121,7 @@ class NCConfig:
     screen_patience: int = 2
     suspects: int = 10
     reference_labels: int = 32
-    threshold: float = 2.0
+    threshold: float | str = 2.0
     top_k: int = 5
     asr_images: int | None = None
     seed: int = 0
@@ -152,8 +154,12 @@ class NCConfig:
             raise BadInput(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.suspects < 0 or self.reference_labels < 1:
             raise BadInput("suspects must be >= 0 and reference_labels >= 1")
-        if self.threshold < 0 or self.top_k < 0:
-            raise BadInput("threshold and top_k must be non-negative")
+        if self.threshold != "auto" and (
+                isinstance(self.threshold, (str, bool)) or not math.isfinite(self.threshold)
+                or self.threshold < 0):
+            raise BadInput(f"threshold must be a non-negative number or 'auto', got {self.threshold!r}")
+        if self.top_k < 0:
+            raise BadInput("top_k must be non-negative")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -204,8 +210,13 @@ class CleanseResult:
     ``passes``: images pushed forward+backward by the optimisation (all labels, including those
     resumed from the state folder); ``passes_this_run``: the part computed by this call;
     ``eval_passes``: forward-only images (final ASR, screen ranking excluded). ``seconds``: wall
-    time of this call. ``triggers``: label → (mask H×W, pattern H×W×C), float32 in [0, 1], for
-    every fully optimised label (not in the JSON; see `save_triggers`).
+    time of this call. ``null_flag_rate``: chance that a network *without* a backdoor shows at least
+    one flagged label in a scan of this shape (number of labels, reference sample, suspects,
+    threshold), under normally distributed norms; ``null_threshold_5pct``: the anomaly index that
+    such a network's most anomalous label exceeds only 5 % of the time (see
+    `backdoorlab.defenses.outliers.null_flag_rate`). ``triggers``: label → (mask H×W, pattern
+    H×W×C), float32 in [0, 1], for every fully optimised label (not in the JSON; see
+    `save_triggers`).
     """
 
     mode: str
@@ -225,6 +236,8 @@ class CleanseResult:
     num_images: int
     input_scale: str
     model: str = ""
+    null_flag_rate: float | None = None
+    null_threshold_5pct: float | None = None
     triggers: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def label(self, y: int) -> LabelResult:
@@ -684,7 +697,7 @@ def neural_cleanse(clf: Classifier, clean: ImageSet, config: NCConfig | None = N
                 pass
             suspects, reference = _select(screen, cfg, labels)
             full_labels = sorted(set(suspects) | set(reference))
-            s_out = detect_outliers({y: screen[y]["norm"] for y in labels}, cfg.threshold, 0)
+            s_out = detect_outliers({y: screen[y]["norm"] for y in labels}, 2.0, 0)  # indices only
             for y, ix in zip(s_out.keys, s_out.index, strict=True):
                 r = screen[y]
                 results[y] = LabelResult(label=y, stage="screen", steps=r["steps"], passes=r["passes"],
@@ -726,20 +739,26 @@ def neural_cleanse(clf: Classifier, clean: ImageSet, config: NCConfig | None = N
             pass
 
     # ---- detection ----
+    asked = None if cfg.threshold == "auto" else float(cfg.threshold)
+    if cfg.mode == "fast" and suspects:
+        null = null_flag_rate(len(labels), asked, len(reference), len(suspects), seed=cfg.seed)
+    else:
+        null = null_flag_rate(len(full_labels), asked, seed=cfg.seed)
     norms = {y: results[y].norm for y in full_labels}
-    out = detect_outliers(norms, cfg.threshold, cfg.top_k,
+    out = detect_outliers(norms, null.threshold, cfg.top_k,
                           reference=reference if cfg.mode == "fast" and suspects else None)
     for y, ix in zip(out.keys, out.index, strict=True):
         results[y].anomaly_index = ix
-        results[y].flagged = ix > cfg.threshold
+        results[y].flagged = ix > null.threshold
     total = passes_before + scanner.passes
     return CleanseResult(
         mode=cfg.mode, labels=[results[y] for y in sorted(results)], flagged=out.flagged,
-        median=out.median, mad=out.mad, threshold=cfg.threshold, smallest=out.smallest,
+        median=out.median, mad=out.mad, threshold=null.threshold, smallest=out.smallest,
         reference_labels=out.reference, suspects=suspects, config=cfg.to_dict(), passes=total,
         passes_this_run=scanner.passes, eval_passes=scanner.eval_passes,
         seconds=time.perf_counter() - t0, num_images=n, input_scale=clf.spec.scale,
-        model=clf.describe(), triggers=triggers)
+        model=clf.describe(), null_flag_rate=null.rate, null_threshold_5pct=null.threshold_5pct,
+        triggers=triggers)
 
 
 def _store_full(results: dict[int, LabelResult], y: int, rec: dict, resumed: bool) -> None:

@@ -10,7 +10,12 @@ backdoor target. With the trigger L1 norms ``x_i``, ``median = med(x)`` and
 1.4826 is the consistency constant that makes ``1.4826 * MAD`` estimate the standard deviation of
 normally distributed data. The index is *signed*: positive below the median (unusually small
 triggers — the suspicious side), negative above it. A label is flagged when its index exceeds the
-threshold (the paper uses 2: a normal value exceeds it with probability below 5 %).
+threshold (the paper uses 2: a single normal value exceeds it with probability 2.3 %).
+
+That 2.3 % is per label. A scan tests every label, so the chance that a network *without* a
+backdoor shows at least one flagged label is much larger: `null_flag_rate` estimates it, and the
+index the top label of a backdoor-free network exceeds only 5 % of the time, by simulating
+normally distributed norms (with 43 labels and threshold 2, about 64 %).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 
 from backdoorlab.errors import BadInput
 
@@ -105,3 +111,65 @@ def detect_outliers(values: dict[int, float], threshold: float = 2.0, top_k: int
     return OutlierResult(keys=keys, values=x.tolist(), index=idx.tolist(), median=med, mad=mad,
                          threshold=float(threshold), flagged=flagged, smallest=smallest,
                          reference=ref)
+
+
+@dataclass
+class NullFlagRate:
+    """What the MAD test does on a network without a backdoor (Gaussian null, Monte Carlo).
+
+    ``rate``: share of simulated backdoor-free scans in which at least one label's anomaly index
+    exceeds ``threshold``. ``threshold_5pct``: the index that the most anomalous label exceeds in
+    only 5 % of them (a family-wise 5 % threshold). ``draws``: simulated scans.
+    """
+
+    rate: float
+    threshold: float
+    threshold_5pct: float
+    draws: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def null_flag_rate(n_labels: int, threshold: float | None = 2.0, n_reference: int | None = None,
+                   n_suspects: int = 0, draws: int = 20000, seed: int = 0) -> NullFlagRate:
+    """Chance that the MAD test flags at least one of ``n_labels`` labels when none is a backdoor.
+
+    Model: the labels' mask norms are independent normal draws (the natural spread of a clean
+    network's norms; on our clean GTSRB model a Shapiro-Wilk test does not reject normality). The
+    median and MAD come from ``n_reference`` of them (None: all ``n_labels``, as in full mode).
+    With ``n_suspects > 0`` (Neural Cleanse's fast mode) the labels outside the reference sample
+    are screened and the most suspicious ones tested too; the simulation assumes the screen finds
+    the smallest of them, which can only raise the rate. Deterministic for a given ``seed``.
+    ``threshold=None`` uses ``threshold_5pct`` itself as the threshold (rate ≈ 0.05).
+    """
+    n_ref = n_labels if n_reference is None else n_reference
+    if n_labels < 1 or not 1 <= n_ref <= n_labels or n_suspects < 0 or draws < 1:
+        raise BadInput(f"null_flag_rate: bad sizes (labels {n_labels}, reference {n_ref}, "
+                       f"suspects {n_suspects}, draws {draws})")
+    rng = np.random.default_rng(seed)
+    ref = rng.standard_normal((draws, n_ref))
+    med = np.median(ref, axis=1)
+    mad = np.median(np.abs(ref - med[:, None]), axis=1)
+    lowest = ref.min(axis=1)
+    others = n_labels - n_ref
+    if n_suspects > 0 and others > 0:
+        # smallest of `others` normal draws by inversion: Phi(min) = 1 - U**(1/others)
+        u = 1.0 - rng.random(draws)  # in (0, 1]
+        p = -np.expm1(np.log(u) / others)
+        other_min = torch.special.ndtri(torch.from_numpy(p)).numpy()
+        lowest = np.minimum(lowest, other_min)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        top = np.where(mad > 0, (med - lowest) / (CONSISTENCY * mad),
+                       np.where(med > lowest, math.inf, 0.0))
+    thr5 = float(np.quantile(top, 0.95))
+    thr = thr5 if threshold is None else float(threshold)
+    return NullFlagRate(rate=float(np.mean(top > thr)), threshold=thr, threshold_5pct=thr5,
+                        draws=int(draws))
+
+
+def null_note(rate: float, thr5: float, threshold: float) -> str:
+    """One sentence on how often a backdoor-free network would show a flag in this scan."""
+    return (f"Chance of at least one flag on a network without a backdoor (scan of this shape, "
+            f"normally distributed norms): {rate:.0%} at threshold {threshold:g}; an index above "
+            f"{thr5:.2f} happens by chance in 5 % of such networks.")

@@ -138,6 +138,10 @@ def cleanse_section(name: str, d: Path, r: dict) -> Section:
         f"{r['seconds']:.0f} s, {r['passes']:,} image passes. Median mask L1 norm {r['median']:.2f}, "
         f"MAD {r['mad']:.2f}; labels with anomaly index > {r['threshold']:g} are flagged: "
         f"**{', '.join(map(str, flagged)) or 'none'}**.")
+    if r.get("null_flag_rate") is not None:
+        from backdoorlab.defenses.outliers import null_note
+
+        s.p(null_note(r["null_flag_rate"], r["null_threshold_5pct"], r["threshold"]))
     rows = [[x["label"], f"{x['norm']:.2f}",
              "—" if x["anomaly_index"] is None else f"{x['anomaly_index']:.2f}",
              pct(x.get("asr")), "yes" if x["flagged"] else ""] for x in full[:10]]
