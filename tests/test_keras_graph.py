@@ -363,3 +363,33 @@ def test_weights_must_fit_the_config(saved, tmp_path):
         b["model_weights/fc_1/fc_1"].create_dataset("kernel", data=np.zeros((5, 16), np.float32))
     with pytest.raises(BadInput, match="'fc_1' kernel has shape"):
         load_model(bad)
+
+
+def test_dotted_layer_names(tmp_path):
+    """Keras 2 allowed '.' in layer names; torch module keys do not. Such layers are found by their
+    Keras name (Classifier.layer, activations) and computed like the undotted original."""
+    keras.utils.set_random_seed(0)
+    inp = L.Input((8, 8, 3), name="image")
+    c = L.Conv2D(4, 3, activation="relu", name="conv_1")(inp)
+    out = L.Dense(3, name="logits")(L.Flatten(name="flat")(c))
+    src, dotted = tmp_path / "plain.h5", tmp_path / "dotted.h5"
+    keras.Model(inp, out).save(str(src))
+    with h5py.File(src, "r") as a, h5py.File(dotted, "w") as b:
+        a.copy(a["model_weights"], b, name="model_weights")
+        w = b["model_weights"]
+        w.move("conv_1", "conv.1")
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in w.attrs["layer_names"]]
+        w.attrs["layer_names"] = [n.replace("conv_1", "conv.1").encode() for n in names]
+        for k, v in a.attrs.items():
+            b.attrs[k] = v
+        cfg = a.attrs["model_config"]
+        cfg = cfg.decode() if isinstance(cfg, bytes) else cfg
+        assert cfg.count('"conv_1"') >= 2  # its name and the reference in the next layer
+        b.attrs["model_config"] = cfg.replace('"conv_1"', '"conv.1"')
+    plain, dot = load_model(src), load_model(dotted)
+    assert "conv.1" in dot.layer_names() and "conv_1" not in dot.layer_names()
+    x = rand_images(5, (8, 8, 3))
+    assert np.array_equal(dot.logits(x), plain.logits(x))
+    assert np.array_equal(dot.activations(x, "conv.1"), plain.activations(x, "conv_1"))
+    with pytest.raises(BadInput, match="unknown layer"):
+        dot.layer("conv.9")

@@ -55,7 +55,11 @@ class Classifier:
 
     # -- layers -----------------------------------------------------------------------------
     def layer_names(self) -> list[str]:
-        """Short names of the named layers (stages and the layers nested in them)."""
+        """Short names of the named layers (stages and the layers nested in them); for an imported
+        Keras graph, its layers' Keras names."""
+        keras = getattr(self.net, "keys", None)
+        if isinstance(keras, dict):
+            return list(keras)
         names: list[str] = []
         for full, _ in self.net.named_modules():
             if not full:
@@ -67,7 +71,11 @@ class Classifier:
         return names
 
     def layer(self, name: str) -> nn.Module:
-        """The module called ``name`` (a short name such as ``conv_3`` or a dotted path)."""
+        """The module called ``name`` (a short name such as ``conv_3``, a dotted path, or the Keras
+        name of a layer of an imported Keras graph, dots included)."""
+        keras = getattr(self.net, "keys", None)
+        if isinstance(keras, dict) and name in keras:
+            return self.net.module(name)
         modules = dict(self.net.named_modules())
         for key in (name, f"stages.{name}"):
             if key in modules and key:
