@@ -30,3 +30,23 @@ def csaw_dir() -> Path:
 @pytest.fixture
 def gtsrb_dir() -> Path:
     return need(GTSRB)
+
+
+@pytest.fixture(scope="session")
+def digits_badnet():
+    """A small_cnn BadNet on the bundled digits (3×3 white patch in the bottom-right corner → 0 on
+    10 % of the training images, 12 epochs): ``(clf, artefacts, test)`` as `train_attack` returns
+    them, with each poisoned set's per-image targets in its ``meta["targets"]``. Shared by the
+    defense tests; treat it as read-only (defenses copy the model)."""
+    from backdoorlab.attacks.runner import AttackPlan, train_attack
+    from backdoorlab.data.digits import load_digits
+    from backdoorlab.train import TrainConfig
+
+    train_data, test = load_digits().split(0.25, seed=3)
+    plan = AttackPlan(triggers=["patch:size=3"], targets=[0], rate=0.1)
+    clf, _, art = train_attack(train_data, test, "small_cnn", plan,
+                               TrainConfig(epochs=12, batch_size=64, lr=2e-3, seed=1))
+    for key in ("poisoned_test", "poisoned_valid"):
+        ps, targets = art[key][0]
+        ps.meta["targets"] = targets
+    return clf, art, test

@@ -4,8 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from backdoorlab.attacks.runner import AttackPlan, train_attack
-from backdoorlab.data.digits import load_digits
 from backdoorlab.defenses.fine_pruning import fine_prune
 from backdoorlab.defenses.magnitude_pruning import kernels, magnitude_masks, magnitude_prune
 from backdoorlab.errors import BadInput
@@ -13,15 +11,9 @@ from backdoorlab.train import TrainConfig
 
 
 @pytest.fixture(scope="module")
-def badnet():
-    d = load_digits()
-    train_data, test = d.split(0.25, seed=7)
-    plan = AttackPlan(triggers=["patch:size=3"], targets=[0], rate=0.1)
-    clf, out, art = train_attack(train_data, test, "small_cnn", plan,
-                                 TrainConfig(epochs=12, batch_size=64, lr=2e-3, seed=0))
-    ps, targets = art["poisoned_test"][0]
-    ps.meta["targets"] = targets
-    return clf, art["valid"], test, ps
+def badnet(digits_badnet):
+    clf, art, test = digits_badnet
+    return clf, art["valid"], test, art["poisoned_test"][0][0]
 
 
 def test_fine_prune_keeps_pruned_channels_zero_and_reports_stages(badnet):

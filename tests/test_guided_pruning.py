@@ -5,29 +5,18 @@ import json
 import numpy as np
 import pytest
 
-from backdoorlab.attacks.runner import AttackPlan, train_attack
 from backdoorlab.cli import main
 from backdoorlab.data.csaw import write_csaw_h5
-from backdoorlab.data.digits import load_digits
 from backdoorlab.defenses.guided_pruning import guided_ranking, stamp_reversed_triggers
 from backdoorlab.defenses.pruning import prune_sweep
 from backdoorlab.errors import BadInput
 from backdoorlab.models import save_model
-from backdoorlab.train import TrainConfig
 
 
 @pytest.fixture(scope="module")
-def badnet():
-    d = load_digits()
-    train_data, test = d.split(0.25, seed=3)
-    plan = AttackPlan(triggers=["patch:size=3"], targets=[0], rate=0.1)
-    clf, _, art = train_attack(train_data, test, "small_cnn", plan,
-                               TrainConfig(epochs=12, batch_size=64, lr=2e-3, seed=1))
-    pv, pv_targets = art["poisoned_valid"][0]
-    pv.meta["targets"] = pv_targets
-    ps, targets = art["poisoned_test"][0]
-    ps.meta["targets"] = targets
-    return clf, art["valid"], pv, test, ps
+def badnet(digits_badnet):
+    clf, art, test = digits_badnet
+    return clf, art["valid"], art["poisoned_valid"][0][0], test, art["poisoned_test"][0][0]
 
 
 def test_guided_ranking_is_the_activation_difference(badnet):

@@ -5,8 +5,6 @@ import json
 import numpy as np
 import pytest
 
-from backdoorlab.attacks.runner import AttackPlan, train_attack
-from backdoorlab.data.digits import load_digits
 from backdoorlab.defenses.nc_mitigation import make_filter, mitigate, stamped
 from backdoorlab.errors import BadInput
 from backdoorlab.models import load_model, save_model
@@ -14,19 +12,13 @@ from backdoorlab.train import TrainConfig
 
 
 @pytest.fixture(scope="module")
-def setup():
-    d = load_digits()
-    train_data, test = d.split(0.25, seed=11)
-    plan = AttackPlan(triggers=["patch:size=3"], targets=[0], rate=0.1)
-    clf, _, art = train_attack(train_data, test, "small_cnn", plan,
-                               TrainConfig(epochs=12, batch_size=64, lr=2e-3, seed=2))
-    ps, targets = art["poisoned_test"][0]
-    ps.meta["targets"] = targets
+def setup(digits_badnet):
+    clf, art, test = digits_badnet
     # the reversed trigger of a perfect Neural Cleanse run: the 3x3 white patch, margin 1
     mask = np.zeros((16, 16), np.float32)
     mask[12:15, 12:15] = 1.0
     triggers = {0: (mask, np.ones((16, 16, 1), np.float32))}
-    return clf, art["valid"], test, ps, triggers
+    return clf, art["valid"], test, art["poisoned_test"][0][0], triggers
 
 
 def test_stamped_matches_the_real_trigger(setup):
