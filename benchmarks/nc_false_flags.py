@@ -86,9 +86,9 @@ def fmt_flags(labels: list[int], idx: dict | None = None) -> str:
 def render(rows: list[dict], command: str, machine: str) -> str:
     lines = [BEGIN, "", f"Command (from the repository root): `{command}`", "", f"Machine: {machine}", "",
              "| model | true target(s) | scan | flagged at index > 2 | top label: L1 (index) | next label: "
-             "L1 (index) | next / top L1 | chance of ≥ 1 flag without a backdoor | 5 % index | "
-             "flagged at 5 % index (`auto`) |",
-             "|---|---|---|---|---|---|---:|---:|---:|---|"]
+             "L1 (index) | next / top L1 | top L1 / median | chance of ≥ 1 flag without a backdoor | "
+             "5 % index | flagged at 5 % index (`auto`) |",
+             "|---|---|---|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         tg = ", ".join(f"{t} (rank {r['target_rank'][t]}, index {r['target_index'][t]:.2f})"
                        for t in r["targets"]) or "— (clean)"
@@ -96,6 +96,7 @@ def render(rows: list[dict], command: str, machine: str) -> str:
             f"| {r['model']} | {tg} | {r['mode']} ({r['labels_optimised']} labels) | "
             f"{fmt_flags(r['flagged_2'])} | {r['top']}: {r['top_norm']:.1f} ({r['top_index']:.2f}) | "
             f"{r['next']}: {r['next_norm']:.1f} ({r['next_index']:.2f}) | {r['gap']:.2f} | "
+            f"{r['top_norm'] / r['median']:.2f} | "
             f"{r['null_flag_rate']:.0%} | {r['null_threshold_5pct']:.2f} | {fmt_flags(r['flagged_auto'])} |")
     lines += ["", "Top label's index with itself left out of the median/MAD (in full mode every label "
               "is part of its own reference set): "
