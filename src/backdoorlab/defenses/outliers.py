@@ -171,5 +171,5 @@ def null_flag_rate(n_labels: int, threshold: float | None = 2.0, n_reference: in
 def null_note(rate: float, thr5: float, threshold: float) -> str:
     """One sentence on how often a backdoor-free network would show a flag in this scan."""
     return (f"Chance of at least one flag on a network without a backdoor (scan of this shape, "
-            f"normally distributed norms): {rate:.0%} at threshold {threshold:g}; an index above "
+            f"normally distributed norms): {rate:.0%} at threshold {threshold:.3g}; an index above "
             f"{thr5:.2f} happens by chance in 5 % of such networks.")
