@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def scan_row(name: str, mode: str, res, targets: list[int]) -> dict:
     """The figures of one scan; ``res`` a `CleanseResult`."""
-    from backdoorlab.defenses.outliers import anomaly_index
+    from backdoorlab.defenses.outliers import anomaly_index, median_mad
 
     full = res.full_labels()
     idx = {r.label: r.anomaly_index for r in full}
@@ -62,8 +62,6 @@ def scan_row(name: str, mode: str, res, targets: list[int]) -> dict:
     # the top label's index against the median/MAD of the *other* reference labels: how it would
     # score if it were left out of its own reference set (matters in full mode)
     others = [r.norm for r in full if r.label != top.label and r.label in res.reference_labels]
-    from backdoorlab.defenses.outliers import median_mad
-
     med, mad = median_mad(others)
     loo = float(anomaly_index([top.norm], med, mad)[0])
     return {
@@ -79,7 +77,7 @@ def scan_row(name: str, mode: str, res, targets: list[int]) -> dict:
     }
 
 
-def fmt_flags(labels: list[int], idx: dict | None = None) -> str:
+def fmt_flags(labels: list[int]) -> str:
     return ", ".join(map(str, labels)) if labels else "none"
 
 

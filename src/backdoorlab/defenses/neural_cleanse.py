@@ -739,14 +739,14 @@ def neural_cleanse(clf: Classifier, clean: ImageSet, config: NCConfig | None = N
             pass
 
     # ---- detection ----
+    screened = cfg.mode == "fast" and bool(suspects)  # median/MAD from the random reference only
     asked = None if cfg.threshold == "auto" else float(cfg.threshold)
-    if cfg.mode == "fast" and suspects:
+    if screened:
         null = null_flag_rate(len(labels), asked, len(reference), len(suspects), seed=cfg.seed)
     else:
         null = null_flag_rate(len(full_labels), asked, seed=cfg.seed)
     norms = {y: results[y].norm for y in full_labels}
-    out = detect_outliers(norms, null.threshold, cfg.top_k,
-                          reference=reference if cfg.mode == "fast" and suspects else None)
+    out = detect_outliers(norms, null.threshold, cfg.top_k, reference=reference if screened else None)
     for y, ix in zip(out.keys, out.index, strict=True):
         results[y].anomaly_index = ix
         results[y].flagged = ix > null.threshold

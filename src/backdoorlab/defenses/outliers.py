@@ -127,9 +127,6 @@ class NullFlagRate:
     threshold_5pct: float
     draws: int
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def null_flag_rate(n_labels: int, threshold: float | None = 2.0, n_reference: int | None = None,
                    n_suspects: int = 0, draws: int = 20000, seed: int = 0) -> NullFlagRate:
