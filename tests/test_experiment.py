@@ -12,7 +12,7 @@ from backdoorlab.cli import main
 from backdoorlab.errors import BadInput
 from backdoorlab.experiment.cells import plan_cells
 from backdoorlab.experiment.config import load_experiment, parse_experiment
-from backdoorlab.experiment.run import run_experiment
+from backdoorlab.experiment.run import estimate_left, run_experiment
 from backdoorlab.experiment.summary import mean_std
 
 GRID = """
@@ -145,6 +145,15 @@ def test_mean_std():
     m, s, n = mean_std([0.5, 0.7, None])
     assert (round(m, 6), round(s, 6), n) == (0.6, round(0.1414213562, 6), 2)
     assert mean_std([0.3]) == (0.3, 0.0, 1)
+
+
+def test_eta_weighs_each_cell_left_by_the_time_of_its_kind():
+    took = {"attack": [600.0, 400.0], "prune": [10.0]}
+    # 2 trainings at 500 s + 1 sweep at 10 s + a scan never timed, at the mean of all (~336.7 s)
+    left = estimate_left(["attack", "attack", "prune", "cleanse"], took, jobs=2)
+    assert left == pytest.approx((2 * 500 + 10 + 1010 / 3) / 2)
+    assert estimate_left([], took, jobs=1) is None
+    assert estimate_left(["attack"], {}, jobs=1) is None
 
 
 # -- running a grid ------------------------------------------------------------------------------

@@ -16,6 +16,20 @@ from backdoorlab.experiment.summary import HEAD, markdown_table, summary_rows
 from backdoorlab.io import atomic_path, write_json
 
 
+def estimate_left(kinds_left: list[str], seconds_by_kind: dict[str, list[float]],
+                  jobs: int) -> float | None:
+    """Seconds still to go: each cell left costs the mean time of the finished cells of its kind
+    (training, a pruning sweep and a Neural Cleanse scan differ by orders of magnitude), or the mean
+    over all finished cells when none of its kind has finished; divided by the parallel jobs.
+    None when nothing is left or nothing has been timed yet."""
+    every = [t for ts in seconds_by_kind.values() for t in ts]
+    if not kinds_left or not every:
+        return None
+    overall = sum(every) / len(every)
+    mean = {k: sum(ts) / len(ts) for k, ts in seconds_by_kind.items() if ts}
+    return sum(mean.get(k, overall) for k in kinds_left) / max(1, jobs)
+
+
 def run_experiment(config: str | Path, out: str | Path | None = None, executor: str = "local",
                    jobs: int | None = None, threads: int | None = None, address: str | None = None,
                    dry_run: bool = False, report: bool = True) -> dict:
@@ -44,16 +58,16 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
     if Path(config).resolve() != (root / "experiment.toml").resolve():
         shutil.copyfile(config, root / "experiment.toml")
     t0 = time.perf_counter()
-    times: list[float] = []
+    times: dict[str, list[float]] = {}
+    done_keys: set[str] = set()
 
     def say(rec: dict, cached: bool, done: int, total: int) -> None:
         el = time.perf_counter() - t0
+        done_keys.add(rec["key"])
         if not cached:
-            times.append(rec["seconds"])
-        left = total - done
-        eta = ""
-        if times and left:
-            eta = f", ETA ~{left * (sum(times) / len(times)) / max(1, jobs) / 60:.0f} min"
+            times.setdefault(rec["cell"]["kind"], []).append(rec["seconds"])
+        left = estimate_left([c.kind for c in cells if c.key not in done_keys], times, jobs)
+        eta = "" if left is None else f", ETA ~{left / 60:.0f} min"
         what = "cached" if cached else f"{rec['seconds']:.0f} s"
         acc = "—" if rec["accuracy"] is None else f"{100 * rec['accuracy']:.2f} %"
         asr = "—" if rec["asr"] is None else f"{100 * rec['asr']:.2f} %"
