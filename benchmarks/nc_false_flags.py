@@ -10,8 +10,11 @@ shape (`outliers.null_flag_rate`, Gaussian null) and what ``threshold="auto"`` w
 
 Models are run folders of ``backdoorlab attack`` (model.safetensors, clean_valid.h5), given as
 NAME=DIR; the defender's clean data is each folder's clean_valid.h5 (1000 images sampled, seed
-0). Scans resume from ``--out/NAME/{fast,full}/state`` (the folders ``backdoorlab cleanse --out
---out/NAME/MODE`` and `benchmarks/detect_gtsrb.py` write), so models scanned before cost nothing.
+0). Scans resume from ``--out/NAME/SCAN/state`` (the folders ``backdoorlab cleanse --out
+--out/NAME/SCAN`` and `benchmarks/detect_gtsrb.py` write), so models scanned before cost nothing.
+``--modes`` picks the scans: ``fast`` and ``full`` (defaults otherwise), and ``full-epoch`` (full
+mode with the released code's once-per-epoch schedule check, capped at 3000 steps per label; the
+CLI's ``--mode full --check-every epoch --steps 3000``), about 11× the cost of ``full``.
 Writes (or updates, between its markers) a section of ``docs/detect-gtsrb.md``.
 
     OMP_NUM_THREADS=1 python benchmarks/nc_false_flags.py \\
@@ -38,11 +41,18 @@ DEFAULT_MODELS = ",".join([
     "clean=runs/gtsrb/clean", "clean-s1=runs/gtsrb-seeds/clean-s1", "clean-s2=runs/gtsrb-seeds/clean-s2",
     "badnets=runs/gtsrb/badnets", "ftrojan=runs/gtsrb/ftrojan", "two_trigger=runs/gtsrb/two_trigger"])
 
+# scan name -> NCConfig options; "full-epoch" is full mode with the released code's schedule check
+# (once per epoch of 31 steps, on the epoch's mean ASR), capped at 3000 steps (~97 epochs) per label
+SCANS = {"fast": {"mode": "fast"}, "full": {"mode": "full"},
+         "full-epoch": {"mode": "full", "check_every": None, "max_steps": 3000}}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=DEFAULT_MODELS, help="comma list of NAME=RUN_DIR")
-    ap.add_argument("--modes", default="fast,full", help="scan modes (fast,full)")
+    ap.add_argument("--modes", default="fast,full", help=f"scans, comma list of {', '.join(SCANS)}")
+    ap.add_argument("--extra", default="",
+                    help="comma list of NAME:SCAN run in addition, e.g. clean:full-epoch")
     ap.add_argument("--out", default=str(ROOT / "runs" / "gtsrb-detect"), help="scan state folders")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "detect-gtsrb.md"))
@@ -117,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     rows = []
+    names = [item.partition("=")[0] for item in args.models.split(",")]
+    unknown = [e for e in args.extra.split(",") if e and e.partition(":")[0] not in names]
+    if unknown:
+        print(f"error: --extra names a model not in --models: {', '.join(unknown)}", file=sys.stderr)
+        return 2
     try:
         for item in args.models.split(","):
             name, _, d = item.partition("=")
@@ -125,8 +140,11 @@ def main(argv: list[str] | None = None) -> int:
             meta = json.loads((run / "model.json").read_text())
             targets = [int(t) for t in meta.get("provenance", {}).get("targets", [])]
             clean = load_dataset(str(run / "clean_valid.h5"))
-            for mode in args.modes.split(","):
-                res = neural_cleanse(clf, clean, NCConfig(mode=mode),
+            extra = [sc for nm, _, sc in (e.partition(":") for e in args.extra.split(",") if e) if nm == name]
+            for mode in [*args.modes.split(","), *extra]:
+                if mode not in SCANS:
+                    raise BadInput(f"unknown scan {mode!r} (known: {', '.join(SCANS)})")
+                res = neural_cleanse(clf, clean, NCConfig(**SCANS[mode]),
                                      state_dir=Path(args.out) / name / mode / "state")
                 row = scan_row(name, mode, res, targets)
                 rows.append(row)
