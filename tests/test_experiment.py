@@ -10,10 +10,10 @@ import pytest
 
 from backdoorlab.cli import main
 from backdoorlab.errors import BadInput
-from backdoorlab.experiment.cells import plan_cells
+from backdoorlab.experiment.cells import Cell, plan_cells
 from backdoorlab.experiment.config import load_experiment, parse_experiment
 from backdoorlab.experiment.run import estimate_left, run_experiment
-from backdoorlab.experiment.summary import mean_std
+from backdoorlab.experiment.summary import mean_std, summary_rows
 
 GRID = """
 name = "tiny"
@@ -154,6 +154,24 @@ def test_eta_weighs_each_cell_left_by_the_time_of_its_kind():
     assert left == pytest.approx((2 * 500 + 10 + 1010 / 3) / 2)
     assert estimate_left([], took, jobs=1) is None
     assert estimate_left(["attack"], {}, jobs=1) is None
+
+
+def test_multi_trigger_rows_give_every_trigger_and_say_which_one_defenses_score():
+    cells, records = [], {}
+    for seed, (a1, a2) in enumerate([(0.96, 0.999), (0.94, 0.997)]):
+        att = Cell(f"a{seed}", f"two-s{seed}", "attack", "two", None, seed, {}, None)
+        fp = Cell(f"f{seed}", f"two-fp-s{seed}", "fine-prune", "two", "fp", seed, {"options": {}}, att.key)
+        cells += [att, fp]
+        records[att.key] = {"accuracy": 0.97, "asr": a1, "asr_per_trigger": [a1, a2],
+                            "triggers": ["patch:size=4", "blend:alpha=0.15"], "detail": ""}
+        records[fp.key] = {"accuracy": 0.95, "asr": 0.01, "detail": "10/64 channels"}
+    rows = {r[1]: r for r in summary_rows(cells, records)}
+    assert rows["none"][4] == "95.00 ± 1.41"
+    assert rows["none"][-1] == "ASR per trigger: patch:size=4 95.00 ± 1.41; blend:alpha=0.15 99.80 ± 0.14"
+    assert rows["fp"][-1] == "ASR of the first trigger (patch:size=4) only; 10/64 channels"
+    # a single trigger adds no note
+    records["a0"]["asr_per_trigger"] = records["a1"]["asr_per_trigger"] = [0.9]
+    assert {r[1]: r for r in summary_rows(cells, records)}["fp"][-1] == "10/64 channels"
 
 
 # -- running a grid ------------------------------------------------------------------------------

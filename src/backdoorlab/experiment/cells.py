@@ -245,7 +245,9 @@ def _summary(cell: Cell, d: Path, parent_dir: Path | None) -> dict:
     res = json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else {}
     if cell.kind in ("attack", "given"):
         asr = res["asr"][0] if res.get("asr") else None
-        return {"accuracy": res["clean_accuracy"], "asr": asr, "detail": ""}
+        triggers = ((res.get("settings") or {}).get("plan") or {}).get("triggers") or []
+        return {"accuracy": res["clean_accuracy"], "asr": asr, "detail": "",
+                "asr_per_trigger": list(res.get("asr") or []), "triggers": list(triggers)}
     p = json.loads((parent_dir / "results.json").read_text())
     before = {"accuracy": p["clean_accuracy"], "asr": p["asr"][0] if p.get("asr") else None}
     if cell.kind in ("prune", "guided"):

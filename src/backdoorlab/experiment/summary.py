@@ -3,7 +3,9 @@
 Each row is one attack × defense (the row "none" is the attack model itself). Figures are the
 mean ± sample standard deviation (n − 1) over the seeds that finished, in percent: clean
 accuracy on the clean test set, ASR on the poisoned test set (inputs whose true label is the
-target excluded). Δ acc is the change in clean test accuracy in percentage points.
+target excluded). Δ acc is the change in clean test accuracy in percentage points. For an attack
+with several triggers the ASR columns are those of the first trigger; the notes of the attack's row
+give the ASR of every trigger.
 """
 
 from __future__ import annotations
@@ -32,6 +34,21 @@ def fmt(ms: tuple[float, float, int] | None, scale: float = 100.0, digits: int =
     return f"{scale * m:.{digits}f}" + (f" ± {scale * s:.{digits}f}" if n > 1 else "")
 
 
+def _multi_trigger_notes(parents: list[dict | None]) -> tuple[str, str]:
+    """Notes for an attack with several triggers: (the attack row's ASR per trigger, mean over
+    seeds; what the defense rows' ASR measures). Defenses are scored on the first trigger's
+    poisoned test set only. ("", "") for a single trigger."""
+    per = [p.get("asr_per_trigger") or [] for p in parents if p]
+    if not per or max(len(a) for a in per) < 2:
+        return "", ""
+    k = max(len(a) for a in per)
+    names = next((p.get("triggers") for p in parents if p and len(p.get("triggers") or []) == k), None)
+    names = names or [f"trigger {i + 1}" for i in range(k)]
+    each = [f"{names[i]} {fmt(mean_std([a[i] if len(a) > i else None for a in per]))}" for i in range(k)]
+    return ("ASR per trigger: " + "; ".join(each),
+            f"ASR of the first trigger ({names[0]}) only")
+
+
 def summary_rows(cells: list[Cell], records: dict[str, dict]) -> list[list[str]]:
     """Rows in grid order; cells without a record (failed) are left out of the means.
 
@@ -49,8 +66,10 @@ def summary_rows(cells: list[Cell], records: dict[str, dict]) -> list[list[str]]
         parents = [records.get(c.parent) if c.parent else records[c.key] for c in group]
         before_acc = mean_std([p["accuracy"] if p else None for p in parents])
         before_asr = mean_std([p["asr"] if p else None for p in parents])
+        multi = _multi_trigger_notes(parents)
         if defense is None:
-            rows.append([attack, "none", str(len(group)), fmt(before_acc), fmt(before_asr), "", "", "", ""])
+            rows.append([attack, "none", str(len(group)), fmt(before_acc), fmt(before_asr), "", "", "",
+                         multi[0]])
             continue
         drops = group[0].spec.get("report_drops") or [None]
         for drop in drops:
@@ -63,7 +82,7 @@ def summary_rows(cells: list[Cell], records: dict[str, dict]) -> list[list[str]]
             after_asr = mean_std([r["asr"] for r in recs])
             delta = mean_std([r["accuracy"] - p["accuracy"] if (p and r["accuracy"] is not None) else None
                               for r, p in zip(recs, parents, strict=True)])
-            notes: list[str] = []
+            notes: list[str] = [multi[1]] if multi[1] else []
             for r in recs:
                 if r.get("detail") and r["detail"] not in notes:
                     notes.append(r["detail"])
