@@ -127,23 +127,27 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     rows = []
-    names = [item.partition("=")[0] for item in args.models.split(",")]
-    unknown = [e for e in args.extra.split(",") if e and e.partition(":")[0] not in names]
-    if unknown:
-        print(f"error: --extra names a model not in --models: {', '.join(unknown)}", file=sys.stderr)
+    # every model's scans, checked before any model is loaded
+    models = dict(item.partition("=")[::2] for item in args.models.split(","))
+    scans = {name: args.modes.split(",") for name in models}
+    for e in filter(None, args.extra.split(",")):
+        name, _, scan = e.partition(":")
+        if name not in scans:
+            print(f"error: --extra names a model not in --models: {e}", file=sys.stderr)
+            return 2
+        scans[name].append(scan)
+    bad = sorted({sc for lst in scans.values() for sc in lst if sc not in SCANS})
+    if bad:
+        print(f"error: unknown scan(s) {', '.join(bad)} (known: {', '.join(SCANS)})", file=sys.stderr)
         return 2
     try:
-        for item in args.models.split(","):
-            name, _, d = item.partition("=")
+        for name, d in models.items():
             run = Path(d)
             clf = load_model(run / "model.safetensors")
             meta = json.loads((run / "model.json").read_text())
             targets = [int(t) for t in meta.get("provenance", {}).get("targets", [])]
             clean = load_dataset(str(run / "clean_valid.h5"))
-            extra = [sc for nm, _, sc in (e.partition(":") for e in args.extra.split(",") if e) if nm == name]
-            for mode in [*args.modes.split(","), *extra]:
-                if mode not in SCANS:
-                    raise BadInput(f"unknown scan {mode!r} (known: {', '.join(SCANS)})")
+            for mode in scans[name]:
                 res = neural_cleanse(clf, clean, NCConfig(**SCANS[mode]),
                                      state_dir=Path(args.out) / name / mode / "state")
                 row = scan_row(name, mode, res, targets)
