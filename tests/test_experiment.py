@@ -169,6 +169,11 @@ def test_multi_trigger_rows_give_every_trigger_and_say_which_one_defenses_score(
     assert rows["none"][4] == "95.00 ± 1.41"
     assert rows["none"][-1] == "ASR per trigger: patch:size=4 95.00 ± 1.41; blend:alpha=0.15 99.80 ± 0.14"
     assert rows["fp"][-1] == "ASR of the first trigger (patch:size=4) only; 10/64 channels"
+    # records that carry every set's ASR after the defense give them all
+    records["f0"]["asr_per_trigger"], records["f1"]["asr_per_trigger"] = [0.01, 0.5], [0.03, 0.7]
+    assert {r[1]: r for r in summary_rows(cells, records)}["fp"][-1] == \
+        "ASR per trigger: patch:size=4 2.00 ± 1.41; blend:alpha=0.15 60.00 ± 14.14 (after); 10/64 channels"
+    del records["f0"]["asr_per_trigger"], records["f1"]["asr_per_trigger"]
     # a single trigger adds no note
     records["a0"]["asr_per_trigger"] = records["a1"]["asr_per_trigger"] = [0.9]
     assert {r[1]: r for r in summary_rows(cells, records)}["fp"][-1] == "10/64 channels"

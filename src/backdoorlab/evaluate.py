@@ -2,8 +2,8 @@
 
 Clean accuracy (CA) = share of clean inputs classified as their true label.
 Attack success rate (ASR) = share of poisoned inputs classified as the attack's target label.
-When the poisoned set carries true labels, inputs whose true label *is* the target are left out
-(they would count as successes without any backdoor); the rule applied is reported.
+Which poisoned inputs count depends on the file's label convention (true labels, or labels that
+are the attack target as in the CSAW files): see `backdoorlab.poisoned`; the rule is reported.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class EvalResult:
     per_class_accuracy: list[float] | None = None
     input_scale: str = ""
     notes: list[str] = field(default_factory=list)
+    poisoned_sets: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,24 +52,6 @@ def accuracy(clf: Classifier, data: ImageSet, batch_size: int = 256) -> float:
     return float((clf.predict(data.images, batch_size) == y).mean())
 
 
-def attack_success_rate(clf: Classifier, poisoned: ImageSet, target: int,
-                        batch_size: int = 256) -> tuple[float, int, str]:
-    """ASR of ``clf`` on ``poisoned`` for ``target``: (rate, inputs counted, rule applied)."""
-    if not 0 <= target < clf.num_classes:
-        raise BadInput(f"target label {target} out of range for {clf.num_classes} classes")
-    x = poisoned.images
-    if poisoned.labels is not None:
-        keep = poisoned.labels != target
-        rule = "poisoned inputs whose true label is the target are excluded"
-        x = x[keep]
-    else:
-        rule = "poisoned set has no true labels: every input counts"
-    if len(x) == 0:
-        raise BadInput(f"{poisoned.name!r}: no poisoned inputs left to measure the ASR on")
-    pred = clf.predict(x, batch_size)
-    return float((pred == target).mean()), int(len(x)), rule
-
-
 def per_image_success_rate(clf: Classifier, poisoned: ImageSet, targets: np.ndarray,
                            batch_size: int = 256) -> tuple[float, int, str]:
     """ASR with one target per image (e.g. all-to-all attacks): (rate, inputs counted, rule)."""
@@ -80,12 +63,6 @@ def per_image_success_rate(clf: Classifier, poisoned: ImageSet, targets: np.ndar
     return float((pred == targets[keep]).mean()), int(keep.sum()), rule
 
 
-def infer_target(clf: Classifier, poisoned: ImageSet) -> int:
-    """The most frequent prediction on poisoned data (used when no target is given)."""
-    pred = clf.predict(poisoned.images)
-    return int(np.bincount(pred, minlength=clf.num_classes).argmax())
-
-
 def choose_input_scale(clf: Classifier, clean: ImageSet, sample: int = 2000,
                        seed: int = 0) -> tuple[Classifier, dict[str, float]]:
     """Try ``raw`` and ``unit`` on (a seeded sample of) clean data; keep the more accurate one."""
@@ -95,11 +72,22 @@ def choose_input_scale(clf: Classifier, clean: ImageSet, sample: int = 2000,
     return clf.with_scale(best), scores
 
 
-def evaluate(clf: Classifier, clean: ImageSet, poisoned: ImageSet | None = None,
-             target: int | None = None, per_class: bool = False,
-             batch_size: int = 256) -> EvalResult:
-    """Clean accuracy and, with poisoned data, ASR (target inferred when not given)."""
+def evaluate(clf: Classifier, clean: ImageSet, poisoned=None, target: int | list[int] | None = None,
+             per_class: bool = False, batch_size: int = 256,
+             poisoned_labels: str = "auto") -> EvalResult:
+    """Clean accuracy and, with poisoned data (one set or a list), one ASR per set.
+
+    ``target``: one per set (or None: per-image targets, the labels under the CSAW convention,
+    else the most frequent prediction); ``poisoned_labels``: ``auto``, ``true`` or ``target``
+    (see `backdoorlab.poisoned`). ``asr`` and friends describe the first set; ``poisoned_sets``
+    holds every set's figures."""
+    from backdoorlab.poisoned import as_list, poisoned_sets
+
     check_compatible(clf, clean, "clean data")
+    for ps in as_list(poisoned):
+        if isinstance(ps, ImageSet):
+            check_compatible(clf, ps, "poisoned data")
+    sets = poisoned_sets(poisoned, target, poisoned_labels, clf=clf)
     pred = clf.predict(clean.images, batch_size)
     y = clean.require_labels()
     res = EvalResult(clean_accuracy=float((pred == y).mean()), clean_count=len(y),
@@ -109,17 +97,10 @@ def evaluate(clf: Classifier, clean: ImageSet, poisoned: ImageSet | None = None,
             float((pred[y == c] == c).mean()) if np.any(y == c) else float("nan")
             for c in range(clf.num_classes)
         ]
-    if poisoned is not None:
-        check_compatible(clf, poisoned, "poisoned data")
-        if target is None and "targets" in poisoned.meta:
-            res.asr, res.poisoned_count, res.asr_rule = per_image_success_rate(
-                clf, poisoned, np.asarray(poisoned.meta["targets"]), batch_size)
-            res.notes.append("targets read per image from the poisoned file")
-            return res
-        if target is None:
-            target = infer_target(clf, poisoned)
-            res.notes.append(f"target not given: took the most frequent prediction, {target}")
-        res.asr, res.poisoned_count, res.asr_rule = attack_success_rate(clf, poisoned, target,
-                                                                        batch_size)
-        res.target = target
+    for i, ps in enumerate(sets):
+        asr = ps.success_rate(clf, batch_size)
+        res.poisoned_sets.append({**ps.describe(), "asr": asr, "notes": ps.notes})
+        if i == 0:
+            res.asr, res.poisoned_count, res.target, res.asr_rule = asr, len(ps), ps.target, ps.rule
+            res.notes += ps.notes
     return res

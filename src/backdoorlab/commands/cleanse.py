@@ -5,10 +5,22 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import sys
 from pathlib import Path
 
-from backdoorlab.commands.common import add_data_options, add_model_options, load_data, load_model_from_args
+from backdoorlab.commands.common import (
+    add_data_options,
+    add_model_options,
+    add_poisoned_options,
+    load_data,
+    load_model_from_args,
+    load_poisoned,
+    poisoned_lines,
+)
 from backdoorlab.errors import BadInput
+
+MITIGATIONS = ("unlearn", "prune", "filter")
+MIN_IMAGES = 100  # below this many clean images the per-label figures are too coarse to trust
 
 
 def parse_labels(text: str | None, num_classes: int) -> list[int] | None:
@@ -148,8 +160,14 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out}: exists and is not a folder")
+    plan = prepare_mitigation(args, clf, clean)
     print(f"model: {clf.describe()}")
-    print(f"clean data: {len(clean):,} images ({cfg.num_images or len(clean)} used); mode {cfg.mode}")
+    used = min(cfg.num_images or len(clean), len(clean))
+    print(f"clean data: {used:,} of {len(clean):,} images used; mode {cfg.mode}")
+    if used < MIN_IMAGES:
+        print(f"warning: only {used} clean images: each label's trigger is optimised and its ASR "
+              f"measured on them (ASR in steps of {1 / used:.1%}); Neural Cleanse's norms and anomaly "
+              f"index are unreliable below about {MIN_IMAGES} images", file=sys.stderr)
     res = neural_cleanse(clf, clean, cfg, state_dir=out / "state")
     write_outputs(res, out)
     full = res.full_labels()
@@ -169,45 +187,76 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
         print(null_note(res.null_flag_rate, res.null_threshold_5pct, res.threshold))
     print(f"outputs: {out}/ (table.md, table.csv, norms.png, smallest.png, masks/, triggers.npz, "
           "results.json, state/)")
-    if args.mitigate:
-        run_mitigation(args, clf, clean, res, out)
+    if plan is not None:
+        run_mitigation(args, clf, clean, res, out, plan)
     return 0
 
 
-def run_mitigation(args: argparse.Namespace, clf, clean, res, out: Path) -> None:
-    """``--mitigate``: unlearning / neuron pruning / input filter with the reversed triggers."""
-    from backdoorlab.defenses.nc_mitigation import mitigate
-    from backdoorlab.io import atomic_dir, write_json
-    from backdoorlab.models.files import save_model
+def prepare_mitigation(args: argparse.Namespace, clf, clean) -> dict | None:
+    """Check every ``--mitigate`` option and load its data, before the scan starts."""
+    from backdoorlab.evaluate import check_compatible
     from backdoorlab.train import TrainConfig
 
-    labels = ([int(v) for v in args.mitigate_labels.split(",")] if args.mitigate_labels
-              else list(res.flagged))
-    if not labels:
-        print("mitigation: no label flagged, nothing to mitigate (name labels with --mitigate-labels)")
-        return
+    if not args.mitigate:
+        for opt in ("test", "poisoned", "mitigate_labels"):
+            if getattr(args, opt):
+                raise BadInput(f"--{opt.replace('_', '-')} is for --mitigate: give --mitigate too")
+        return None
+    methods = tuple(m.strip() for m in args.mitigate.split(",") if m.strip())
+    unknown = sorted(set(methods) - set(MITIGATIONS))
+    if unknown or not methods:
+        raise BadInput(f"--mitigate: unknown method(s) {unknown} (choose from {', '.join(MITIGATIONS)})")
+    labels = None
+    if args.mitigate_labels:
+        labels = parse_labels(args.mitigate_labels, clf.num_classes)
+        scanned = parse_labels(args.labels, clf.num_classes)
+        if scanned is not None and set(labels) - set(scanned):
+            raise BadInput(f"--mitigate-labels {sorted(set(labels) - set(scanned))}: not among the "
+                           "scanned --labels, so they get no reversed trigger")
     if not args.test:
         raise BadInput("--mitigate needs --test (clean test data to report on)")
     if not clean.labeled:
         raise BadInput("--mitigate needs labeled clean data (--clean) to fine-tune and calibrate on")
+    if args.mitigate_epochs < 1:
+        raise BadInput(f"--mitigate-epochs must be at least 1, got {args.mitigate_epochs}")
     test = load_data(args.test, args)
-    poisoned = load_data(args.poisoned, args) if args.poisoned else None
-    methods = tuple(m.strip() for m in args.mitigate.split(",") if m.strip())
+    check_compatible(clf, test, "test data")
+    test.require_labels()
     cfg = TrainConfig(epochs=args.mitigate_epochs, lr=1e-4, batch_size=64, schedule="none", seed=args.seed)
-    result, models = mitigate(clf, clean, test, res.triggers, labels, poisoned, args.target, methods, cfg,
-                              args.seed)
+    return {"methods": methods, "labels": labels, "test": test, "poisoned": load_poisoned(args, clf),
+            "cfg": cfg}
+
+
+def run_mitigation(args: argparse.Namespace, clf, clean, res, out: Path, plan: dict) -> None:
+    """``--mitigate``: unlearning / neuron pruning / input filter with the reversed triggers."""
+    from backdoorlab.defenses.nc_mitigation import mitigate
+    from backdoorlab.io import atomic_dir, write_json
+    from backdoorlab.models.files import save_model
+
+    labels = plan["labels"] if plan["labels"] is not None else list(res.flagged)
+    if not labels:
+        print("mitigation: no label flagged, nothing to mitigate (name labels with --mitigate-labels)")
+        return
+    sets = plan["poisoned"]
+    result, models = mitigate(clf, clean, plan["test"], res.triggers, labels, sets, None, plan["methods"],
+                              plan["cfg"], args.seed)
+    names = [""] if len(sets) <= 1 else [f" {ps.name}" for ps in sets]
+    head = ["method", "clean test acc", *[f"ASR{n}" for n in names], "detection rate"]
     lines = [f"Mitigation with the reversed trigger(s) of label(s) {', '.join(map(str, labels))}; "
-             "figures in % on the test data.", "",
-             "| method | clean test acc | ASR | detection rate |", "|---|---|---|---|"]
+             "figures in % on the test data.",
+             *[f"ASR on {line}." for line in poisoned_lines(sets)], "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in result.methods:
-        cells = [_pct100(m.clean_accuracy), _pct100(m.asr), _pct100(m.detection_rate)]
+        asr = [_pct100(d["asr"]) for d in m.asr_sets] or ["—"] * len(names)
+        cells = [_pct100(m.clean_accuracy), *asr, _pct100(m.detection_rate)]
         lines.append(f"| {m.method} | " + " | ".join(cells) + " |")
     with atomic_dir(out / "mitigation") as tmp:
         for name, model in models.items():
             save_model(model, tmp / f"{name}.safetensors")
         (tmp / "table.md").write_text("\n".join(lines) + "\n")
-        write_json(tmp / "results.json", {"kind": "mitigate", **result.to_dict()})
-    print("\n".join(lines[2:]))
+        write_json(tmp / "results.json", {"kind": "mitigate", **result.to_dict(),
+                                          "poisoned_sets": [ps.describe() for ps in sets]})
+    print("\n".join(lines[1:]))
     print(f"mitigation outputs: {out / 'mitigation'}/ ({', '.join(models)} models, table.md, results.json)")
 
 
@@ -259,8 +308,7 @@ def register(sub) -> None:
     p.add_argument("--mitigate-labels", help="labels whose reversed triggers to use (default: flagged)")
     p.add_argument("--mitigate-epochs", type=int, default=5, help="unlearning epochs (default 5)")
     p.add_argument("--test", metavar="DATA", help="clean test data for the mitigation figures")
-    p.add_argument("--poisoned", metavar="DATA", help="poisoned test data for the mitigation figures")
-    p.add_argument("--target", type=int, help="attack target of --poisoned (default: per-image targets)")
+    add_poisoned_options(p, "poisoned test data for the mitigation figures")
     add_model_options(p)
     add_data_options(p)
     p.set_defaults(func=cmd_cleanse)

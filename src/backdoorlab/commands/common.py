@@ -59,3 +59,55 @@ def load_data(source: str, args: argparse.Namespace, default_split: str = "test"
                         size=getattr(args, "size", None), num_classes=num_classes)
 
 
+def add_poisoned_options(p: argparse.ArgumentParser,
+                         what: str = "poisoned test data (reported only)") -> None:
+    """--poisoned (repeatable), --target (one per set) and --poisoned-labels."""
+    from backdoorlab.poisoned import LABEL_RULES
+
+    p.add_argument("--poisoned", action="append", metavar="DATA",
+                   help=f"{what}; repeat for several sets (e.g. one per trigger of a multi-trigger BadNet)")
+    p.add_argument("--target", action="append", type=int, metavar="LABEL",
+                   help="attack target of each --poisoned set, repeated in the same order (default: "
+                   "per-image targets in the file, else the label all its images share (CSAW "
+                   "convention), else the most frequent prediction on it)")
+    p.add_argument("--poisoned-labels", choices=LABEL_RULES, default="auto",
+                   help="what the labels of a poisoned file are: true labels (inputs whose true label "
+                   "is the target are left out), or the attack target (CSAW files: every input "
+                   "counts); auto (default) = target when all labels are one value, else true")
+
+
+def load_poisoned(args: argparse.Namespace, clf, infer: bool = True) -> list:
+    """The --poisoned sets as `PoisonedSet`s, checked against ``clf`` (call before long work).
+    ``infer``: a set without a known target takes the most frequent prediction of ``clf``."""
+    from backdoorlab.evaluate import check_compatible
+    from backdoorlab.poisoned import poisoned_sets
+
+    sources = getattr(args, "poisoned", None) or []
+    if args.target and not sources:
+        raise BadInput("--target is the target of a --poisoned set: give --poisoned too")
+    datas = [load_data(s, args) for s in sources]
+    for d in datas:
+        check_compatible(clf, d, "poisoned data")
+    return poisoned_sets(datas, args.target, args.poisoned_labels, clf=clf if infer else None,
+                         num_classes=clf.num_classes)
+
+
+def poisoned_lines(sets: list) -> list[str]:
+    """One line per poisoned set: counts, target and the rule applied."""
+    out = []
+    for ps in sets:
+        tgt = f"target {ps.target}" if ps.target is not None else "per-image targets"
+        out.append(f"{ps.name}: {len(ps):,} of {ps.total:,} images count, {tgt}; {ps.rule}")
+        out += [f"{ps.name}: {n}" for n in ps.notes]
+    return out
+
+
+def scale_hint(clf, accuracy: float, args: argparse.Namespace) -> None:
+    """Print a hint when clean accuracy is near chance and the input scale was not chosen by auto."""
+    import sys
+
+    if getattr(args, "input_scale", None) == "auto" or accuracy > max(2 / clf.num_classes, 0.05):
+        return
+    print(f"hint: clean accuracy {accuracy:.2%} is near chance for {clf.num_classes} classes: the model "
+          f"may expect another pixel scale than {clf.spec.scale!r}; try --input-scale auto",
+          file=sys.stderr)

@@ -9,8 +9,11 @@ from pathlib import Path
 from backdoorlab.commands.common import (
     add_data_options,
     add_model_options,
+    add_poisoned_options,
     load_data,
     load_model_from_args,
+    load_poisoned,
+    scale_hint,
 )
 
 
@@ -34,6 +37,7 @@ def cmd_data_info(args: argparse.Namespace) -> int:
         info["per_class_min"] = int(present.min()) if len(present) else 0
         info["per_class_max"] = int(present.max()) if len(present) else 0
         info["per_class_median"] = float(_median(present)) if len(present) else 0.0
+    info["label_convention"] = _convention(data)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -49,9 +53,23 @@ def cmd_data_info(args: argparse.Namespace) -> int:
               f"{info['per_class_max']}")
     else:
         print("labels:      none (unlabeled images)")
+    print(f"as poisoned: {info['label_convention']}")
     if "note" in info:
         print(f"note:        {info['note']}")
     return 0
+
+
+def _convention(data) -> str:
+    """How the ASR would read this file as poisoned data (see `backdoorlab.poisoned`)."""
+    from backdoorlab.poisoned import RULES, label_convention
+
+    conv = label_convention(data)
+    if conv == "target":
+        return (f"every label is {int(data.labels[0])}: read as the attack target (CSAW convention; "
+                "--poisoned-labels true overrides)")
+    if "targets" in data.meta:
+        return "true labels plus per-image attack targets (a backdoorlab poisoned set)"
+    return RULES[conv]
 
 
 def _median(a) -> float:
@@ -65,19 +83,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     clean = load_data(args.clean, args, num_classes=None)
     clf = load_model_from_args(args, clean)
-    poisoned = load_data(args.poisoned, args) if args.poisoned else None
-    res = evaluate(clf, clean, poisoned, target=args.target, per_class=args.per_class)
+    sets = load_poisoned(args, clf)
+    res = evaluate(clf, clean, sets, per_class=args.per_class)
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))
         return 0
     print(f"model:           {clf.describe()}")
     print(f"clean accuracy:  {res.clean_accuracy:.2%}  ({res.clean_count:,} images)")
-    if res.asr is not None:
-        tgt = f"target {res.target}" if res.target is not None else "per-image targets"
-        print(f"attack success:  {res.asr:.2%}  ({res.poisoned_count:,} poisoned images, {tgt})")
-        print(f"ASR rule:        {res.asr_rule}")
-    for note in res.notes:
-        print(f"note:            {note}")
+    scale_hint(clf, res.clean_accuracy, args)
+    for d in res.poisoned_sets:
+        tgt = f"target {d['target']}" if d["target"] is not None else "per-image targets"
+        print(f"attack success:  {d['asr']:.2%}  on {d['name']} ({d['counted']:,} of {d['total']:,} "
+              f"images, {tgt})")
+        print(f"ASR rule:        {d['rule']}")
+        for note in d["notes"]:
+            print(f"note:            {note}")
     if res.per_class_accuracy is not None:
         print("per-class accuracy:")
         for c, a in enumerate(res.per_class_accuracy):
@@ -117,12 +137,10 @@ def register(sub) -> None:
 
     e = sub.add_parser("eval", help="clean accuracy and attack success rate",
                        description="Clean accuracy of MODEL on --clean data and, with --poisoned "
-                       "data, the attack success rate (ASR) for --target (default: the most "
-                       "frequent prediction on the poisoned data).")
+                       "data (repeatable), one attack success rate (ASR) per poisoned set.")
     e.add_argument("model", metavar="MODEL", help=".safetensors model or Keras .h5")
     e.add_argument("--clean", required=True, metavar="DATA", help="clean labeled data")
-    e.add_argument("--poisoned", metavar="DATA", help="poisoned data (triggers applied)")
-    e.add_argument("--target", type=int, help="the attack's target label")
+    add_poisoned_options(e, "poisoned data (triggers applied)")
     e.add_argument("--per-class", action="store_true", help="print per-class accuracy")
     e.add_argument("--json", action="store_true", help="print JSON")
     add_model_options(e)

@@ -6,7 +6,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from backdoorlab.commands.common import add_data_options, add_model_options, load_data, load_model_from_args
+from backdoorlab.commands.common import (
+    add_data_options,
+    add_model_options,
+    add_poisoned_options,
+    load_data,
+    load_model_from_args,
+    load_poisoned,
+    poisoned_lines,
+)
 from backdoorlab.errors import BadInput
 
 
@@ -15,11 +23,17 @@ def _pct(v) -> str:
 
 
 def stage_table(res) -> str:
+    """Markdown table of the three stages; one ASR column per poisoned set."""
     rows = [("before", res.before), ("after pruning", res.after_pruning),
             ("after fine-tuning", res.after_finetuning)]
-    lines = ["| model | valid acc (%) | clean test acc (%) | ASR (%) |", "|---|---|---|---|"]
+    sets = res.before.asr_sets
+    names = [""] if len(sets) <= 1 else [f" {d['name']}" for d in sets]
+    head = ["model", "valid acc (%)", "clean test acc (%)", *[f"ASR{n} (%)" for n in names]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, st in rows:
-        lines.append(f"| {name} | {_pct(st.valid_accuracy)} | {_pct(st.test_accuracy)} | {_pct(st.asr)} |")
+        asr = [_pct(d["asr"]) for d in st.asr_sets] or ["—"]
+        lines.append(f"| {name} | {_pct(st.valid_accuracy)} | {_pct(st.test_accuracy)} | "
+                     + " | ".join(asr) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -37,12 +51,14 @@ def cmd_fine_prune(args: argparse.Namespace) -> int:
     valid = load_data(args.valid, args, default_split="train")
     clf = load_model_from_args(args, valid)
     test = load_data(args.test, args) if args.test else None
-    poisoned = load_data(args.poisoned, args) if args.poisoned else None
+    poisoned = load_poisoned(args, clf)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
                       schedule="none", seed=args.seed)
     print(f"model:      {clf.describe()}")
+    for line in poisoned_lines(poisoned):
+        print(f"poisoned:   {line}")
     if args.magnitude is not None:
-        pruned, tuned, res = magnitude_prune(clf, valid, test, poisoned, args.target, args.magnitude,
+        pruned, tuned, res = magnitude_prune(clf, valid, test, poisoned, None, args.magnitude,
                                              args.scope, cfg, args.select_fraction, args.seed)
         what = (f"magnitude pruning: {res.pruned_weights:,} of {res.total_weights:,} kernel weights "
                 f"({res.sparsity:.0%}, {res.scope})")
@@ -51,7 +67,7 @@ def cmd_fine_prune(args: argparse.Namespace) -> int:
         drop = args.drop if args.fraction is None else None
         if drop is None and args.fraction is None:
             drop = 4.0
-        pruned, tuned, res = fine_prune(clf, valid, test, poisoned, args.target, args.layer, drop,
+        pruned, tuned, res = fine_prune(clf, valid, test, poisoned, None, args.layer, drop,
                                         args.fraction, args.drop_unit, args.order, cfg,
                                         args.select_fraction, args.seed)
         what = (f"pruned {len(res.pruned_channels)} of {res.num_channels} channels of {res.layer} "
@@ -62,9 +78,11 @@ def cmd_fine_prune(args: argparse.Namespace) -> int:
     with atomic_dir(out) as tmp:
         save_model(pruned, tmp / "pruned.safetensors")
         save_model(tuned, tmp / "finetuned.safetensors")
+        rules = "".join(f"ASR on {line}.\n" for line in poisoned_lines(poisoned))
         (tmp / "table.md").write_text(f"{what}; fine-tuned {cfg.epochs} epochs on clean validation "
-                                      f"data (lr {cfg.lr:g}).\n\n" + table)
+                                      f"data (lr {cfg.lr:g}).\n{rules}\n" + table)
         write_json(tmp / "results.json", {"kind": kind, **res.to_dict(),
+                                          "poisoned_sets": [ps.describe() for ps in poisoned],
                                           "inputs": {"model": args.model, "valid": args.valid,
                                                      "test": args.test, "poisoned": args.poisoned}})
     print(what)
@@ -87,8 +105,7 @@ def register(sub) -> None:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--valid", required=True, metavar="DATA", help="clean validation data (the defender's)")
     p.add_argument("--test", metavar="DATA", help="clean test data (reported only)")
-    p.add_argument("--poisoned", metavar="DATA", help="poisoned test data (reported only)")
-    p.add_argument("--target", type=int, help="attack target (default: per-image targets in the file)")
+    add_poisoned_options(p)
     p.add_argument("--layer", help="layer to prune (default: the last conv layer)")
     p.add_argument("--drop", type=float, help="prune until validation accuracy drops this much (default 4)")
     p.add_argument("--drop-unit", choices=["points", "relative"], default="points")

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from backdoorlab.commands.common import add_data_options, add_model_options, load_data, load_model_from_args
+from backdoorlab.commands.common import (
+    add_data_options,
+    add_model_options,
+    add_poisoned_options,
+    load_data,
+    load_model_from_args,
+    load_poisoned,
+    poisoned_lines,
+)
 from backdoorlab.errors import BadInput
 from backdoorlab.io import file_sha256
 
@@ -59,31 +67,52 @@ def _pct(v: float | None) -> str:
 
 
 def _rows(res, extra: dict) -> list[dict]:
-    """One row per drop threshold (plus the unpruned model), figures in %."""
+    """One row per drop threshold (plus the unpruned model); ``asr`` holds one ASR per poisoned set."""
     rows = [{"drop": "0 (unpruned)", "pruned": 0, "fraction": 0.0,
              "valid": res.valid_accuracy[0],
              "test": None if res.test_accuracy is None else res.test_accuracy[0],
-             "asr": None if res.asr is None else res.asr[0], "g": None, "reached": True}]
+             "asr": [a[0] for a in res.asr_sets], "g": None, "reached": True}]
     for t in res.thresholds:
         if not t.reached:
             rows.append({"drop": f"{t.drop:g}", "reached": False})
             continue
         rows.append({"drop": f"{t.drop:g}", "pruned": t.pruned, "fraction": t.pruned / res.num_channels,
-                     "valid": t.valid_accuracy, "test": t.test_accuracy, "asr": t.asr,
+                     "valid": t.valid_accuracy, "test": t.test_accuracy, "asr": t.asr_sets or [],
                      "g": extra.get(t.drop), "reached": True})
     return rows
 
 
+def _set_names(res) -> list[str]:
+    """Column suffixes: none for one poisoned set, the set's name for several."""
+    sets = res.poisoned_sets
+    return [""] if len(sets) <= 1 else [f" {d['name']}" for d in sets]
+
+
+def _figures(res, r: dict) -> list[str]:
+    """B' test accuracy, B' ASR per set, G test accuracy, G ASR and detection rate per set (in %)."""
+    n = max(1, len(res.poisoned_sets))
+    g = r.get("g")
+    gsets = g.poisoned_sets if g else []
+    b_asr = [_pct(v) for v in r["asr"]] or [""] * n
+    g_asr = [_pct(d["asr"]) for d in gsets] or [""] * n
+    g_det = [_pct(d["detection_rate"]) for d in gsets] or [""] * n
+    return [_pct(r["test"]), *b_asr, _pct(g.clean_accuracy) if g else "", *g_asr, *g_det]
+
+
 def _table_md(res, rows: list[dict]) -> str:
-    head = ["drop", "pruned channels", "fraction pruned (%)", "valid acc (%)",
-            "B' clean test acc (%)", "B' ASR (%)", "G clean test acc (%)", "G ASR (%)",
-            "G detection rate (%)"]
+    names = _set_names(res)
+    head = ["drop", "pruned channels", "fraction pruned (%)", "valid acc (%)", "B' clean test acc (%)",
+            *[f"B' ASR{s} (%)" for s in names], "G clean test acc (%)",
+            *[f"G ASR{s} (%)" for s in names], *[f"G detection rate{s} (%)" for s in names]]
     unit = "percentage points below" if res.drop_unit == "points" else "% (relative) of"
     lines = [
         f"Pruning {res.layer} (measured at {res.point or res.layer}; {res.num_channels} channels, "
         f"order: {res.order} mean activation on clean validation data).",
         f"Drop = validation accuracy {unit} the unpruned {100 * res.valid_accuracy[0]:.2f} %. "
         "B' = pruned model, G = GoodNet (class N = backdoored). Figures in %.",
+        *[f"ASR on {d['name']}: {d['counted']:,} of {d['total']:,} images, "
+          + (f"target {d['target']}" if d["target"] is not None else "per-image targets")
+          + f"; {d['rule']}." for d in res.poisoned_sets],
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" for _ in head) + "|",
@@ -91,68 +120,79 @@ def _table_md(res, rows: list[dict]) -> str:
     max_drop = float(np.max(res.drop))
     for r in rows:
         if not r["reached"]:
-            lines.append(f"| {r['drop']} | not reached (largest drop {max_drop:.2f}) |" + " |" * 7)
+            lines.append(f"| {r['drop']} | not reached (largest drop {max_drop:.2f}) |"
+                         + " |" * (len(head) - 2))
             continue
-        g = r.get("g")
         cells = [r["drop"], str(r["pruned"]), f"{100 * r['fraction']:.1f}", _pct(r["valid"]),
-                 _pct(r["test"]), _pct(r["asr"]),
-                 _pct(g.clean_accuracy) if g else "", _pct(g.asr) if g else "",
-                 _pct(g.detection_rate) if g else ""]
+                 *_figures(res, r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _csv_names(res) -> list[str]:
+    return ["_" + "".join(c if c.isalnum() else "_" for c in s.strip()) if s else "" for s in _set_names(res)]
+
+
 def _table_csv(res, rows: list[dict]) -> str:
     unit = "points" if res.drop_unit == "points" else "relative_pct"
+    names = _csv_names(res)
+    head = [f"drop_{unit}", "reached", "pruned_channels", "fraction_pruned", "valid_acc_pct",
+            "bprime_clean_test_acc_pct", *[f"bprime_asr{s}_pct" for s in names],
+            "goodnet_clean_test_acc_pct", *[f"goodnet_asr{s}_pct" for s in names],
+            *[f"goodnet_detection_rate{s}_pct" for s in names]]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow([f"drop_{unit}", "reached", "pruned_channels", "fraction_pruned", "valid_acc_pct",
-                "bprime_clean_test_acc_pct", "bprime_asr_pct", "goodnet_clean_test_acc_pct",
-                "goodnet_asr_pct", "goodnet_detection_rate_pct"])
+    w.writerow(head)
     for r in rows:
         if not r["reached"]:
-            w.writerow([r["drop"], "no"] + [""] * 8)
+            w.writerow([r["drop"], "no"] + [""] * (len(head) - 2))
             continue
-        g = r.get("g")
         w.writerow([r["drop"].split(" ")[0], "yes", r["pruned"], f"{r['fraction']:.6f}",
-                    _pct(r["valid"]), _pct(r["test"]), _pct(r["asr"]),
-                    _pct(g.clean_accuracy) if g else "", _pct(g.asr) if g else "",
-                    _pct(g.detection_rate) if g else ""])
+                    _pct(r["valid"]), *_figures(res, r)])
     return buf.getvalue()
 
 
 def _curve_csv(res) -> str:
     unit = "points" if res.drop_unit == "points" else "relative_pct"
+    names = _csv_names(res) if res.asr_sets else [""]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["step", "pruned_channels", "channel_pruned", "fraction_pruned", "valid_acc_pct",
-                "clean_test_acc_pct", "asr_pct", f"drop_{unit}"])
+                "clean_test_acc_pct", *[f"asr{s}_pct" for s in names], f"drop_{unit}"])
     for k in range(res.steps):
+        asr = [_pct(a[k]) for a in res.asr_sets] or [""]
         w.writerow([k, int(res.pruned[k]), "" if k == 0 else int(res.ranking[k - 1]),
                     f"{res.fraction[k]:.6f}", _pct(res.valid_accuracy[k]),
                     "" if res.test_accuracy is None else _pct(res.test_accuracy[k]),
-                    "" if res.asr is None else _pct(res.asr[k]), f"{res.drop[k]:.4f}"])
+                    *asr, f"{res.drop[k]:.4f}"])
     return buf.getvalue()
 
 
 def _print_table(res, rows: list[dict]) -> None:
     unit = "points" if res.drop_unit == "points" else "% rel."
-    print(f"\n{'drop':>13} {'pruned':>7} {'valid':>7} | {'B test':>7} {'B ASR':>7} | "
-          f"{'G test':>7} {'G ASR':>7} {'G det.':>7}   (all in %; drop in {unit})")
+    n = max(1, len(res.poisoned_sets))
+    tags = [""] if n == 1 else [f"{i + 1}" for i in range(n)]
+    head = (["B test", *[f"B ASR{t}" for t in tags]], ["G test", *[f"G ASR{t}" for t in tags],
+                                                         *[f"G det{t}" for t in tags]])
+    print(f"\n{'drop':>13} {'pruned':>7} {'valid':>7} | " + " ".join(f"{h:>7}" for h in head[0]) + " | "
+          + " ".join(f"{h:>7}" for h in head[1]) + f"   (all in %; drop in {unit})")
+    if n > 1:
+        print("  poisoned sets: " + ", ".join(f"{t} = {d['name']}" for t, d in zip(tags, res.poisoned_sets,
+                                                                              strict=True)))
     for r in rows:
         if not r["reached"]:
             print(f"{r['drop']:>13} not reached")
             continue
-        g = r.get("g")
-        print(f"{r['drop']:>13} {r['pruned']:>7} {_pct(r['valid']):>7} | {_pct(r['test']):>7} "
-              f"{_pct(r['asr']):>7} | {_pct(g.clean_accuracy) if g else '':>7} "
-              f"{_pct(g.asr) if g else '':>7} {_pct(g.detection_rate) if g else '':>7}")
+        f = _figures(res, r)
+        b, g = f[:1 + n], f[1 + n:]
+        print(f"{r['drop']:>13} {r['pruned']:>7} {_pct(r['valid']):>7} | " + " ".join(f"{v:>7}" for v in b)
+              + " | " + " ".join(f"{v:>7}" for v in g))
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from backdoorlab.defenses.goodnet import goodnet_predictions, make_goodnet, metrics_from_predictions
     from backdoorlab.defenses.masking import apply_channel_mask
-    from backdoorlab.defenses.pruning import UNITS, prune_sweep
+    from backdoorlab.defenses.pruning import UNITS, poisoned_key, prune_sweep
     from backdoorlab.io import atomic_dir, write_json
     from backdoorlab.models.files import save_model
     from backdoorlab.report.curves import plot_sweep
@@ -171,12 +211,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     valid = load_data(args.valid, args, default_split="train")
     clf = load_model_from_args(args, valid)
     test = load_data(args.test, args) if args.test else None
-    poisoned = load_data(args.poisoned, args) if args.poisoned else None
+    poisoned = load_poisoned(args, clf)
     t_load = time.perf_counter() - t_start
     print(f"model:      {clf.describe()}")
     sets = f"validation {len(valid):,}" + (f", test {len(test):,}" if test else "") + \
-        (f", poisoned {len(poisoned):,}" if poisoned else "")
+        "".join(f", poisoned {ps.total:,}" for ps in poisoned)
     print(f"images:     {sets}")
+    for line in poisoned_lines(poisoned):
+        print(f"poisoned:   {line}")
     ranking = None
     if args.order == "guided":
         from backdoorlab.defenses.guided_pruning import guided_ranking, stamp_reversed_triggers
@@ -192,7 +234,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         ranking, _ = guided_ranking(clf, valid, backdoored, args.layer)
         print(f"guided:     channels ranked by activation on {len(backdoored):,} backdoored inputs "
               "minus clean ones")
-    res = prune_sweep(clf, valid, test, poisoned, target=args.target, layer=args.layer, order=args.order,
+    res = prune_sweep(clf, valid, test, poisoned, layer=args.layer, order=args.order,
                       drops=drops, drop_unit=args.drop_unit, stop=args.stop, seed=args.seed,
                       batch_size=args.batch_size, ranking=ranking)
     print(f"layer:      {res.layer} ({res.num_channels} channels, measured at "
@@ -226,10 +268,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 base = res.predictions[0]
                 n = clf.num_classes
                 g_test = goodnet_predictions(base["test"], preds["test"], n)
-                g_pois = (goodnet_predictions(base["poisoned"], preds["poisoned"], n)
-                          if poisoned is not None else None)
-                m = metrics_from_predictions(g_test, test.require_labels(), n, g_pois,
-                                             res.poisoned_targets, res.asr_rule)
+                g_pois = [goodnet_predictions(base[k], preds[k], n)
+                          for k in map(poisoned_key, range(len(poisoned)))]
+                m = metrics_from_predictions(g_test, test.require_labels(), n, g_pois, poisoned)
                 g_metrics[t.drop] = m
                 entry["goodnet"] = m.to_dict()
             thresholds_out.append(entry)
@@ -246,12 +287,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
                          "layer": res.layer, "measure_point": res.point, "order": res.order,
                          "drops": list(drops), "drop_unit": res.drop_unit, "stop": res.stop,
                          "seed": res.seed, "batch_size": args.batch_size, "target": res.target,
+                         "poisoned_labels": args.poisoned_labels,
                          "save_format": args.save_format},
             "units": {"accuracy, asr, detection_rate in JSON": "share in [0, 1]",
                       "tables and curve.csv": "%", "drop": UNITS[res.drop_unit]},
             "inputs": {"model": {"path": args.model, "sha256": file_sha256(args.model)},
                        "valid": _file_info(args.valid), "test": _file_info(args.test),
-                       "poisoned": _file_info(args.poisoned)},
+                       "poisoned": [_file_info(s) for s in args.poisoned or []]},
             "sweep": sweep,
             "timings": {"load_seconds": t_load, **res.timings,
                         "save_seconds": time.perf_counter() - t_save},
@@ -276,9 +318,7 @@ def register(sub) -> None:
     p.add_argument("--valid", required=True, metavar="DATA", help="clean labeled validation data "
                    "(ranks the channels and defines the drops)")
     p.add_argument("--test", metavar="DATA", help="clean labeled test data (reported only)")
-    p.add_argument("--poisoned", metavar="DATA", help="poisoned test data (reported only)")
-    p.add_argument("--target", type=int, help="attack target label (default: per-image targets in "
-                   "the poisoned file, else the most frequent prediction on it)")
+    add_poisoned_options(p)
     p.add_argument("--layer", help="layer to prune (default: the architecture's last conv layer, "
                    "e.g. conv_3 for DeepID)")
     p.add_argument("--order", choices=["increasing", "decreasing", "abs", "random", "guided"],

@@ -19,9 +19,10 @@ from backdoorlab.data.imageset import ImageSet
 from backdoorlab.defenses.masking import apply_channel_mask, mask_from_channels, resolve_target
 from backdoorlab.defenses.pruning import prune_sweep
 from backdoorlab.errors import BadInput
-from backdoorlab.evaluate import accuracy, attack_success_rate, per_image_success_rate
+from backdoorlab.evaluate import accuracy
 from backdoorlab.models.classifier import Classifier
 from backdoorlab.models.hooks import OutputMask
+from backdoorlab.poisoned import PoisonedSet, poisoned_sets
 from backdoorlab.train import TrainConfig, train
 
 
@@ -31,7 +32,8 @@ class Stage:
 
     valid_accuracy: float
     test_accuracy: float | None = None
-    asr: float | None = None
+    asr: float | None = None  # first poisoned set
+    asr_sets: list[dict] = field(default_factory=list)  # {name, asr} per poisoned set
 
 
 @dataclass
@@ -60,19 +62,13 @@ class FinePruneResult(StagedResult):
     notes: list[str] = field(default_factory=list)
 
 
-def measure(clf: Classifier, valid: ImageSet, test: ImageSet | None, poisoned: ImageSet | None,
-            target: int | None) -> Stage:
-    """Validation accuracy, test accuracy and ASR of one model (ASR rule as in `evaluate`)."""
+def measure(clf: Classifier, valid: ImageSet, test: ImageSet | None, sets: list[PoisonedSet]) -> Stage:
+    """Validation accuracy, test accuracy and one ASR per poisoned set of one model."""
     st = Stage(valid_accuracy=accuracy(clf, valid))
     if test is not None:
         st.test_accuracy = accuracy(clf, test)
-    if poisoned is not None:
-        if target is None and "targets" in poisoned.meta:
-            st.asr = per_image_success_rate(clf, poisoned, np.asarray(poisoned.meta["targets"]))[0]
-        elif target is not None:
-            st.asr = attack_success_rate(clf, poisoned, target)[0]
-        else:
-            raise BadInput("poisoned data without per-image targets: give the attack's target")
+    st.asr_sets = [{"name": ps.name, "asr": ps.success_rate(clf)} for ps in sets]
+    st.asr = st.asr_sets[0]["asr"] if sets else None
     return st
 
 
@@ -96,12 +92,15 @@ def finetune_masked(clf: Classifier, layer: str, mask: np.ndarray, tune: ImageSe
 
 
 def fine_prune(clf: Classifier, valid: ImageSet, test: ImageSet | None = None,
-               poisoned: ImageSet | None = None, target: int | None = None, layer: str | None = None,
+               poisoned=None, target: int | list[int] | None = None, layer: str | None = None,
                drop: float | None = 4.0, fraction: float | None = None, drop_unit: str = "points",
                order: str = "increasing", cfg: TrainConfig | None = None,
-               select_fraction: float = 0.2, seed: int = 0) -> tuple[Classifier, Classifier, FinePruneResult]:
-    """Prune then fine-tune. Returns (pruned model, fine-tuned model, result)."""
+               select_fraction: float = 0.2, seed: int = 0,
+               poisoned_labels: str = "auto") -> tuple[Classifier, Classifier, FinePruneResult]:
+    """Prune then fine-tune. Returns (pruned model, fine-tuned model, result). ``poisoned`` (one
+    set or a list, resolved by `backdoorlab.poisoned.poisoned_sets`) is only reported."""
     t0 = time.perf_counter()
+    sets = poisoned_sets(poisoned, target, poisoned_labels, num_classes=clf.num_classes)
     cfg = cfg or TrainConfig(epochs=5, lr=1e-4, batch_size=64, schedule="none", seed=seed)
     if (drop is None) == (fraction is None):
         raise BadInput("give either a validation-accuracy drop or a fraction of channels to prune")
@@ -128,9 +127,9 @@ def fine_prune(clf: Classifier, valid: ImageSet, test: ImageSet | None = None,
     res = FinePruneResult(
         layer=layer, pruned_channels=[int(c) for c in np.flatnonzero(mask)],
         num_channels=tgt.channels, drop=drop, drop_unit=drop_unit, fraction=float(mask.mean()),
-        before=measure(clf, valid, test, poisoned, target),
-        after_pruning=measure(pruned, valid, test, poisoned, target),
-        after_finetuning=measure(tuned, valid, test, poisoned, target),
+        before=measure(clf, valid, test, sets),
+        after_pruning=measure(pruned, valid, test, sets),
+        after_finetuning=measure(tuned, valid, test, sets),
         finetune=log, settings={"order": order, "train": asdict(cfg), "select_fraction": select_fraction,
                                 "seed": seed, "tune_images": len(tune), "select_images": len(select)},
         seconds=round(time.perf_counter() - t0, 2), notes=notes)

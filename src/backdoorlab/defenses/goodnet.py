@@ -15,7 +15,7 @@ prefixed ``bad.`` and ``repaired.``).
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from backdoorlab.data.imageset import ImageSet
 from backdoorlab.errors import BadInput
 from backdoorlab.models import files
 from backdoorlab.models.classifier import Classifier
+from backdoorlab.poisoned import PoisonedSet, as_list, poisoned_sets
 
 ARCH = "goodnet"
 
@@ -93,8 +94,9 @@ files.SPECIAL_BUILDERS[ARCH] = build_goodnet
 class GoodNetMetrics:
     """Shares in [0, 1]. ``clean_accuracy``: clean inputs answered with their true label;
     ``clean_flagged``: clean inputs answered N (false alarms); ``asr``: poisoned inputs answered
-    with the target; ``detection_rate``: poisoned inputs answered N. ASR and detection rate count
-    the same inputs (those whose true label is the target are excluded when labels are known)."""
+    with their target; ``detection_rate``: poisoned inputs answered N. ASR and detection rate count
+    the inputs `backdoorlab.poisoned` counts. ``asr`` … ``asr_rule`` describe the first poisoned
+    set; ``poisoned_sets`` has the figures of every set."""
 
     clean_accuracy: float
     clean_flagged: float
@@ -105,36 +107,37 @@ class GoodNetMetrics:
     poisoned_count: int | None = None
     target: int | None = None
     asr_rule: str | None = None
+    poisoned_sets: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def metrics_from_predictions(clean_pred: np.ndarray, clean_labels: np.ndarray, backdoor_class: int,
-                             poisoned_pred: np.ndarray | None = None,
-                             targets: np.ndarray | int | None = None,
-                             asr_rule: str | None = None) -> GoodNetMetrics:
+                             poisoned_preds: list[np.ndarray] | None = None,
+                             sets: list[PoisonedSet] | None = None) -> GoodNetMetrics:
     """`GoodNetMetrics` from GoodNet predictions: on clean data (true labels) and, optionally, on
-    the poisoned inputs that count (each with its attack target)."""
+    the counted inputs of each poisoned set (``poisoned_preds[i]`` for ``sets[i]``)."""
     n = backdoor_class
     res = GoodNetMetrics(clean_accuracy=float((clean_pred == clean_labels).mean()),
                          clean_flagged=float((clean_pred == n).mean()),
                          clean_count=int(len(clean_labels)), backdoor_class=n)
-    if poisoned_pred is not None and targets is not None:
-        t = np.asarray(targets)
-        res.asr = float((poisoned_pred == t).mean())
-        res.detection_rate = float((poisoned_pred == n).mean())
-        res.poisoned_count = int(len(poisoned_pred))
-        res.target = int(t) if t.ndim == 0 else (int(t[0]) if len(t) and np.all(t == t[0]) else None)
-        res.asr_rule = asr_rule
+    for i, (pp, ps) in enumerate(zip(poisoned_preds or [], sets or [], strict=True)):
+        asr, det = ps.rate_from(pp), float((np.asarray(pp) == n).mean())
+        res.poisoned_sets.append({**ps.describe(), "asr": asr, "detection_rate": det})
+        if i == 0:
+            res.asr, res.detection_rate, res.poisoned_count = asr, det, len(ps)
+            res.target, res.asr_rule = ps.target, ps.rule
     return res
 
 
-def goodnet_metrics(goodnet: Classifier, clean: ImageSet, poisoned: ImageSet | None = None,
-                    target: int | None = None, batch_size: int = 256) -> GoodNetMetrics:
+def goodnet_metrics(goodnet: Classifier, clean: ImageSet, poisoned=None,
+                    target: int | list[int] | None = None, batch_size: int = 256,
+                    poisoned_labels: str = "auto") -> GoodNetMetrics:
     """Clean accuracy, false-alarm rate, ASR and detection rate of a GoodNet (class N =
-    ``goodnet.num_classes - 1`` means "backdoored"). Clean labels must be < N. Without ``target``
-    the per-image targets in ``poisoned.meta["targets"]`` are used when present."""
+    ``goodnet.num_classes - 1`` means "backdoored"). Clean labels must be < N. ``poisoned`` is one
+    set or a list, resolved by `backdoorlab.poisoned.poisoned_sets` (targets must be known: given,
+    per image, or the labels under the CSAW convention)."""
     n = goodnet.num_classes - 1
     goodnet.spec.check(clean.images, f"clean data {clean.name!r}")
     y = clean.require_labels()
@@ -143,28 +146,13 @@ def goodnet_metrics(goodnet: Classifier, clean: ImageSet, poisoned: ImageSet | N
     if y.max() >= n:
         raise BadInput(f"clean data {clean.name!r}: label {int(y.max())} out of range for a GoodNet "
                        f"over {n} classes (class {n} means backdoored)")
+    for ps in as_list(poisoned):
+        if isinstance(ps, ImageSet):
+            goodnet.spec.check(ps.images, f"poisoned data {ps.name!r}")
+    sets = poisoned_sets(poisoned, target, poisoned_labels, num_classes=n)
     pred = goodnet.predict(clean.images, batch_size)
-    if poisoned is None:
-        return metrics_from_predictions(pred, y, n)
-    goodnet.spec.check(poisoned.images, f"poisoned data {poisoned.name!r}")
-    if target is not None:
-        if not 0 <= target < n:
-            raise BadInput(f"target label {target} out of range for {n} classes")
-        targets = np.full(len(poisoned), target, dtype=np.int64)
-    elif "targets" in poisoned.meta:
-        targets = np.asarray(poisoned.meta["targets"], dtype=np.int64)
-    else:
-        raise BadInput("GoodNet metrics on poisoned data need the attack's target label")
-    keep = np.ones(len(poisoned), bool)
-    if poisoned.labels is not None:
-        keep = poisoned.labels != targets
-        rule = "poisoned inputs whose true label is their target are excluded"
-    else:
-        rule = "poisoned set has no true labels: every input counts"
-    if not keep.any():
-        raise BadInput(f"{poisoned.name!r}: no poisoned inputs left to measure the ASR on")
-    pp = goodnet.predict(poisoned.images[keep], batch_size)
-    return metrics_from_predictions(pred, y, n, pp, targets[keep], rule)
+    return metrics_from_predictions(pred, y, n, [goodnet.predict(ps.images, batch_size) for ps in sets],
+                                    sets)
 
 
 def goodnet_predictions(bad_pred: np.ndarray, repaired_pred: np.ndarray, num_classes: int) -> np.ndarray:

@@ -19,6 +19,7 @@ from backdoorlab.data.imageset import ImageSet
 from backdoorlab.defenses.fine_pruning import StagedResult, finetune_split, measure
 from backdoorlab.errors import BadInput
 from backdoorlab.models.classifier import Classifier
+from backdoorlab.poisoned import poisoned_sets
 from backdoorlab.train import TrainConfig, train
 
 
@@ -78,13 +79,15 @@ def apply_masks(net: nn.Module, masks: list[torch.Tensor]) -> None:
 
 
 def magnitude_prune(clf: Classifier, valid: ImageSet, test: ImageSet | None = None,
-                    poisoned: ImageSet | None = None, target: int | None = None,
+                    poisoned=None, target: int | list[int] | None = None,
                     sparsity: float = 0.8, scope: str = "global", cfg: TrainConfig | None = None,
                     select_fraction: float = 0.2,
-                    seed: int = 0) -> tuple[Classifier, Classifier, MagnitudePruneResult]:
+                    seed: int = 0, poisoned_labels: str = "auto"
+                    ) -> tuple[Classifier, Classifier, MagnitudePruneResult]:
     """Prune to ``sparsity`` then fine-tune on clean validation data. Returns
-    (pruned model, fine-tuned model, result)."""
+    (pruned model, fine-tuned model, result); ``poisoned`` as in `fine_prune`."""
     t0 = time.perf_counter()
+    sets = poisoned_sets(poisoned, target, poisoned_labels, num_classes=clf.num_classes)
     cfg = cfg or TrainConfig(epochs=5, lr=1e-4, batch_size=64, schedule="none", seed=seed)
 
     pruned = clf.copy()
@@ -98,9 +101,9 @@ def magnitude_prune(clf: Classifier, valid: ImageSet, test: ImageSet | None = No
     total = sum(m.numel() for m in masks)
     res = MagnitudePruneResult(
         sparsity=sparsity, scope=scope, pruned_weights=int(sum(int((~m).sum()) for m in masks)),
-        total_weights=int(total), before=measure(clf, valid, test, poisoned, target),
-        after_pruning=measure(pruned, valid, test, poisoned, target),
-        after_finetuning=measure(tuned, valid, test, poisoned, target), finetune=log.to_dict(),
+        total_weights=int(total), before=measure(clf, valid, test, sets),
+        after_pruning=measure(pruned, valid, test, sets),
+        after_finetuning=measure(tuned, valid, test, sets), finetune=log.to_dict(),
         settings={"train": asdict(cfg), "select_fraction": select_fraction, "seed": seed},
         seconds=round(time.perf_counter() - t0, 2))
     return pruned, tuned, res

@@ -32,9 +32,10 @@ from backdoorlab.defenses.masking import apply_channel_mask, mask_from_channels,
 from backdoorlab.defenses.neural_cleanse import apply_trigger
 from backdoorlab.defenses.pruning import prune_sweep
 from backdoorlab.errors import BadInput
-from backdoorlab.evaluate import accuracy, per_image_success_rate
+from backdoorlab.evaluate import accuracy
 from backdoorlab.models import files
 from backdoorlab.models.classifier import Classifier
+from backdoorlab.poisoned import PoisonedSet, poisoned_sets
 from backdoorlab.train import TrainConfig, train
 
 FILTER_ARCH = "nc_filter"
@@ -46,7 +47,8 @@ class MethodResult:
 
     method: str
     clean_accuracy: float
-    asr: float | None
+    asr: float | None  # first poisoned set; every set in ``asr_sets``
+    asr_sets: list[dict] = field(default_factory=list)
     detection_rate: float | None = None
     clean_flagged: float | None = None
     details: dict = field(default_factory=dict)
@@ -175,39 +177,35 @@ def make_filter(clf: Classifier, valid: ImageSet, triggers: dict, labels: list[i
     return Classifier(net, clf.spec, clf.num_classes + 1, FILTER_ARCH, options, prov, clf.channels_last)
 
 
-def _asr(clf: Classifier, poisoned: ImageSet | None, target: int | None) -> float | None:
-    if poisoned is None:
-        return None
-    if target is None:
-        if "targets" not in poisoned.meta:
-            raise BadInput("poisoned data without per-image targets: give the attack's target")
-        t = np.asarray(poisoned.meta["targets"])
-    else:
-        t = np.full(len(poisoned), target, dtype=np.int64)
-    return per_image_success_rate(clf, poisoned, t)[0]
+def _asr(clf: Classifier, sets: list[PoisonedSet]) -> tuple[float | None, list[dict]]:
+    """(ASR on the first set or None, [{name, asr}] for every set)."""
+    rates = [{"name": ps.name, "asr": ps.success_rate(clf)} for ps in sets]
+    return (rates[0]["asr"] if rates else None), rates
 
 
 def mitigate(clf: Classifier, valid: ImageSet, test: ImageSet, triggers: dict, labels: list[int],
-             poisoned: ImageSet | None = None, target: int | None = None,
+             poisoned=None, target: int | list[int] | None = None,
              methods: tuple[str, ...] = ("unlearn", "prune", "filter"), cfg: TrainConfig | None = None,
-             seed: int = 0) -> tuple[MitigationResult, dict[str, Classifier]]:
-    """Run the chosen mitigations; returns the result table and the repaired models."""
+             seed: int = 0, poisoned_labels: str = "auto") -> tuple[MitigationResult, dict[str, Classifier]]:
+    """Run the chosen mitigations; returns the result table and the repaired models. ``poisoned``
+    (one set or a list, resolved by `backdoorlab.poisoned.poisoned_sets`) is only reported."""
+    sets = poisoned_sets(poisoned, target, poisoned_labels, num_classes=clf.num_classes)
     missing = [y for y in labels if y not in triggers]
     if missing:
         raise BadInput(f"no reversed trigger for label(s) {missing}")
     unknown = set(methods) - {"unlearn", "prune", "filter"}
     if unknown:
         raise BadInput(f"unknown mitigation(s) {sorted(unknown)} (unlearn, prune, filter)")
-    out = [MethodResult("none (the model as given)", accuracy(clf, test), _asr(clf, poisoned, target))]
+    out = [MethodResult("none (the model as given)", accuracy(clf, test), *_asr(clf, sets))]
     models: dict[str, Classifier] = {}
     if "unlearn" in methods:
         m = unlearn(clf, valid, triggers, labels, cfg=cfg, seed=seed)
         models["unlearn"] = m
-        out.append(MethodResult("unlearning", accuracy(m, test), _asr(m, poisoned, target)))
+        out.append(MethodResult("unlearning", accuracy(m, test), *_asr(m, sets)))
     if "prune" in methods:
         m, info = prune_by_trigger(clf, valid, triggers, labels)
         models["prune"] = m
-        out.append(MethodResult("neuron pruning", accuracy(m, test), _asr(m, poisoned, target), details=info))
+        out.append(MethodResult("neuron pruning", accuracy(m, test), *_asr(m, sets), details=info))
     if "filter" in methods:
         from backdoorlab.defenses.goodnet import metrics_from_predictions
 
@@ -215,13 +213,9 @@ def mitigate(clf: Classifier, valid: ImageSet, test: ImageSet, triggers: dict, l
         models["filter"] = m
         n = clf.num_classes
         pred = m.predict(test.images)
-        p_pred = t = None
-        if poisoned is not None:
-            t = (np.asarray(poisoned.meta["targets"]) if target is None
-                 else np.full(len(poisoned), target, dtype=np.int64))
-            keep = np.ones(len(t), bool) if poisoned.labels is None else poisoned.labels != t
-            p_pred, t = m.predict(poisoned.images[keep]), t[keep]
-        gm = metrics_from_predictions(pred, test.require_labels(), n, p_pred, t, None)
-        out.append(MethodResult("input filter", gm.clean_accuracy, gm.asr, gm.detection_rate,
-                                gm.clean_flagged))
+        gm = metrics_from_predictions(pred, test.require_labels(), n, [m.predict(ps.images) for ps in sets],
+                                      sets)
+        out.append(MethodResult("input filter", gm.clean_accuracy, gm.asr,
+                                [{"name": d["name"], "asr": d["asr"], "detection_rate": d["detection_rate"]}
+                                 for d in gm.poisoned_sets], gm.detection_rate, gm.clean_flagged))
     return MitigationResult(labels, out, {"methods": list(methods), "seed": seed}), models

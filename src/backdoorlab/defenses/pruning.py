@@ -40,6 +40,7 @@ from torch import nn
 from backdoorlab.data.imageset import ImageSet
 from backdoorlab.errors import BadInput
 from backdoorlab.models.classifier import Classifier
+from backdoorlab.poisoned import as_list, poisoned_sets
 from backdoorlab.progress import progress
 
 from .masking import PruneTarget, mask_from_channels, resolve_target
@@ -67,21 +68,23 @@ class Threshold:
     achieved_drop: float | None = None
     valid_accuracy: float | None = None
     test_accuracy: float | None = None
-    asr: float | None = None
+    asr: float | None = None  # first poisoned set
+    asr_sets: list[float] | None = None  # every poisoned set, in order
 
     def to_dict(self) -> dict:
         return {"drop": self.drop, "unit": self.unit, "reached": self.reached, "step": self.step,
                 "pruned": self.pruned, "achieved_drop": self.achieved_drop,
                 "pruned_channels": None if self.mask is None else np.flatnonzero(self.mask).tolist(),
                 "valid_accuracy": self.valid_accuracy, "test_accuracy": self.test_accuracy,
-                "asr": self.asr}
+                "asr": self.asr, "asr_sets": self.asr_sets}
 
 
 @dataclass
 class PruneSweepResult:
     """Per-step figures of a pruning sweep. Accuracies and ASR are shares in [0, 1]; step k has
     ``pruned[k]`` channels pruned (step 0 = the unpruned model); ``drop[k]`` is the validation
-    accuracy drop in ``drop_unit``; ``ranking`` lists channel indices in pruning order."""
+    accuracy drop in ``drop_unit``; ``ranking`` lists channel indices in pruning order. With
+    several poisoned sets, ``asr_sets[i]`` is set i's ASR per step and ``asr`` the first's."""
 
     layer: str
     point: str | None
@@ -101,6 +104,8 @@ class PruneSweepResult:
     asr: np.ndarray | None = None
     target: int | None = None
     asr_rule: str | None = None
+    asr_sets: list[np.ndarray] = field(default_factory=list)
+    poisoned_sets: list[dict] = field(default_factory=list)  # PoisonedSet.describe() per set
     counts: dict = field(default_factory=dict)
     stop: str = "all"
     seed: int = 0
@@ -108,10 +113,11 @@ class PruneSweepResult:
     timings: dict = field(default_factory=dict)
     cache_bytes: int = 0
     notes: list[str] = field(default_factory=list)
-    # predictions per data set ("valid", "test", "poisoned") at step 0 and at each threshold step;
-    # poisoned rows are those counted for the ASR, whose targets are ``poisoned_targets``
+    # predictions per data set ("valid", "test", "poisoned", "poisoned:1", ...) at step 0 and at
+    # each threshold step; poisoned rows are those counted for the ASR, whose targets are
+    # ``poisoned_targets[i]``
     predictions: dict[int, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
-    poisoned_targets: np.ndarray | None = field(default=None, repr=False)
+    poisoned_targets: list[np.ndarray] = field(default_factory=list, repr=False)
 
     @property
     def steps(self) -> int:
@@ -145,7 +151,10 @@ class PruneSweepResult:
                       "valid_accuracy": arr(self.valid_accuracy), "drop": arr(self.drop),
                       "test_accuracy": arr(self.test_accuracy), "asr": arr(self.asr)},
             "thresholds": [t.to_dict() for t in self.thresholds],
-            "target": self.target, "asr_rule": self.asr_rule, "counts": self.counts,
+            "target": self.target, "asr_rule": self.asr_rule,
+            "poisoned_sets": [{**d, "asr": arr(a)} for d, a in zip(self.poisoned_sets, self.asr_sets,
+                                                                   strict=True)],
+            "counts": self.counts,
             "stop": self.stop, "seed": self.seed, "method": self.method, "timings": self.timings,
             "cache_bytes": self.cache_bytes, "notes": self.notes,
         }
@@ -468,20 +477,25 @@ def _check_set(clf: Classifier, data: ImageSet, role: str, labeled: bool) -> Non
                        f"{clf.num_classes}")
 
 
+def poisoned_key(i: int) -> str:
+    """Name of poisoned set ``i`` in a sweep's ``counts`` and ``predictions``."""
+    return "poisoned" if i == 0 else f"poisoned:{i}"
+
+
 def prune_sweep(clf: Classifier, valid: ImageSet, test: ImageSet | None = None,
-                poisoned: ImageSet | None = None, target: int | None = None,
+                poisoned=None, target: int | list[int] | None = None,
                 layer: str | None = None, order: str = "increasing",
                 drops: tuple[float, ...] | list[float] = (2, 4, 10, 30), drop_unit: str = "points",
                 stop: str = "all", seed: int = 0, batch_size: int = 64, *,
                 tail_batch_size: int = 256, method: str = "auto",
-                skip_inactive: bool = True, ranking: np.ndarray | None = None) -> PruneSweepResult:
+                skip_inactive: bool = True, ranking: np.ndarray | None = None,
+                poisoned_labels: str = "auto") -> PruneSweepResult:
     """Prune ``layer`` channel by channel and record accuracy and ASR after every channel.
 
     ``valid`` (clean, labeled) ranks the channels and defines the drops; ``test`` (clean, labeled)
-    and ``poisoned`` (triggered inputs; ASR = share classified as ``target``, inputs whose true
-    label is the target excluded; without ``target`` the per-image targets in
-    ``poisoned.meta["targets"]`` are used if present, else the most frequent unpruned prediction)
-    are only reported. ``stop="max_drop"`` ends once the largest drop is reached.
+    and ``poisoned`` (one set or a list: ImageSets resolved with ``target`` — one per set — and
+    ``poisoned_labels`` by `backdoorlab.poisoned.poisoned_sets`, or PoisonedSets) are only
+    reported. ``stop="max_drop"`` ends once the largest drop is reached.
     ``method``: ``auto`` picks ``incremental`` (DeepID head), else ``cached`` (StagedNet), else
     ``hook``. ``skip_inactive`` re-runs only rows where the pruned channel is non-zero (exact).
     ``ranking`` (a permutation of the channels) replaces the order computed from ``order`` — e.g.
@@ -502,10 +516,10 @@ def prune_sweep(clf: Classifier, valid: ImageSet, test: ImageSet | None = None,
     _check_set(clf, valid, "validation", labeled=True)
     if test is not None:
         _check_set(clf, test, "test", labeled=True)
-    if poisoned is not None:
-        _check_set(clf, poisoned, "poisoned", labeled=False)
-    if target is not None and not 0 <= target < clf.num_classes:
-        raise BadInput(f"target label {target} out of range for {clf.num_classes} classes")
+    for ps in as_list(poisoned):
+        if isinstance(ps, ImageSet):
+            _check_set(clf, ps, "poisoned", labeled=False)
+    psets = poisoned_sets(poisoned, target, poisoned_labels, clf=clf)
     tgt: PruneTarget = resolve_target(clf, layer)
     notes: list[str] = []
 
@@ -530,8 +544,9 @@ def prune_sweep(clf: Classifier, valid: ImageSet, test: ImageSet | None = None,
     sets = [_Set("valid", "acc", valid.images, torch.from_numpy(valid.require_labels()))]
     if test is not None:
         sets.append(_Set("test", "acc", test.images, torch.from_numpy(test.require_labels())))
-    if poisoned is not None:
-        sets.append(_Set("poisoned", "asr", poisoned.images, None))
+    for i, ps in enumerate(psets):
+        sets.append(_Set(poisoned_key(i), "asr", ps.images, torch.from_numpy(ps.targets)))
+    n_acc = len(sets) - len(psets)
 
     clf.net.eval()
     t0 = time.perf_counter()
@@ -546,35 +561,10 @@ def prune_sweep(clf: Classifier, valid: ImageSet, test: ImageSet | None = None,
     t_cache = time.perf_counter() - t0
     for s in sets:
         engine.init_preds(s)
-    asr_rule = None
     counts = {s.name: len(s) for s in sets}
-    if poisoned is not None:
-        ps = sets[-1]
-        per_image = poisoned.meta.get("targets") if target is None else None
-        if per_image is not None:
-            targets = np.asarray(per_image, dtype=np.int64).reshape(-1)
-            if targets.shape != (len(poisoned),) or targets.min() < 0 or \
-                    targets.max() >= clf.num_classes:
-                raise BadInput(f"{poisoned.name!r}: per-image targets must be one label in "
-                               f"0..{clf.num_classes - 1} per image")
-            notes.append("targets read per image from the poisoned data")
-        else:
-            if target is None:
-                target = int(torch.bincount(ps.preds, minlength=clf.num_classes).argmax())
-                notes.append(f"target not given: took the most frequent unpruned prediction on "
-                             f"the poisoned data, {target}")
-            targets = np.full(len(poisoned), target, dtype=np.int64)
-        ps.labels = torch.from_numpy(targets)
-        if poisoned.labels is not None:
-            ps.keep(poisoned.labels != targets)
-            asr_rule = "poisoned inputs whose true label is their target are excluded"
-            if len(ps) == 0:
-                raise BadInput(f"{poisoned.name!r}: no poisoned inputs left to measure the ASR on "
-                               "(every true label equals the target)")
-        else:
-            asr_rule = "poisoned set has no true labels: every input counts"
-        counts["poisoned"] = len(ps)
-        counts["poisoned_total"] = len(poisoned)
+    for i, ps in enumerate(psets):
+        counts[f"{poisoned_key(i)}_total"] = ps.total
+        notes += [f"{ps.name}: {n}" for n in ps.notes]
     t_init = time.perf_counter() - t0 - t_cache
     cache_bytes = sum(int(t.numel() * t.element_size()) for s in sets
                       for t in [s.cache, *s.aux.values()] if t is not None)
@@ -586,11 +576,9 @@ def prune_sweep(clf: Classifier, valid: ImageSet, test: ImageSet | None = None,
         ranking = np.asarray(ranking, dtype=np.int64)
         if sorted(ranking.tolist()) != list(range(n_ch)):
             raise BadInput(f"a custom pruning ranking must list each of the {n_ch} channels once")
-    va, ta, asr = [sets[0].score()], [], []
+    va, ta, asr = [sets[0].score()], [], [[s.score()] for s in sets[n_acc:]]
     if test is not None:
         ta.append(sets[1].score())
-    if poisoned is not None:
-        asr.append(sets[-1].score())
     max_drop = max(drops)
     snapshots: dict[int, dict[str, np.ndarray]] = {}
     pending = list(drops)
@@ -614,8 +602,8 @@ def prune_sweep(clf: Classifier, valid: ImageSet, test: ImageSet | None = None,
         va.append(sets[0].score())
         if test is not None:
             ta.append(sets[1].score())
-        if poisoned is not None:
-            asr.append(sets[-1].score())
+        for a, s in zip(asr, sets[n_acc:], strict=True):
+            a.append(s.score())
         now = accuracy_drop(np.array([va[0], va[-1]]), drop_unit)[1]
         if pending and now >= pending[0] - 1e-9:
             snapshot(len(va) - 1)
@@ -628,7 +616,8 @@ def prune_sweep(clf: Classifier, valid: ImageSet, test: ImageSet | None = None,
     pruned = np.arange(k)
     valid_acc = np.array(va)
     test_acc = np.array(ta) if test is not None else None
-    asr_arr = np.array(asr) if poisoned is not None else None
+    asr_sets = [np.array(a) for a in asr]
+    asr_arr = asr_sets[0] if asr_sets else None
     drop = accuracy_drop(valid_acc, drop_unit)
     thresholds = []
     for d, step in zip(drops, find_thresholds(valid_acc, drops, drop_unit), strict=True):
@@ -639,7 +628,8 @@ def prune_sweep(clf: Classifier, valid: ImageSet, test: ImageSet | None = None,
             d, drop_unit, True, step, int(pruned[step]), mask_from_channels(n_ch, ranking[:step]),
             float(drop[step]), float(valid_acc[step]),
             None if test_acc is None else float(test_acc[step]),
-            None if asr_arr is None else float(asr_arr[step])))
+            None if asr_arr is None else float(asr_arr[step]),
+            [float(a[step]) for a in asr_sets] if asr_sets else None))
     timings = {"cache_seconds": t_cache, "init_seconds": t_init, "sweep_seconds": t_sweep,
                "total_seconds": time.perf_counter() - t_start,
                "rows_rerun": rows_run, "rows_if_dense": (k - 1) * sum(len(s) for s in sets)}
@@ -648,7 +638,8 @@ def prune_sweep(clf: Classifier, valid: ImageSet, test: ImageSet | None = None,
         ranking=np.asarray(ranking, dtype=np.int64), mean_activation=np.asarray(mean, np.float64),
         pruned=pruned, fraction=pruned / n_ch, valid_accuracy=valid_acc, drop=drop, drops=drops,
         drop_unit=drop_unit, thresholds=thresholds, test_accuracy=test_acc, asr=asr_arr,
-        target=target if poisoned is not None else None, asr_rule=asr_rule, counts=counts,
+        target=psets[0].target if psets else None, asr_rule=psets[0].rule if psets else None,
+        asr_sets=asr_sets, poisoned_sets=[ps.describe() for ps in psets], counts=counts,
         stop=stop, seed=seed, method=engine.method, timings=timings, cache_bytes=cache_bytes,
         notes=notes, predictions=snapshots,
-        poisoned_targets=sets[-1].labels.numpy() if poisoned is not None else None)
+        poisoned_targets=[ps.targets for ps in psets])

@@ -26,6 +26,7 @@ from pathlib import Path
 from backdoorlab import __version__
 from backdoorlab.errors import BadInput
 from backdoorlab.experiment.config import Experiment
+from backdoorlab.poisoned import as_list
 
 DEFAULT_DROPS = (2.0, 4.0, 10.0, 30.0)
 # `cleanse --mitigate` method -> its row in mitigation/results.json
@@ -92,7 +93,8 @@ def plan_cells(exp: Experiment) -> list[Cell]:
     for seed in exp.seeds:
         for a in exp.attacks:
             if a.given is not None:
-                files = {k: data_fingerprint(v) for k, v in a.given.items()
+                files = {k: [data_fingerprint(x) for x in v] if isinstance(v, list) else data_fingerprint(v)
+                         for k, v in a.given.items()
                          if k in ("model", "valid", "test", "poisoned", "poisoned_valid")}
                 key = digest({"kind": "given", "version": __version__, "seed": seed, "given": a.given,
                               "files": files})
@@ -163,13 +165,16 @@ def _defense_lines(cell: Cell, parent_dir: Path, out: Path, pres: dict) -> list[
     model = str(parent_dir / files["model"])
     valid = str(parent_dir / files["clean_valid"])
     test = str(parent_dir / files["clean_test"])
-    poisoned = [str(parent_dir / files["poisoned_test"][0])] if files["poisoned_test"] else []
     opts = dict(cell.spec["options"])
     seed = ["--seed", str(cell.seed)]
     kind = cell.kind
-    pz = ["--poisoned", *poisoned] if poisoned else []
-    if poisoned and pres.get("target") is not None:  # a given model whose poisoned file has no targets
-        pz += ["--target", str(pres["target"])]
+    pz = []  # every poisoned test set (one per trigger), each with its target when one was given
+    for f in files["poisoned_test"]:
+        pz += ["--poisoned", str(parent_dir / f)]
+    for t in as_list(pres.get("target")) if files["poisoned_test"] else []:
+        pz += ["--target", str(t)]
+    if pres.get("poisoned_labels", "auto") != "auto":
+        pz += ["--poisoned-labels", pres["poisoned_labels"]]
     if kind == "prune":
         return [["prune", model, "--valid", valid, "--test", test, *pz,
                  "--drops", _drops(cell.spec["report_drops"]), *seed, *_flags(opts), "--out", str(out)]]
@@ -266,14 +271,16 @@ def _summary(cell: Cell, d: Path, parent_dir: Path | None) -> dict:
             gd = (th.get("goodnet") or {}).get("detection_rate")
             if gd is not None:
                 detail += f"; GoodNet detects {100 * gd:.1f} %"
-            by_drop[f"{drop:g}"] = {"accuracy": th["test_accuracy"], "asr": th["asr"], "detail": detail}
+            by_drop[f"{drop:g}"] = {"accuracy": th["test_accuracy"], "asr": th["asr"], "detail": detail,
+                                    "asr_per_trigger": list(th.get("asr_sets") or [])}
         first = by_drop[f"{cell.spec['report_drops'][0]:g}"]
         return {**first, "by_drop": by_drop}
     if cell.kind in ("fine-prune", "magnitude"):
         after = res["after_finetuning"]
         detail = (f"{len(res['pruned_channels'])}/{res['num_channels']} channels" if cell.kind == "fine-prune"
                   else f"sparsity {res['sparsity']:.0%}")
-        return {"accuracy": after["test_accuracy"], "asr": after["asr"], "detail": detail}
+        return {"accuracy": after["test_accuracy"], "asr": after["asr"], "detail": detail,
+                "asr_per_trigger": [d["asr"] for d in after.get("asr_sets", [])]}
     if cell.kind == "cleanse":
         flagged = res.get("flagged", [])
         mit = d / "mitigation" / "results.json"
@@ -285,43 +292,46 @@ def _summary(cell: Cell, d: Path, parent_dir: Path | None) -> dict:
         detail = f"flagged {', '.join(map(str, flagged))}"
         if row.get("detection_rate") is not None:
             detail += f"; filter detects {100 * row['detection_rate']:.1f} %"
-        return {"accuracy": row["clean_accuracy"], "asr": row["asr"], "detail": detail}
+        return {"accuracy": row["clean_accuracy"], "asr": row["asr"], "detail": detail,
+                "asr_per_trigger": [d["asr"] for d in row.get("asr_sets", [])]}
     raise BadInput(f"unknown cell kind {cell.kind!r}")
 
 
 def _given_model(cell: Cell, out: Path, log) -> None:
-    """Take over a handed-over model: native copy (defenses need no --arch), clean accuracy, ASR."""
+    """Take over a handed-over model: native copy (defenses need no --arch), clean accuracy, and one
+    ASR per poisoned set (label convention as in `backdoorlab.poisoned`)."""
     from backdoorlab.data import load_dataset
     from backdoorlab.evaluate import accuracy, check_compatible
     from backdoorlab.io import atomic_dir, write_json
     from backdoorlab.models.files import load_model, save_model
+    from backdoorlab.poisoned import poisoned_sets
 
     g = cell.spec
     clf = load_model(g["model"], arch=g.get("arch"), input_scale=g.get("input_scale"))
     valid, test = load_dataset(g["valid"], split="train"), load_dataset(g["test"], split="test")
     for what, ds in (("valid", valid), ("test", test)):
         check_compatible(clf, ds, what)
-    asr = []
-    if g.get("poisoned"):
-        from backdoorlab.attacks.poison import attack_success
-
-        poisoned = load_dataset(g["poisoned"], split="test")
-        targets = g.get("target", poisoned.meta.get("targets"))
-        if targets is None:
-            raise BadInput(f"{cell.label}: give 'target' (the poisoned file has no per-image targets)")
-        asr = [attack_success(clf, poisoned, targets)]
+    pois = [load_dataset(p, split="test") for p in as_list(g.get("poisoned"))]
+    for ds in pois:
+        check_compatible(clf, ds, "poisoned")
+    labels = g.get("poisoned_labels", "auto")
+    sets = poisoned_sets(pois, as_list(g.get("target")) or None, labels, num_classes=clf.num_classes)
+    asr = [ps.success_rate(clf) for ps in sets]
     acc = accuracy(clf, test)
     with atomic_dir(out) as tmp:
         save_model(clf, tmp / "model.safetensors")
         files = {"model": "model.safetensors", "clean_valid": str(Path(g["valid"]).resolve()),
                  "clean_test": str(Path(g["test"]).resolve()),
-                 "poisoned_test": [str(Path(g["poisoned"]).resolve())] if g.get("poisoned") else [],
-                 "poisoned_valid": [str(Path(g["poisoned_valid"]).resolve())] if g.get("poisoned_valid")
-                 else []}
+                 "poisoned_test": [str(Path(p).resolve()) for p in as_list(g.get("poisoned"))],
+                 "poisoned_valid": [str(Path(p).resolve()) for p in as_list(g.get("poisoned_valid"))]}
         write_json(tmp / "results.json", {"kind": "given", "model": g["model"], "clean_accuracy": acc,
-                                          "asr": asr, "files": files, "target": g.get("target")})
+                                          "asr": asr, "files": files, "target": g.get("target"),
+                                          "poisoned_labels": labels,
+                                          "poisoned_sets": [ps.describe() for ps in sets],
+                                          "settings": {"plan": {"triggers": [ps.name for ps in sets]}}})
     print(f"given model {g['model']}: clean test accuracy {acc:.2%}"
-          + (f", ASR {asr[0]:.2%}" if asr else ""), file=log)
+          + "".join(f", ASR {a:.2%} on {ps.name} ({ps.rule})" for a, ps in zip(asr, sets, strict=True)),
+          file=log)
 
 
 def cell_dir(root: Path, cell: Cell) -> Path:

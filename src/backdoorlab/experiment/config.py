@@ -52,7 +52,8 @@ TRAIN_KEYS = {"epochs", "batch_size", "lr", "optimizer", "schedule", "augment", 
 ATTACK_KEYS = {"name", "trigger", "target", "rate", "mode", "clean_label", "pruning_aware",
                "pa_max_drop", "pa_dormant_shift"}
 # an [[attack]] with "model" is a given (already backdoored) model and its data files, e.g. a CSAW BadNet
-GIVEN_KEYS = {"name", "model", "arch", "input_scale", "valid", "test", "poisoned", "poisoned_valid", "target"}
+GIVEN_KEYS = {"name", "model", "arch", "input_scale", "valid", "test", "poisoned", "poisoned_valid", "target",
+              "poisoned_labels"}
 # keys of a [[defense]] table that the experiment itself reads; the rest go to the command
 DEFENSE_OWN_KEYS = {"name", "kind", "report_drop", "guide", "mitigate"}
 TOP_KEYS = {"name", "description", "seeds", "data", "model", "train", "attack", "defense"}
@@ -172,8 +173,18 @@ def parse_experiment(doc: dict, path: str = "<config>") -> Experiment:
                 if k not in given:
                     raise BadInput(f"{where}: a given model needs '{k}' (clean labeled data)")
             for k in ("model", "valid", "test", "poisoned", "poisoned_valid"):
-                if k in given:
+                if isinstance(given.get(k), list):  # several poisoned sets, one per trigger
+                    given[k] = [expand(str(v), f"{where} {k}") for v in given[k]]
+                elif k in given:
                     given[k] = expand(str(given[k]), f"{where} {k}")
+            n_sets = len(_as_list(given.get("poisoned")))
+            n_targets = len(_as_list(given.get("target")))
+            if n_targets and n_targets != n_sets:
+                raise BadInput(f"{where}: {n_sets} poisoned set(s) need as many targets (one each, same "
+                               f"order), got {n_targets}")
+            if given.get("poisoned_labels", "auto") not in ("auto", "true", "target"):
+                raise BadInput(f"{where}: poisoned_labels must be auto, true or target, got "
+                               f"{given['poisoned_labels']!r}")
             attacks.append(AttackSpec(_name_ok(a.get("name", f"model{i + 1}"), where), {}, given))
             continue
         _check_keys(a, ATTACK_KEYS, where)

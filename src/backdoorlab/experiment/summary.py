@@ -3,9 +3,10 @@
 Each row is one attack × defense (the row "none" is the attack model itself). Figures are the
 mean ± sample standard deviation (n − 1) over the seeds that finished, in percent: clean
 accuracy on the clean test set, ASR on the poisoned test set (inputs whose true label is the
-target excluded). Δ acc is the change in clean test accuracy in percentage points. For an attack
-with several triggers the ASR columns are those of the first trigger; the notes of the attack's row
-give the ASR of every trigger.
+target excluded, or every input when the file's labels are the attack target). Δ acc is the change
+in clean test accuracy in percentage points. For an attack with several triggers (or a given model
+with several poisoned sets) the ASR columns are those of the first set, and the notes of every row
+give the ASR of each set.
 """
 
 from __future__ import annotations
@@ -34,19 +35,17 @@ def fmt(ms: tuple[float, float, int] | None, scale: float = 100.0, digits: int =
     return f"{scale * m:.{digits}f}" + (f" ± {scale * s:.{digits}f}" if n > 1 else "")
 
 
-def _multi_trigger_notes(parents: list[dict | None]) -> tuple[str, str]:
-    """Notes for an attack with several triggers: (the attack row's ASR per trigger, mean over
-    seeds; what the defense rows' ASR measures). Defenses are scored on the first trigger's
-    poisoned test set only. ("", "") for a single trigger."""
-    per = [p.get("asr_per_trigger") or [] for p in parents if p]
+def _per_trigger_note(recs: list[dict | None], parents: list[dict | None]) -> str:
+    """"ASR per trigger: name a; name b" (means over seeds) for records with several poisoned
+    sets; "" for one. ``parents`` (the attack records) name the triggers."""
+    per = [r.get("asr_per_trigger") or [] for r in recs if r]
     if not per or max(len(a) for a in per) < 2:
-        return "", ""
+        return ""
     k = max(len(a) for a in per)
     names = next((p.get("triggers") for p in parents if p and len(p.get("triggers") or []) == k), None)
     names = names or [f"trigger {i + 1}" for i in range(k)]
     each = [f"{names[i]} {fmt(mean_std([a[i] if len(a) > i else None for a in per]))}" for i in range(k)]
-    return ("ASR per trigger: " + "; ".join(each),
-            f"ASR of the first trigger ({names[0]}) only")
+    return "ASR per trigger: " + "; ".join(each)
 
 
 def summary_rows(cells: list[Cell], records: dict[str, dict]) -> list[list[str]]:
@@ -66,10 +65,9 @@ def summary_rows(cells: list[Cell], records: dict[str, dict]) -> list[list[str]]
         parents = [records.get(c.parent) if c.parent else records[c.key] for c in group]
         before_acc = mean_std([p["accuracy"] if p else None for p in parents])
         before_asr = mean_std([p["asr"] if p else None for p in parents])
-        multi = _multi_trigger_notes(parents)
         if defense is None:
             rows.append([attack, "none", str(len(group)), fmt(before_acc), fmt(before_asr), "", "", "",
-                         multi[0]])
+                         _per_trigger_note(parents, parents)])
             continue
         drops = group[0].spec.get("report_drops") or [None]
         for drop in drops:
@@ -82,7 +80,13 @@ def summary_rows(cells: list[Cell], records: dict[str, dict]) -> list[list[str]]
             after_asr = mean_std([r["asr"] for r in recs])
             delta = mean_std([r["accuracy"] - p["accuracy"] if (p and r["accuracy"] is not None) else None
                               for r, p in zip(recs, parents, strict=True)])
-            notes: list[str] = [multi[1]] if multi[1] else []
+            multi = _per_trigger_note(recs, parents)
+            if not multi and _per_trigger_note(parents, parents):  # a record from before per-set ASR
+                first = next(p.get("triggers") for p in parents if p and p.get("triggers"))[0]
+                multi = f"ASR of the first trigger ({first}) only"
+            elif multi:
+                multi += " (after)"
+            notes: list[str] = [multi] if multi else []
             for r in recs:
                 if r.get("detail") and r["detail"] not in notes:
                     notes.append(r["detail"])

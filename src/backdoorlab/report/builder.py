@@ -105,28 +105,45 @@ def prune_section(name: str, d: Path, r: dict) -> Section:
     s.p(f"Layer {sw['layer']} (measured at {sw.get('measure_point') or sw['layer']}; "
         f"{sw['num_channels']} channels) pruned in {how}. Drops in {unit} of validation accuracy. "
         "B′ = pruned model, G = GoodNet (answers N when B and B′ disagree).")
-    rows = []
+    sets = sw.get("poisoned_sets") or []
+    for d_ in sets:
+        s.p(f"ASR on {d_['name']}: {d_['counted']:,} of {d_['total']:,} images; {d_['rule']}.")
+    names = set_names(sets)
+    n = len(names)
+    steps = sw["steps"]
+    base_asr = [x["asr"][0] for x in sets] if sets else [steps["asr"][0] if steps.get("asr") else None]
+    rows = [["0 (unpruned)", 0, pct(steps["valid_accuracy"][0]),
+             pct(steps["test_accuracy"][0] if steps.get("test_accuracy") else None),
+             *map(pct, base_asr), "", *[""] * (2 * n)]]
     for t in sw["thresholds"]:
         if not t["reached"]:
-            rows.append([f"{t['drop']:g}", "not reached", "", "", "", "", "", ""])
+            rows.append([f"{t['drop']:g}", "not reached", *[""] * (4 + 3 * n)])
             continue
         g = t.get("goodnet") or {}
+        gsets = g.get("poisoned_sets") or [{"asr": g.get("asr"), "detection_rate": g.get("detection_rate")}]
         rows.append([f"{t['drop']:g}", t["pruned"], pct(t["valid_accuracy"]), pct(t["test_accuracy"]),
-                     pct(t["asr"]), pct(g.get("clean_accuracy")), pct(g.get("asr")),
-                     pct(g.get("detection_rate"))])
-    s.table(["drop", "pruned channels", "valid acc", "B′ test acc", "B′ ASR", "G test acc", "G ASR",
-             "G detection"], rows)
+                     *map(pct, t.get("asr_sets") or [t["asr"]]), pct(g.get("clean_accuracy")),
+                     *[pct(x["asr"]) for x in gsets], *[pct(x["detection_rate"]) for x in gsets]])
+    s.table(["drop", "pruned channels", "valid acc", "B′ test acc", *[f"B′ ASR{x}" for x in names],
+             "G test acc", *[f"G ASR{x}" for x in names], *[f"G detection{x}" for x in names]], rows)
     s.img(d / "curve.png", "Accuracy and attack success rate against the share of channels pruned.")
     return s
+
+
+def set_names(sets: list[dict]) -> list[str]:
+    """ASR column suffixes: none for zero or one poisoned set, " (name)" for each of several."""
+    return [""] if len(sets) <= 1 else [f" ({x['name']})" for x in sets]
 
 
 def stages_section(title: str, r: dict, what: str) -> Section:
     s = Section(title)
     s.p(what)
-    rows = [[name, pct(st["valid_accuracy"]), pct(st.get("test_accuracy")), pct(st.get("asr"))]
+    names = set_names(r["before"].get("asr_sets") or [])
+    rows = [[name, pct(st["valid_accuracy"]), pct(st.get("test_accuracy")),
+             *[pct(x["asr"]) for x in st.get("asr_sets") or [{"asr": st.get("asr")}]]]
             for name, st in (("before", r["before"]), ("after pruning", r["after_pruning"]),
                              ("after fine-tuning", r["after_finetuning"]))]
-    s.table(["model", "valid acc", "clean test acc", "ASR"], rows)
+    s.table(["model", "valid acc", "clean test acc", *[f"ASR{x}" for x in names]], rows)
     return s
 
 
@@ -154,9 +171,11 @@ def cleanse_section(name: str, d: Path, r: dict) -> Section:
 def mitigate_section(name: str, d: Path, r: dict) -> Section:
     s = Section(f"Neural Cleanse mitigation: {name}")
     s.p(f"Reversed trigger(s) of label(s) {r.get('labels')}; figures on the user's test data.")
-    s.table(["method", "clean test acc", "ASR", "detection rate"],
-            [[m["method"], pct(m.get("clean_accuracy")), pct(m.get("asr")), pct(m.get("detection_rate"))]
-             for m in r["methods"]])
+    names = set_names(r.get("poisoned_sets") or [])
+    s.table(["method", "clean test acc", *[f"ASR{x}" for x in names], "detection rate"],
+            [[m["method"], pct(m.get("clean_accuracy")),
+              *[pct(x["asr"]) for x in m.get("asr_sets") or [{"asr": m.get("asr")}]],
+              pct(m.get("detection_rate"))] for m in r["methods"]])
     return s
 
 

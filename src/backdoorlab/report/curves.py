@@ -31,10 +31,14 @@ def plot_sweep(result, path: str | os.PathLike, title: str | None = None, dpi: i
     if result.test_accuracy is not None:
         ax.plot(x, [100 * v for v in result.test_accuracy], label="clean test accuracy",
                 color="C2", lw=1.5, ls="--")
-    if result.asr is not None:
-        which = "per-image targets" if result.target is None else f"target {result.target}"
-        ax.plot(x, [100 * v for v in result.asr], label=f"attack success rate ({which})",
-                color="C3", lw=1.8)
+    sets = getattr(result, "poisoned_sets", None) or []
+    curves = getattr(result, "asr_sets", None) or ([result.asr] if result.asr is not None else [])
+    for i, asr in enumerate(curves):  # one ASR line per poisoned set
+        d = sets[i] if i < len(sets) else {"target": result.target, "name": ""}
+        which = "per-image targets" if d["target"] is None else f"target {d['target']}"
+        name = f"{d['name']}, " if len(curves) > 1 else ""
+        ax.plot(x, [100 * v for v in asr], label=f"attack success rate ({name}{which})",
+                color=("C3", "C1", "C4", "C5", "C6", "C8")[i % 6], lw=1.8)
     for t in result.thresholds:
         if t.reached:
             fx = 100.0 * result.fraction[t.step]
