@@ -166,3 +166,33 @@ def test_cleanse_mitigation_with_csaw_sets(csaw_style, tmp_path, capsys):
     assert [s["target"] for s in res["poisoned_sets"]] == [0, 5]
     assert all(len(m["asr_sets"]) == 2 for m in res["methods"])
     assert "ASR patch_poisoned_data" in (out / "mitigation" / "table.md").read_text()
+
+
+def test_run_given_model_with_several_csaw_sets(csaw_style, tmp_path):
+    from backdoorlab.experiment.run import run_experiment
+
+    d = csaw_style
+    toml = tmp_path / "given.toml"
+    toml.write_text(f"""
+[[attack]]
+name = "handed"
+model = "{d / 'bd.safetensors'}"
+valid = "{d / 'clean_validation_data.h5'}"
+test = "{d / 'clean_test_data.h5'}"
+poisoned = ["{d / 'patch_poisoned_data.h5'}", "{d / 'five_poisoned_data.h5'}"]
+[[defense]]
+name = "pruning"
+kind = "prune"
+report_drop = 4
+""")
+    res = run_experiment(toml, tmp_path / "out", jobs=1, threads=1, report=False)
+    rows = {r[1]: r for r in res["table"]["rows"]}
+    assert rows["none"][-1].startswith("ASR per trigger: patch_poisoned_data ")
+    assert "five_poisoned_data" in rows["none"][-1]
+    pruning = next(r for name, r in rows.items() if name.startswith("pruning"))
+    assert pruning[-1].startswith("ASR per trigger: patch_poisoned_data "), rows
+    assert "(after)" in pruning[-1]
+    bad = tmp_path / "bad.toml"
+    bad.write_text(toml.read_text().replace('poisoned = [', 'target = [0]\npoisoned = ['))
+    with pytest.raises(BadInput, match=r"2 poisoned set\(s\) need as many targets"):
+        run_experiment(bad, tmp_path / "out2", jobs=1, threads=1, report=False)

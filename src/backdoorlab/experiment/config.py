@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backdoorlab.errors import BadInput
+from backdoorlab.poisoned import as_list
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -177,8 +178,8 @@ def parse_experiment(doc: dict, path: str = "<config>") -> Experiment:
                     given[k] = [expand(str(v), f"{where} {k}") for v in given[k]]
                 elif k in given:
                     given[k] = expand(str(given[k]), f"{where} {k}")
-            n_sets = len(_as_list(given.get("poisoned")))
-            n_targets = len(_as_list(given.get("target")))
+            n_sets = len(as_list(given.get("poisoned")))
+            n_targets = len(as_list(given.get("target")))
             if n_targets and n_targets != n_sets:
                 raise BadInput(f"{where}: {n_sets} poisoned set(s) need as many targets (one each, same "
                                f"order), got {n_targets}")
