@@ -19,7 +19,7 @@ from torch import nn
 from backdoorlab.augment import augment
 from backdoorlab.data.imageset import ImageSet
 from backdoorlab.errors import BadInput
-from backdoorlab.evaluate import accuracy
+from backdoorlab.evaluation import accuracy
 from backdoorlab.models.classifier import Classifier
 from backdoorlab.progress import progress
 

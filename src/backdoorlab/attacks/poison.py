@@ -212,7 +212,7 @@ def attack_success(clf: Classifier, poisoned: ImageSet, targets: np.ndarray | in
     """Attack success rate for per-sample ``targets`` (or one target for all): the share of
     poisoned images classified as their own target, leaving out images whose true label equals
     their target (when labels are known)."""
-    from backdoorlab.evaluate import per_image_success_rate
+    from backdoorlab.evaluation import per_image_success_rate
 
     t = np.broadcast_to(np.asarray(targets, dtype=np.int64), (len(poisoned),))
     if len(t) and (t.min() < 0 or t.max() >= clf.num_classes):

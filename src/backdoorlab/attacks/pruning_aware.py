@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from backdoorlab.data.imageset import ImageSet
-from backdoorlab.evaluate import accuracy
+from backdoorlab.evaluation import accuracy
 from backdoorlab.models.classifier import Classifier
 from backdoorlab.models.hooks import OutputMask
 from backdoorlab.train import TrainConfig, train

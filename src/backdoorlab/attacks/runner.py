@@ -22,7 +22,7 @@ from backdoorlab.attacks.poison import (
 )
 from backdoorlab.data.imageset import ImageSet
 from backdoorlab.errors import BadInput
-from backdoorlab.evaluate import accuracy
+from backdoorlab.evaluation import accuracy
 from backdoorlab.metrics_image import image_quality
 from backdoorlab.models.architectures import build
 from backdoorlab.models.classifier import Classifier

@@ -138,7 +138,7 @@ def write_outputs(result, out: Path) -> list[str]:
 def cmd_cleanse(args: argparse.Namespace) -> int:
     from backdoorlab.defenses.neural_cleanse import NCConfig, neural_cleanse
     from backdoorlab.defenses.outliers import null_note
-    from backdoorlab.evaluate import check_compatible
+    from backdoorlab.evaluation import check_compatible
 
     clean = load_data(args.clean, args)
     clf = load_model_from_args(args, clean if clean.labeled else None)
@@ -194,7 +194,7 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
 
 def prepare_mitigation(args: argparse.Namespace, clf, clean) -> dict | None:
     """Check every ``--mitigate`` option and load its data, before the scan starts."""
-    from backdoorlab.evaluate import check_compatible
+    from backdoorlab.evaluation import check_compatible
     from backdoorlab.train import TrainConfig
 
     if not args.mitigate:

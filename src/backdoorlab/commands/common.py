@@ -42,7 +42,7 @@ def load_model_from_args(args: argparse.Namespace, clean=None):
     if scale == "auto":
         if clean is None:
             raise BadInput("--input-scale auto needs clean labeled data to decide")
-        from backdoorlab.evaluate import check_compatible, choose_input_scale
+        from backdoorlab.evaluation import check_compatible, choose_input_scale
 
         check_compatible(clf, clean, "clean data")
         clf, scores = choose_input_scale(clf, clean)
@@ -79,7 +79,7 @@ def add_poisoned_options(p: argparse.ArgumentParser,
 def load_poisoned(args: argparse.Namespace, clf, infer: bool = True) -> list:
     """The --poisoned sets as `PoisonedSet`s, checked against ``clf`` (call before long work).
     ``infer``: a set without a known target takes the most frequent prediction of ``clf``."""
-    from backdoorlab.evaluate import check_compatible
+    from backdoorlab.evaluation import check_compatible
     from backdoorlab.poisoned import poisoned_sets
 
     sources = getattr(args, "poisoned", None) or []

@@ -79,7 +79,7 @@ def _median(a) -> float:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from backdoorlab.evaluate import evaluate
+    from backdoorlab.evaluation import evaluate
 
     clean = load_data(args.clean, args, num_classes=None)
     clf = load_model_from_args(args, clean)

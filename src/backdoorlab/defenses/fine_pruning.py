@@ -19,7 +19,7 @@ from backdoorlab.data.imageset import ImageSet
 from backdoorlab.defenses.masking import apply_channel_mask, mask_from_channels, resolve_target
 from backdoorlab.defenses.pruning import prune_sweep
 from backdoorlab.errors import BadInput
-from backdoorlab.evaluate import accuracy
+from backdoorlab.evaluation import accuracy
 from backdoorlab.models.classifier import Classifier
 from backdoorlab.models.hooks import OutputMask
 from backdoorlab.poisoned import PoisonedSet, poisoned_sets

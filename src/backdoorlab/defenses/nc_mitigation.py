@@ -32,7 +32,7 @@ from backdoorlab.defenses.masking import apply_channel_mask, mask_from_channels,
 from backdoorlab.defenses.neural_cleanse import apply_trigger
 from backdoorlab.defenses.pruning import prune_sweep
 from backdoorlab.errors import BadInput
-from backdoorlab.evaluate import accuracy
+from backdoorlab.evaluation import accuracy
 from backdoorlab.models import files
 from backdoorlab.models.classifier import Classifier
 from backdoorlab.poisoned import PoisonedSet, poisoned_sets

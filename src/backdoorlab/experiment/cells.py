@@ -301,7 +301,7 @@ def _given_model(cell: Cell, out: Path, log) -> None:
     """Take over a handed-over model: native copy (defenses need no --arch), clean accuracy, and one
     ASR per poisoned set (label convention as in `backdoorlab.poisoned`)."""
     from backdoorlab.data import load_dataset
-    from backdoorlab.evaluate import accuracy, check_compatible
+    from backdoorlab.evaluation import accuracy, check_compatible
     from backdoorlab.io import atomic_dir, write_json
     from backdoorlab.models.files import load_model, save_model
     from backdoorlab.poisoned import poisoned_sets

@@ -60,7 +60,7 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, input_scale:
     """Load a model file: native (.safetensors + .json) or Keras HDF5 (.h5).
 
     ``input_scale`` (``raw``/``unit``) overrides the stored scale; ``auto`` is resolved by the
-    caller against data (see `backdoorlab.evaluate.choose_input_scale`). ``arch`` is required for
+    caller against data (see `backdoorlab.evaluation.choose_input_scale`). ``arch`` is required for
     Keras weights-only files (e.g. ``deepid``).
     """
     p = Path(path)
