@@ -14,10 +14,12 @@ resolves only the few numpy globals that rebuild an array or a dtype and refuses
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import re
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,12 @@ import numpy as np
 
 from backdoorlab.data.imageset import ImageSet
 from backdoorlab.errors import BadInput
+from backdoorlab.safe_read import open_regular, read_bytes
 
 NUM_CLASSES = 10
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_BATCHES = ["test_batch"]
+MAX_BATCH_BYTES = 512 << 20  # one batch file (the real ones are 31 MB)
 _BATCH_NAME = re.compile(r"^(data_batch_\d+|test_batch)$")
 
 
@@ -39,6 +43,14 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
+def _empty_bytes(*args: Any) -> bytes:
+    """How Python 3 pickles ``b""`` at protocol <= 2 (``bytes()``); any argument is refused (``bytes(n)``
+    would allocate ``n`` bytes)."""
+    if args:
+        raise BadInput("pickle: refused bytes() with arguments")
+    return b""
+
+
 def _allowed_globals() -> dict[tuple[str, str], Any]:
     try:
         from numpy._core import multiarray, numeric  # numpy >= 2
@@ -46,7 +58,9 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         from numpy.core import multiarray, numeric
 
     allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-                                           ("_codecs", "encode"): _latin1_encode}
+                                           ("_codecs", "encode"): _latin1_encode,
+                                           ("__builtin__", "bytes"): _empty_bytes,
+                                           ("builtins", "bytes"): _empty_bytes}
     for core in ("numpy.core", "numpy._core"):  # numpy 1.x and 2.x module names
         allowed[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
         allowed[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer
@@ -58,13 +72,44 @@ class SafeUnpickler(pickle.Unpickler):
 
     Allowed: ``numpy.ndarray``, ``numpy.dtype``, ``numpy[._]core.multiarray._reconstruct`` (arrays,
     protocol <= 4), ``numpy[._]core.numeric._frombuffer`` (arrays, protocol 5) and ``_codecs.encode``
-    restricted to latin-1 text (bytes at protocol <= 2). Python 2 strings are read as bytes.
+    restricted to latin-1 text (bytes at protocol <= 2), ``bytes()`` without arguments (an empty bytes
+    object at protocol <= 2). Python 2 strings are read as bytes.
     """
 
-    def __init__(self, file: io.BufferedIOBase, where: str = "pickle") -> None:
+    def __init__(self, file: io.BufferedIOBase, where: str = "pickle", max_bytes: int = 1 << 30) -> None:
         super().__init__(file, encoding="bytes")
-        self.where = where
+        self.where, self.max_bytes = where, max_bytes
         self._allowed = _allowed_globals()
+        # these two allocate an array of a shape the pickle names: bound it by the pickle's own size
+        # (real data always comes from its bytes); ``ndarray`` stays usable as _reconstruct's class
+        self._ndarray = self._bounded(np.ndarray, lambda a, k: (a[0] if a else k.get("shape"),
+                                                               k.get("dtype", a[1] if len(a) > 1 else float)))
+        rebuild = {key: fn for key, fn in self._allowed.items() if key[1] == "_reconstruct"}
+        for key, fn in rebuild.items():
+            self._allowed[key] = self._bounded(fn, lambda a, k: (a[1], a[2]), cls_first=True)
+        self._allowed[("numpy", "ndarray")] = self._ndarray
+
+    def _bounded(self, fn: Any, shape_dtype: Any, cls_first: bool = False) -> Any:
+        """``fn`` refusing an array of more than ``max_bytes``; ``shape_dtype(args, kwargs)`` finds
+        the requested shape and dtype."""
+        def make(*args: Any, **kwargs: Any) -> Any:
+            if cls_first and args and args[0] is self._ndarray:
+                args = (np.ndarray, *args[1:])
+            try:
+                shape, dtype = shape_dtype(args, kwargs)
+            except IndexError:
+                raise BadInput(f"{self.where}: malformed array in a pickle") from None
+            dims = (shape,) if type(shape) is int else shape
+            if not isinstance(dims, tuple) or not all(type(d) is int and d >= 0 for d in dims):
+                raise BadInput(f"{self.where}: refused an array of shape {str(shape)[:40]} in a pickle")
+            try:
+                itemsize = np.dtype(dtype).itemsize
+            except TypeError:
+                itemsize = 1
+            if math.prod(dims) * max(itemsize, 1) > self.max_bytes:
+                raise BadInput(f"{self.where}: a pickled array of shape {dims} is larger than the pickle")
+            return fn(*args, **kwargs)
+        return make
 
     def find_class(self, module: str, name: str) -> Any:
         obj = self._allowed.get((module, name))
@@ -80,7 +125,7 @@ class SafeUnpickler(pickle.Unpickler):
 def safe_load_pickle(data: bytes, where: str) -> Any:
     """Unpickle ``data`` with ``SafeUnpickler``; corrupt data and refused globals raise BadInput."""
     try:
-        return SafeUnpickler(io.BytesIO(data), where).load()
+        return SafeUnpickler(io.BytesIO(data), where, max_bytes=len(data)).load()
     except BadInput:
         raise
     except Exception as e:  # UnpicklingError, EOFError, ValueError, TypeError … from corrupt data
@@ -96,8 +141,11 @@ def is_cifar10(path: str | os.PathLike) -> bool:
         if _is_archive_name(p):
             return True
         if _BATCH_NAME.match(p.name):
-            with open(p, "rb") as f:
-                return f.read(1) == b"\x80"  # pickle protocol >= 2
+            try:
+                with open_regular(p) as f:
+                    return f.read(1) == b"\x80"  # pickle protocol >= 2
+            except (BadInput, OSError):
+                return False
     return False
 
 
@@ -155,10 +203,7 @@ def _batch_dir(p: Path) -> Path | None:
 
 
 def _read_bytes(p: Path) -> bytes:
-    try:
-        return p.read_bytes()
-    except OSError as e:
-        raise BadInput(f"{p}: cannot read ({e.strerror or e})") from None
+    return read_bytes(p, MAX_BATCH_BYTES, "CIFAR-10 batch file")
 
 
 def _from_archive(p: Path, names: list[str]) -> tuple[list[tuple[str, bytes]], tuple[str, bytes] | None]:
@@ -166,14 +211,17 @@ def _from_archive(p: Path, names: list[str]) -> tuple[list[tuple[str, bytes]], t
     found: dict[str, bytes] = {}
     wanted = set(names) | {"batches.meta"}
     try:
-        with tarfile.open(p, "r:gz") as tar:
+        with open_regular(p, "CIFAR-10 archive") as raw, tarfile.open(fileobj=raw, mode="r:gz") as tar:
             for m in tar:
                 base = m.name.rsplit("/", 1)[-1]
                 if m.isfile() and base in wanted:
+                    if m.size > MAX_BATCH_BYTES:
+                        raise BadInput(f"{p}: member {m.name} declares {m.size:,} bytes, more than the "
+                                       f"{MAX_BATCH_BYTES:,} accepted for a CIFAR-10 batch")
                     f = tar.extractfile(m)
                     if f is not None:
-                        found[base] = f.read()
-    except (tarfile.TarError, OSError, EOFError) as e:
+                        found[base] = f.read(m.size)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise BadInput(f"{p}: not a readable .tar.gz archive ({e})") from None
     missing = [n for n in names if n not in found]
     if missing:
@@ -191,22 +239,28 @@ def _decode_batch(obj: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
         raise BadInput(f"{where}: expected a dict in the CIFAR-10 batch, got {type(obj).__name__}")
     data, labels = _get(obj, "data"), _get(obj, "labels")
     if data is None or labels is None:
-        keys = sorted(k.decode() if isinstance(k, bytes) else str(k) for k in obj)
+        keys = sorted(k.decode(errors="replace") if isinstance(k, bytes) else k if isinstance(k, str)
+                      else type(k).__name__ for k in obj)[:20]
         extra = " (CIFAR-100 files are not CIFAR-10)" if _get(obj, "fine_labels") is not None else ""
         raise BadInput(f"{where}: expected keys 'data' and 'labels', found {keys}{extra}")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         shape = getattr(data, "shape", None)
         dtype = getattr(data, "dtype", type(data).__name__)
         raise BadInput(f"{where}: 'data' must be a uint8 array (N, 3072), got {dtype} {shape}")
+    # a pickle can share one list many times over (nested references cost a few bytes each), so the
+    # labels are checked as a flat sequence of ints before numpy would expand them
+    if isinstance(labels, np.ndarray):
+        if labels.ndim != 1 or (len(labels) and not np.issubdtype(labels.dtype, np.integer)):
+            raise BadInput(f"{where}: 'labels' must be a list of whole numbers, got {labels.dtype} "
+                           f"{labels.shape}")
+    elif not isinstance(labels, list | tuple) or not all(type(v) is int for v in labels):
+        raise BadInput(f"{where}: 'labels' must be a list of whole numbers")
+    if len(labels) != len(data):
+        raise BadInput(f"{where}: {len(data)} images but {len(labels)} labels")
     try:
-        y = np.asarray(labels)
-    except (TypeError, ValueError):
-        raise BadInput(f"{where}: 'labels' must be a list of whole numbers") from None
-    if y.ndim != 1 or (len(y) and not np.issubdtype(y.dtype, np.integer)):
-        raise BadInput(f"{where}: 'labels' must be a list of whole numbers, got {y.dtype} {y.shape}")
-    if len(y) != len(data):
-        raise BadInput(f"{where}: {len(data)} images but {len(y)} labels")
-    y = y.astype(np.int64)
+        y = np.asarray(labels, dtype=np.int64)
+    except OverflowError:
+        raise BadInput(f"{where}: 'labels' hold a number beyond 64 bits") from None
     if len(y) and (y.min() < 0 or y.max() >= NUM_CLASSES):
         raise BadInput(f"{where}: labels must lie in 0..{NUM_CLASSES - 1}, found "
                        f"{int(y.min())}..{int(y.max())}")
@@ -217,6 +271,7 @@ def _decode_batch(obj: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
 def _class_names(where: str, blob: bytes) -> list[str] | None:
     obj = safe_load_pickle(blob, where)
     names = _get(obj, "label_names") if isinstance(obj, dict) else None
-    if not isinstance(names, list) or len(names) != NUM_CLASSES:
+    if not isinstance(names, list) or len(names) != NUM_CLASSES or \
+            not all(isinstance(n, bytes | str) for n in names):
         raise BadInput(f"{where}: expected 'label_names' with {NUM_CLASSES} names")
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    return [n.decode(errors="replace") if isinstance(n, bytes) else n for n in names]

@@ -1,8 +1,9 @@
 """CSAW-HackML h5 data files: datasets ``data`` (N, 3, H, W) on a 0-255 scale and ``label`` (N,).
 
-NHWC ``data`` (N, H, W, 3) is accepted as well. Float pixels (the CSAW files store float64) must
-lie in 0-255 and are rounded to the nearest integer; data that looks scaled to [0, 1] is refused
-rather than silently rescaled.
+NHWC ``data`` (N, H, W, 3) is accepted as well; ``target`` (per-image attack targets) and
+``class_names`` are optional. Float pixels (the CSAW files store float64) must lie in 0-255 and are
+rounded to the nearest integer; data that looks scaled to [0, 1] is refused rather than silently
+rescaled.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 from backdoorlab.data.imageset import ImageSet
 from backdoorlab.errors import BadInput
 from backdoorlab.io import atomic_path
+from backdoorlab.safe_read import MAX_CLASSES, check_int, h5_dataset, h5_read, open_h5
 
 
 def is_csaw_h5(path: Path) -> bool:
@@ -25,64 +27,75 @@ def is_csaw_h5(path: Path) -> bool:
     try:
         with h5py.File(path, "r") as f:
             return "data" in f and "model_weights" not in f and "model_config" not in f.attrs
-    except OSError:
+    except Exception:  # OSError mostly; h5py raises others for some corrupt files
         return False
 
 
 def read_csaw_h5(path: str | os.PathLike, num_classes: int | None = None) -> ImageSet:
-    """Read a CSAW h5 data file into an ImageSet (labels optional)."""
-    import h5py
+    """Read a CSAW h5 data file into an ImageSet (labels optional).
 
+    Every dataset is checked from the HDF5 header (`safe_read.h5_dataset`: shape, dtype, storage
+    inside the file) before any of it is read, so a bad file is refused before its data is loaded.
+    """
     path = Path(path)
-    if not path.exists():
-        raise BadInput(f"{path}: no such file")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise BadInput(f"{path}: not a readable HDF5 file ({e})") from None
-    with f:
+    if num_classes is not None:
+        check_int(num_classes, "class count", 1, MAX_CLASSES)
+    with open_h5(path) as f:
         if "data" not in f:
             raise BadInput(f"{path}: expected a dataset 'data' (CSAW format), found keys "
                            f"{sorted(f.keys())}")
-        raw = f["data"]
-        if not hasattr(raw, "shape"):
-            raise BadInput(f"{path}: 'data' is a group, expected an array")
+        raw = h5_dataset(f, "data", str(path))
+        shape = raw.shape
+        if len(shape) != 4:
+            raise BadInput(f"{path}: 'data' must be 4-D (N, 3, H, W) or (N, H, W, 3), got {shape}")
+        if shape[1] not in (1, 3) and shape[3] not in (1, 3):
+            raise BadInput(f"{path}: 'data' must have 1 or 3 channels (axis 1 or 3), got {shape}")
+        extra = {key: h5_dataset(f, key, str(path), kinds=kinds, ndim=ndim)
+                 for key, kinds, ndim in (("label", "iuf", None), ("target", "iuf", None),
+                                          ("class_names", "S", (1,))) if key in f}
+        for key in ("label", "target"):
+            if key in extra and extra[key].size != shape[0]:
+                what = "labels" if key == "label" else "targets"
+                raise BadInput(f"{path}: {shape[0]} images but {extra[key].size} {what}")
         try:
-            x = np.asarray(raw[()])
-            y = np.asarray(f["label"][()]) if "label" in f else None
-            names = None
-            if "class_names" in f:
-                names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["class_names"][()]]
-            stored_classes = int(f.attrs["num_classes"]) if "num_classes" in f.attrs else None
-            targets = np.asarray(f["target"][()]).reshape(-1) if "target" in f else None
-        except (OSError, KeyError, ValueError) as e:
-            raise BadInput(f"{path}: corrupt HDF5 content ({e})") from None
-    if x.ndim != 4:
-        raise BadInput(f"{path}: 'data' must be 4-D (N, 3, H, W) or (N, H, W, 3), got {x.shape}")
+            stored = f.attrs.get("num_classes")
+        except Exception as e:
+            raise BadInput(f"{path}: unreadable attribute num_classes ({e})") from None
+        if stored is not None:
+            stored = check_int(stored, f"{path}: attribute num_classes", 1, MAX_CLASSES)
+        y = h5_read(extra["label"], str(path)).reshape(-1) if "label" in extra else None
+        targets = h5_read(extra["target"], str(path)).reshape(-1) if "target" in extra else None
+        names = None
+        if "class_names" in extra:
+            names = [n.decode(errors="replace") if isinstance(n, bytes) else str(n)
+                     for n in h5_read(extra["class_names"], str(path))]
+        x = h5_read(raw, str(path))
     if x.shape[1] in (1, 3):  # CSAW's own layout is channels-first; it wins when ambiguous
         x = x.transpose(0, 2, 3, 1)
-    elif x.shape[3] not in (1, 3):
-        raise BadInput(f"{path}: 'data' must have 1 or 3 channels (axis 1 or 3), got {x.shape}")
     x = _to_uint8(x, path)
     if y is not None:
-        y = np.asarray(y).reshape(-1)
-        if y.shape[0] != x.shape[0]:
-            raise BadInput(f"{path}: {x.shape[0]} images but {y.shape[0]} labels")
-        if not np.all(np.isfinite(y.astype(np.float64))) or np.any(y != np.round(y)):
-            raise BadInput(f"{path}: labels must be whole numbers")
-        y = y.astype(np.int64)
+        y = _whole(y, path, "labels")
         if len(y) and y.min() < 0:
             raise BadInput(f"{path}: negative label {int(y.min())}")
     inferred = int(y.max()) + 1 if y is not None and len(y) else 1
-    n_cls = num_classes or stored_classes or inferred
+    n_cls = num_classes or stored or inferred
     if y is not None and len(y) and y.max() >= n_cls:
         raise BadInput(f"{path}: label {int(y.max())} out of range for {n_cls} classes")
     meta: dict = {"format": "csaw", "path": str(path)}
     if targets is not None:  # backdoorlab's poisoned sets carry each image's attack target
-        if targets.shape[0] != x.shape[0] or np.any(targets < 0) or np.any(targets >= n_cls):
+        targets = _whole(targets, path, "targets")
+        if np.any(targets < 0) or np.any(targets >= n_cls):
             raise BadInput(f"{path}: 'target' must hold one label in 0..{n_cls - 1} per image")
-        meta["targets"] = targets.astype(np.int64)
+        meta["targets"] = targets
     return ImageSet(np.ascontiguousarray(x), y, n_cls, name=path.stem, class_names=names, meta=meta)
+
+
+def _whole(v: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """Labels or targets as int64; BadInput unless every value is a whole number."""
+    if v.dtype.kind == "f" and (not np.all(np.isfinite(v)) or np.any(v != np.round(v))
+                                or np.any(np.abs(v) > 2**62)):
+        raise BadInput(f"{path}: {what} must be whole numbers")
+    return v.astype(np.int64)
 
 
 def _to_uint8(x: np.ndarray, path: Path) -> np.ndarray:

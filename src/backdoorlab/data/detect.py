@@ -11,6 +11,7 @@ from pathlib import Path
 
 from backdoorlab.data.imageset import ImageSet
 from backdoorlab.errors import BadInput
+from backdoorlab.safe_read import MAX_CLASSES, MAX_DIM, check_int, require_regular_file
 
 # format name -> (module, detector function, reader function); detection tries them in order.
 FORMATS: dict[str, tuple[str, str, str]] = {
@@ -38,6 +39,8 @@ def detect_format(path: str | Path) -> str:
     p = Path(path)
     if not p.exists():
         raise BadInput(f"{p}: no such file or folder")
+    if not p.is_dir():
+        require_regular_file(p, "data file")  # a FIFO or device is never opened
     for name, (mod, det, _) in FORMATS.items():
         try:
             detector = getattr(importlib.import_module(mod), det)
@@ -56,9 +59,14 @@ def load_dataset(source: str, *, format: str | None = None, split: str = "train"
     ``split`` picks train or test where a format holds both (GTSRB, CIFAR-10, MNIST);
     ``size`` resizes images to ``size``×``size`` where the reader supports it (GTSRB default 32,
     digits default 16). Extra ``options`` go to the reader (e.g. ``roi=True`` for GTSRB).
+    ``size`` must lie in 1..4096 and ``num_classes`` in 1..10^6; a data set without images is refused.
     """
     fmt, path = parse_source(source)
     fmt = format or fmt
+    if size is not None:
+        check_int(size, "image size", 1, MAX_DIM)
+    if num_classes is not None:
+        check_int(num_classes, "class count", 1, MAX_CLASSES)
     if fmt == "digits":
         from backdoorlab.data.digits import load_digits
 
@@ -81,6 +89,8 @@ def load_dataset(source: str, *, format: str | None = None, split: str = "train"
     if num_classes is not None and fmt in ("csaw", "folder"):
         kwargs["num_classes"] = num_classes
     data = read(path, **kwargs)
+    if len(data) == 0:
+        raise BadInput(f"{path}: the data set holds no images")
     if num_classes is not None and data.num_classes != num_classes:
         if data.labels is not None and len(data.labels) and data.labels.max() >= num_classes:
             raise BadInput(f"{path}: labels reach {int(data.labels.max())}, but {num_classes} "

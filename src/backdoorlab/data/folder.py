@@ -39,9 +39,12 @@ def _class_dirs(p: Path) -> list[Path]:
 
 
 def _images_in(d: Path, recursive: bool) -> list[Path]:
-    """Image files in ``d`` (and below it if ``recursive``), sorted by relative path."""
+    """Image files in ``d`` (and below it if ``recursive``), sorted by relative path.
+
+    Every non-folder entry with an image name counts, so that a FIFO or device among them is refused
+    by `read_image` rather than silently skipped."""
     if not recursive:
-        return sorted((e for e in d.iterdir() if e.is_file() and is_image_name(e) and not _skip(e.name)),
+        return sorted((e for e in d.iterdir() if not e.is_dir() and is_image_name(e) and not _skip(e.name)),
                       key=lambda e: e.name)
     found = []
     for root, dirs, files in os.walk(d):
@@ -120,7 +123,7 @@ def read_images(path: str | os.PathLike, size: int | None = None, num_classes: i
     if not p.exists():
         raise BadInput(f"{p}: no such file or folder")
     _check_size(size)
-    if p.is_file():
+    if not p.is_dir():  # one file (`read_image` refuses a FIFO or device)
         files, base = [p], p.parent
     else:
         files, base = _images_in(p, recursive=False), p
@@ -128,7 +131,7 @@ def read_images(path: str | os.PathLike, size: int | None = None, num_classes: i
             raise BadInput(f"{p}: no image files ({_EXTS}) in this folder")
     x = load_images(files, size=size, where=str(p))
     meta = {"format": "images", "path": str(p), "files": [f.relative_to(base).as_posix() for f in files]}
-    return ImageSet(x, None, num_classes or 1, name=p.stem if p.is_file() else p.name, meta=meta)
+    return ImageSet(x, None, num_classes or 1, name=p.name if p.is_dir() else p.stem, meta=meta)
 
 
 def _check_size(size: int | None) -> None:

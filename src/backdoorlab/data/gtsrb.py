@@ -15,6 +15,9 @@ Images are resized to ``size`` x ``size`` (bilinear, see ``imageio``); those alr
 kept as they are. ``roi=True`` first crops the sign's bounding box from the CSV: its inclusive pixel
 coordinates refer to the original Width x Height, so for a stored image of another size (e.g. the
 32x32 copies) the box is scaled to the stored size.
+
+Every image path a CSV names must lie inside the data folder (after resolving ``..`` and symlinks);
+one that points elsewhere is refused with BadInput naming the CSV and its line.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 from backdoorlab.data.imageio import Box, load_images
 from backdoorlab.data.imageset import ImageSet
 from backdoorlab.errors import BadInput
+from backdoorlab.safe_read import MAX_TEXT_BYTES, read_bytes
 
 NUM_CLASSES = 43
 
@@ -58,6 +62,22 @@ class _Plan:
     boxes: list[Box] | None = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     note: str = ""
+    root: str = ""  # resolved data root: every image path from a CSV must stay inside it
+    _dirs: dict[str, bool] = field(default_factory=dict)  # folder -> resolves inside root
+
+    def inside(self, file: str) -> bool:
+        """True if ``file`` resolves (``..`` and symlinks) to a path inside ``root``."""
+        head = os.path.dirname(file)
+        ok = self._dirs.get(head)
+        if ok is None:
+            ok = self._dirs[head] = _within(self.root, os.path.realpath(head))
+        if ok and os.path.islink(file):
+            return _within(self.root, os.path.realpath(file))
+        return ok and os.path.basename(file) not in ("", ".", "..")
+
+
+def _within(root: str, path: str) -> bool:
+    return os.path.commonpath([root, path]) == root
 
 
 def is_gtsrb(path: str | os.PathLike) -> bool:
@@ -157,17 +177,19 @@ def _kaggle_csv(p: Path, split: str) -> Path | None:
 
 
 def _plan(p: Path, split: str, roi: bool) -> _Plan:
+    plan = _Plan("official", root=os.path.realpath(p))
     if split == "train":
         d = _train_dir(p)
         if d is not None:
-            return _plan_official_train(d, roi)
+            return _plan_official_train(plan, d, roi)
     else:
         d = _test_dir(p)
         if d is not None:
-            return _plan_official_test(d, p, roi)
+            return _plan_official_test(plan, d, p, roi)
     k = _kaggle_csv(p, split)
     if k is not None:
-        return _plan_kaggle(p, k, roi)
+        plan.layout = "kaggle"
+        return _plan_kaggle(plan, p, k, roi)
     other = "test" if split == "train" else "train"
     have = bool(_train_dir(p) if other == "train" else _test_dir(p)) or _kaggle_csv(p, other) is not None
     expected = ("Final_Training/Images/000NN/GT-000NN.csv or Train.csv" if split == "train"
@@ -181,15 +203,18 @@ def _plan(p: Path, split: str, roi: bool) -> _Plan:
 def _read_csv(path: Path) -> tuple[dict[str, int], list[tuple[int, list[str]]]]:
     """Header column index and (line number, row) pairs of a ``;``- or ``,``-separated CSV file."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
+        text = read_bytes(path, MAX_TEXT_BYTES, "CSV file").decode("utf-8-sig")
+    except UnicodeDecodeError as e:
         raise BadInput(f"{path}: cannot read CSV ({e})") from None
     lines = text.splitlines()
     if not lines or not lines[0].strip():
         raise BadInput(f"{path}: empty CSV file, expected a header row")
     delim = ";" if ";" in lines[0] else ","
-    rows = [(i, r) for i, r in enumerate(csv.reader(lines, delimiter=delim), start=1)
-            if r and any(c.strip() for c in r)]
+    try:
+        rows = [(i, r) for i, r in enumerate(csv.reader(lines, delimiter=delim), start=1)
+                if r and any(c.strip() for c in r)]
+    except csv.Error as e:  # NUL bytes, oversized fields
+        raise BadInput(f"{path}: malformed CSV ({e})") from None
     cols = {name.strip(): i for i, name in enumerate(rows[0][1])}
     return cols, rows[1:]
 
@@ -230,15 +255,19 @@ def _add_rows(plan: _Plan, csv_path: Path, base: Path, name_col: str, roi: bool,
     for i, row in rows:
         if cols[name_col] >= len(row) or not row[cols[name_col]].strip():
             raise BadInput(f"{csv_path}: line {i}: no {name_col}")
-        plan.files.append(os.path.join(base, row[cols[name_col]].strip()))
+        name = row[cols[name_col]].strip()
+        file = os.path.join(base, name)
+        if not plan.inside(file):
+            raise BadInput(f"{csv_path}: line {i}: {name_col} {name!r} points outside the data folder "
+                           f"{plan.root}")
+        plan.files.append(file)
         if labeled:
             plan.labels.append(_label(row, cols, csv_path, i))  # type: ignore[union-attr]
         if roi:
             plan.boxes.append(_box(row, cols, csv_path, i))  # type: ignore[union-attr]
 
 
-def _plan_official_train(d: Path, roi: bool) -> _Plan:
-    plan = _Plan("official")
+def _plan_official_train(plan: _Plan, d: Path, roi: bool) -> _Plan:
     class_dirs = sorted((e for e in d.iterdir() if e.is_dir() and e.name.isdigit()),
                         key=lambda e: int(e.name))
     for cd in class_dirs:
@@ -249,8 +278,7 @@ def _plan_official_train(d: Path, roi: bool) -> _Plan:
     return plan
 
 
-def _plan_official_test(d: Path, root: Path, roi: bool) -> _Plan:
-    plan = _Plan("official")
+def _plan_official_test(plan: _Plan, d: Path, root: Path, roi: bool) -> _Plan:
     for f in (d / "GT-final_test.csv", d.parent / "GT-final_test.csv", root / "GT-final_test.csv"):
         if f.is_file():
             _add_rows(plan, f, d, "Filename", roi, labeled=True)
@@ -263,8 +291,7 @@ def _plan_official_test(d: Path, root: Path, roi: bool) -> _Plan:
     return plan
 
 
-def _plan_kaggle(root: Path, f: Path, roi: bool) -> _Plan:
-    plan = _Plan("kaggle")
+def _plan_kaggle(plan: _Plan, root: Path, f: Path, roi: bool) -> _Plan:
     cols, _ = _read_csv(f)
     _need(cols, ["Path"], f)
     labeled = "ClassId" in cols

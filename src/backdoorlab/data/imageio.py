@@ -4,7 +4,9 @@ Decoding: binary 8-bit PGM/PPM (P5/P6, e.g. the GTSRB files) is parsed with nump
 regex + ``np.frombuffer``), several times faster than Pillow; every other format goes through Pillow.
 Grey images come back with 1 channel, everything else with 3: alpha is discarded (RGBA -> RGB,
 LA -> L), palette and CMYK images are converted to RGB, 16-bit grey is scaled to 8 bits, and a JPEG's
-EXIF orientation is applied.
+EXIF orientation is applied. Only regular files of at most ``MAX_IMAGE_BYTES`` holding at most
+``MAX_IMAGE_PIXELS`` pixels are decoded (`backdoorlab.safe_read`): a FIFO, a device or a
+decompression bomb is refused with BadInput, never read.
 
 Resizing: Pillow's bilinear filter. When shrinking, Pillow widens the filter to the source footprint
 of each output pixel, so downscaling averages (no aliasing) rather than sampling 4 pixels.
@@ -15,7 +17,6 @@ one ``(N, H, W, C)`` array.
 
 from __future__ import annotations
 
-import io
 import os
 import re
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from backdoorlab.errors import BadInput
+from backdoorlab.safe_read import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, open_picture, read_bytes
 
 # file name endings the folder readers treat as images (Pillow decodes all but the PNM fast path)
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".ppm", ".pgm", ".pnm", ".bmp", ".tif", ".tiff",
@@ -59,6 +61,8 @@ def parse_pnm(buf: bytes) -> np.ndarray | None:
         return None  # 16-bit samples: leave to Pillow
     if w < 1 or h < 1 or maxval < 1:
         raise ValueError(f"bad PNM header values (width {w}, height {h}, maxval {maxval})")
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ValueError(f"a {w}x{h} image, more than the {MAX_IMAGE_PIXELS:,} pixels accepted")
     n = w * h * c
     if len(buf) - m.end() < n:
         raise ValueError(f"truncated PNM data ({len(buf) - m.end()} of {n} bytes)")
@@ -68,10 +72,10 @@ def parse_pnm(buf: bytes) -> np.ndarray | None:
     return img
 
 
-def _decode_pil(buf: bytes) -> np.ndarray:
-    from PIL import Image, ImageOps
+def _decode_pil(buf: bytes, where: str) -> np.ndarray:
+    from PIL import ImageOps
 
-    with Image.open(io.BytesIO(buf)) as im:
+    with open_picture(buf, where) as im:
         if im.format == "JPEG":
             im = ImageOps.exif_transpose(im)
         mode = im.mode
@@ -86,24 +90,24 @@ def _decode_pil(buf: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def decode_image(buf: bytes) -> np.ndarray:
-    """Decode image file bytes to uint8 HWC (C = 1 for grey, else 3). Raises ValueError/OSError."""
+def decode_image(buf: bytes, where: str = "image") -> np.ndarray:
+    """Decode image file bytes to uint8 HWC (C = 1 for grey, else 3).
+
+    Raises BadInput for an image above ``MAX_IMAGE_PIXELS`` or one Pillow cannot decode, and
+    ValueError for a malformed PNM."""
     img = parse_pnm(buf)
-    return img if img is not None else _decode_pil(buf)
+    return img if img is not None else _decode_pil(buf, where)
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read and decode one image file; BadInput naming the file if it is missing or undecodable."""
+    """Read and decode one image file; BadInput naming the file if it is missing, not a regular file,
+    larger than ``MAX_IMAGE_BYTES`` or undecodable."""
+    buf = read_bytes(path, MAX_IMAGE_BYTES, "image file")
     try:
-        with open(path, "rb") as f:
-            buf = f.read()
-    except FileNotFoundError:
-        raise BadInput(f"{path}: no such image file") from None
-    except OSError as e:
-        raise BadInput(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        return decode_image(buf)
-    except Exception as e:  # Pillow raises many types for corrupt data
+        return decode_image(buf, str(path))
+    except BadInput:
+        raise
+    except Exception as e:  # malformed PNM, conversions of odd modes
         raise BadInput(f"{path}: not a decodable image ({type(e).__name__}: {e})") from None
 
 

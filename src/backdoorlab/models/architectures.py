@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -18,6 +20,7 @@ from torch import nn
 from backdoorlab.errors import BadInput
 from backdoorlab.models.layers import Conv2dAct, ConvBNAct, KerasFlatten, LinearAct
 from backdoorlab.models.staged import StagedNet
+from backdoorlab.safe_read import MAX_CLASSES, MAX_DIM, MAX_ELEMENTS, check_int
 
 
 class DeepIDHead(nn.Module):
@@ -37,8 +40,15 @@ class DeepIDHead(nn.Module):
         return self.output(torch.relu(a + b))
 
 
+def _min_size(name: str, input_shape: tuple[int, int, int], h: int, w: int) -> None:
+    if input_shape[0] < h or input_shape[1] < w:
+        raise BadInput(f"architecture {name!r} needs inputs of at least {h}x{w} pixels, got "
+                       f"{input_shape[0]}x{input_shape[1]}")
+
+
 def deepid(num_classes: int = 1283, input_shape: tuple[int, int, int] = (55, 47, 3)) -> StagedNet:
     h, w, c = input_shape
+    _min_size("deepid", input_shape, 31, 31)  # pool_3 must leave 2x2 for conv_4
     h3, w3 = (((h - 3) // 2 - 2) // 2 - 2) // 2, (((w - 3) // 2 - 2) // 2 - 2) // 2
     return StagedNet([
         ("conv_1", Conv2dAct(c, 20, 4)), ("pool_1", nn.MaxPool2d(2)),
@@ -50,6 +60,7 @@ def deepid(num_classes: int = 1283, input_shape: tuple[int, int, int] = (55, 47,
 
 def gtsrb_cnn(num_classes: int = 43, input_shape: tuple[int, int, int] = (32, 32, 3)) -> StagedNet:
     h, w, c = input_shape
+    _min_size("gtsrb_cnn", input_shape, 8, 8)  # three 2x2 poolings
     return StagedNet([
         ("conv_1", ConvBNAct(c, 32)), ("conv_2", ConvBNAct(32, 32)), ("pool_1", nn.MaxPool2d(2)),
         ("conv_3", ConvBNAct(32, 64)), ("conv_4", ConvBNAct(64, 64)), ("pool_2", nn.MaxPool2d(2)),
@@ -107,6 +118,7 @@ def preact_resnet18(num_classes: int = 10,
 
 def small_cnn(num_classes: int = 10, input_shape: tuple[int, int, int] = (16, 16, 1)) -> StagedNet:
     h, w, c = input_shape
+    _min_size("small_cnn", input_shape, 4, 4)  # two 2x2 poolings
     return StagedNet([
         ("conv_1", Conv2dAct(c, 16, 3, padding=1)), ("pool_1", nn.MaxPool2d(2)),
         ("conv_2", Conv2dAct(16, 32, 3, padding=1)), ("pool_2", nn.MaxPool2d(2)),
@@ -131,11 +143,66 @@ def register(name: str, builder: Callable[..., nn.Module]) -> None:
 
 
 def build(name: str, num_classes: int, input_shape: tuple[int, int, int], **options) -> nn.Module:
+    """Build architecture ``name`` for ``input_shape`` (H, W, C) and ``num_classes``.
+
+    Sizes are checked before anything is allocated (BadInput otherwise): the class count is a whole
+    number in 1..10^6, the input dims whole numbers in 1..4096, ``options`` are parameters the builder
+    takes, and, built first on torch's meta device (shapes only, no memory), the network holds at most
+    2^28 parameters in any layer and in all. Each builder refuses an input too small for its pooling.
+    """
     key = ALIASES.get(name, name)
     if key not in ARCHITECTURES:
         known = ", ".join(sorted(set(ARCHITECTURES) | set(ALIASES)))
         raise BadInput(f"unknown architecture {name!r} (known: {known})")
-    return ARCHITECTURES[key](num_classes=num_classes, input_shape=tuple(input_shape), **options)
+    builder, where = ARCHITECTURES[key], f"architecture {name!r}"
+    num_classes = check_int(num_classes, f"{where}: class count", 1, MAX_CLASSES)
+    shape = check_shape(input_shape, where)
+    params = inspect.signature(builder).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        takes = set(params) - {"num_classes", "input_shape"}
+        unknown = sorted(map(str, set(options) - takes))
+        if unknown:
+            raise BadInput(f"{where}: unknown option(s) {', '.join(unknown)} (it takes: "
+                           f"{', '.join(sorted(takes)) or 'none'})")
+
+    def make() -> nn.Module:
+        try:
+            with warnings.catch_warnings():  # torch warns about zero-size layers; refused below
+                warnings.simplefilter("ignore")
+                return builder(num_classes=num_classes, input_shape=shape, **options)
+        except (RuntimeError, ValueError, TypeError, ZeroDivisionError) as e:
+            raise BadInput(f"{where} cannot be built for input {shape} with {num_classes} classes "
+                           f"({_first_line(e)})") from None
+
+    with torch.device("meta"):
+        check_size(make(), where)
+    return make()
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def check_shape(shape, where: str) -> tuple[int, int, int]:
+    """``shape`` as (H, W, C) of whole numbers in 1..``MAX_DIM``; BadInput otherwise."""
+    if not isinstance(shape, tuple | list) or len(shape) != 3:
+        raise BadInput(f"{where}: input shape must be (height, width, channels), got {shape!r}")
+    return tuple(check_int(v, f"{where}: input {d}", 1, MAX_DIM)  # type: ignore[return-value]
+                 for d, v in zip(("height", "width", "channels"), shape, strict=True))
+
+
+def check_size(net: nn.Module, where: str) -> None:
+    """Refuse a network (best built on the meta device: nothing allocated) with a layer or a total
+    above ``MAX_ELEMENTS`` parameters."""
+    total = 0
+    for lname, m in net.named_modules():
+        own = sum(p.numel() for p in m.parameters(recurse=False))
+        if own > MAX_ELEMENTS:
+            raise BadInput(f"{where}: layer {lname!r} would hold {own:,} parameters (at most "
+                           f"{MAX_ELEMENTS:,} are accepted)")
+        total += own
+    if total > MAX_ELEMENTS:
+        raise BadInput(f"{where}: {total:,} parameters (at most {MAX_ELEMENTS:,} are accepted)")
 
 
 def canonical(name: str) -> str:

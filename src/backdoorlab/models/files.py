@@ -1,5 +1,8 @@
 """Model files: ``NAME.safetensors`` (weights) + ``NAME.json`` (sidecar: architecture, classes,
 input spec, provenance). Keras HDF5 files are imported by `keras_h5`. Nothing is ever unpickled.
+
+Loading treats both files as hostile: only regular files are read, the sidecar's sizes are bounded,
+and the safetensors header must match the architecture before the network is built for real.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from backdoorlab.io import atomic_path
 from backdoorlab.models import architectures
 from backdoorlab.models.classifier import Classifier
 from backdoorlab.models.spec import InputSpec
+from backdoorlab.safe_read import MAX_CLASSES, MAX_TEXT_BYTES, check_int, read_bytes, require_regular_file
 
 SIDECAR_FORMAT = "backdoorlab-model"
 SIDECAR_VERSION = 1
@@ -79,7 +83,10 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, input_scale:
 
 
 def _load_native(p: Path) -> Classifier:
-    from safetensors import SafetensorError
+    """Sidecar checked, network probed on the meta device against the safetensors header (names,
+    shapes, dtypes), and only then built and filled: a file that does not fit is refused before any
+    real allocation, and every float tensor must be finite."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     weights, sidecar = _paths(p)
@@ -88,29 +95,68 @@ def _load_native(p: Path) -> Classifier:
     if not weights.exists():
         raise BadInput(f"{p}: missing weights file {weights.name}")
     try:
-        meta = json.loads(sidecar.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        meta = json.loads(read_bytes(sidecar, MAX_TEXT_BYTES, "model sidecar"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise BadInput(f"{sidecar}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
         raise BadInput(f"{sidecar}: not a backdoorlab model sidecar")
     for key in ("arch", "num_classes", "input_spec"):
         if key not in meta:
             raise BadInput(f"{sidecar}: missing key {key!r}")
-    spec = InputSpec.from_dict(meta["input_spec"])
-    net = build_net(meta["arch"], int(meta["num_classes"]), spec.shape,
-                    meta.get("arch_options") or {})
+    arch, options, prov = meta["arch"], meta.get("arch_options") or {}, meta.get("provenance") or {}
+    if not isinstance(arch, str) or not isinstance(options, dict) or not isinstance(prov, dict):
+        raise BadInput(f"{sidecar}: 'arch' must be a name, 'arch_options' and 'provenance' objects")
+    num_classes = check_int(meta["num_classes"], f"{sidecar}: num_classes", 1, MAX_CLASSES)
+    spec = InputSpec.from_dict(meta["input_spec"], str(sidecar))
+    require_regular_file(weights, "weights file")
+    try:
+        with torch.device("meta"):
+            probe = build_net(arch, num_classes, spec.shape, options)
+    except BadInput as e:
+        raise BadInput(f"{sidecar}: {e}") from None
+    architectures.check_size(probe, f"{sidecar}: architecture {arch!r}")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BadInput(f"{weights}: corrupt safetensors file ({e})") from None
+    _check_header(probe.state_dict(), header, weights, arch)
+    net = build_net(arch, num_classes, spec.shape, options)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise BadInput(f"{weights}: corrupt safetensors file ({e})") from None
+    for k, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise BadInput(f"{weights}: tensor {k!r} contains NaN or infinite values")
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[0] if str(e) else "mismatch"
-        raise BadInput(f"{weights}: weights do not fit architecture {meta['arch']!r} ({first})") \
-            from None
-    return Classifier(net, spec, int(meta["num_classes"]), meta["arch"],
-                      meta.get("arch_options") or {}, meta.get("provenance") or {})
+        raise BadInput(f"{weights}: weights do not fit architecture {arch!r} ({first})") from None
+    return Classifier(net, spec, num_classes, arch, options, prov)
+
+
+_FLOATS = ("F16", "BF16", "F32", "F64")
+_ST_DTYPES = {torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+              torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _check_header(expected: dict, header: dict, weights: Path, arch: str) -> None:
+    """Compare a state dict's names/shapes/dtypes with a safetensors header (name -> (shape, dtype))."""
+    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    if missing or unexpected:
+        parts = ([f"missing {', '.join(missing[:5])}"] if missing else []) + \
+                ([f"unexpected {', '.join(unexpected[:5])}"] if unexpected else [])
+        raise BadInput(f"{weights}: weights do not fit architecture {arch!r} ({'; '.join(parts)})")
+    for k, t in expected.items():
+        shape, dtype = header[k]
+        if shape != tuple(t.shape):
+            raise BadInput(f"{weights}: weights do not fit architecture {arch!r} (tensor {k!r} has shape "
+                           f"{shape}, expected {tuple(t.shape)})")
+        want = _FLOATS if t.is_floating_point() else (_ST_DTYPES.get(t.dtype, str(t.dtype)),)
+        if dtype not in want:
+            raise BadInput(f"{weights}: tensor {k!r} has dtype {dtype}, expected {' or '.join(want)}")
 
 
 # Builders for architectures whose structure is described by options (Keras graphs, GoodNets…)

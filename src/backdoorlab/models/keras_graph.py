@@ -37,7 +37,10 @@ from backdoorlab.models import files
 from backdoorlab.models.classifier import Classifier
 from backdoorlab.models.layers import KerasFlatten, activate
 from backdoorlab.models.spec import InputSpec
+from backdoorlab.safe_read import MAX_DIM, MAX_ELEMENTS
 
+MAX_LAYERS = 2048  # layers of one graph (the checks below are quadratic in it)
+MAX_ACTIVATIONS = 1 << 26  # values one layer outputs per image
 OPTIONS_FORMAT = "keras-graph"
 OPTIONS_VERSION = 1
 
@@ -92,10 +95,53 @@ def _parse(config: Any, where: str) -> dict:
         raise BadInput(f"{where}: model class {kind!r} is not supported (expected a functional "
                        f"Model or a Sequential model)")
     name = body.get("name", "model") if isinstance(body, dict) else "model"
+    _check_count(nodes, where)
     nodes = _toposort(nodes, inp, out, where)
     dropped = _drop_final_softmax(nodes, out)
     return {"format": OPTIONS_FORMAT, "version": OPTIONS_VERSION, "name": str(name), "input": inp,
             "output": out, "dropped_softmax": dropped, "nodes": nodes}
+
+
+def _check_count(nodes: list[dict], where: str) -> None:
+    if len(nodes) > MAX_LAYERS or sum(len(n["inputs"]) for n in nodes) > 4 * MAX_LAYERS:
+        raise BadInput(f"{where}: {len(nodes):,} layers and {sum(len(n['inputs']) for n in nodes):,} "
+                       f"connections; at most {MAX_LAYERS} layers and {4 * MAX_LAYERS} connections are "
+                       "supported")
+
+
+def _check_options(options: dict, where: str) -> None:
+    """Re-validate stored graph options (a sidecar is as untrusted as a Keras file): every node must
+    be what `_node` makes of it, and the graph must pass `_toposort`."""
+    nodes = options["nodes"]
+    if not all(isinstance(n, dict) for n in nodes):
+        raise BadInput(f"{where}: malformed node list")
+    for n in nodes:
+        name, cfg, inputs = n.get("name"), n.get("config"), n.get("inputs")
+        if not isinstance(name, str) or not isinstance(inputs, list) or not isinstance(cfg, dict) or \
+                not all(isinstance(i, str) for i in inputs):
+            raise BadInput(f"{where}: malformed node {str(n)[:80]}")
+    _check_count(nodes, where)
+    for n in nodes:
+        cfg = {"shape": n["config"].get("shape")} if n.get("class") == "InputLayer" else n["config"]
+        if _node({"class_name": n.get("class"), "config": cfg}, n["name"], n["inputs"], where) != \
+                {k: n[k] for k in ("name", "class", "inputs", "config")}:
+            raise BadInput(f"{where}: layer {n['name']!r}: stored options are not a valid layer")
+    for key in ("input", "output"):
+        if not isinstance(options.get(key), str):
+            raise BadInput(f"{where}: no {key} layer")
+    _toposort(nodes, options["input"], options["output"], where)
+
+
+def _params(node: dict, s: tuple, where: str) -> int:
+    """Parameter count of one node given its input shape ``s``; refused above ``MAX_ELEMENTS``."""
+    cls, cfg, c = node["class"], node["config"], (s[-1] if s else 0)
+    n = {"Conv2D": lambda: math.prod(cfg["kernel_size"]) * c * cfg["filters"] + cfg["filters"],
+         "Dense": lambda: c * cfg["units"] + cfg["units"],
+         "BatchNormalization": lambda: 4 * c}.get(cls, lambda: 0)()
+    if n > MAX_ELEMENTS:
+        raise BadInput(f"{where}: layer {node['name']!r} ({cls}) would hold {n:,} parameters (at most "
+                       f"{MAX_ELEMENTS:,} are accepted)")
+    return n
 
 
 def _layer_name(layer: dict, where: str) -> str:
@@ -243,9 +289,9 @@ def _node(layer: dict, name: str, inputs: list[str], where: str) -> dict:
 
 def _input_shape(shape: Any, name: str, where: str) -> list[int]:
     if not isinstance(shape, list) or len(shape) != 4 or not all(
-            isinstance(s, int) and s > 0 for s in shape[1:]):
-        raise BadInput(f"{where}: input layer {name!r} has shape {shape}; expected a fixed image shape "
-                       f"(batch, height, width, channels)")
+            isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_DIM for s in shape[1:]):
+        raise BadInput(f"{where}: input layer {name!r} has shape {str(shape)[:80]}; expected a fixed image "
+                       f"shape (batch, height, width, channels), each at most {MAX_DIM}")
     return [int(s) for s in shape[1:]]
 
 
@@ -698,9 +744,18 @@ class KerasGraph(nn.Module):
         shapes: dict[str, tuple] = {}
         used: set[str] = set()
         stages: list[tuple[str, nn.Module]] = []
-        where = f"keras graph {options.get('name', '')!r}"
+        where = f"keras graph {str(options.get('name', ''))[:80]!r}"
+        _check_options(options, where)
+        total = 0
         for n in nodes:
-            module, shapes[n["name"]] = _build_node(n, [shapes[s] for s in n["inputs"]], where)
+            ins = [shapes[s] for s in n["inputs"]]
+            total += _params(n, ins[0] if ins else (), where)
+            if total > MAX_ELEMENTS:
+                raise BadInput(f"{where}: more than {MAX_ELEMENTS:,} parameters")
+            module, shapes[n["name"]] = _build_node(n, ins, where)
+            if math.prod(shapes[n["name"]]) > MAX_ACTIVATIONS:
+                raise BadInput(f"{where}: layer {n['name']!r} outputs {shapes[n['name']]} values per image "
+                               f"(at most {MAX_ACTIVATIONS:,} are accepted)")
             self.keys[n["name"]] = key = _module_key(n["name"], used)
             stages.append((key, module))
         self.stages = nn.ModuleDict(stages)
@@ -836,22 +891,36 @@ def expected_weights(net: KerasGraph, name: str) -> list[str]:
     return []
 
 
-def load_graph_weights(net: KerasGraph, weights: dict, path: Path) -> None:
-    """Copy the arrays of a Keras weights group (layer → [arrays in Keras order]) onto ``net``."""
-    from backdoorlab.models.keras_h5 import assign_keras_layer
+def check_graph_shapes(net: KerasGraph, shapes: dict, path: Path) -> None:
+    """Match the weight shapes of a file (layer → [shapes in Keras order]) with the layers of ``net``
+    (which may live on the meta device): the same layers hold weights, each the arrays it implies."""
+    from backdoorlab.models.keras_h5 import keras_arrays
 
     holders = {n for n in net.keys if expected_weights(net, n)}
-    given = {n for n, arrays in weights.items() if arrays}
+    given = {n for n, s in shapes.items() if s}
     if given - holders:
         raise BadInput(f"{path}: weights for layer(s) {', '.join(sorted(given - holders))} that the "
                        f"model config does not define with weights")
     if holders - given:
         raise BadInput(f"{path}: no weights for layer(s) {', '.join(sorted(holders - given))}")
-    for name in holders:
+    for name in sorted(holders):
+        want = keras_arrays(net.module(name))
+        if len(shapes[name]) != len(want):
+            raise BadInput(f"{path}: layer {name!r} holds {len(shapes[name])} arrays, the config implies "
+                           f"{len(want)} ({', '.join(w for w, _ in want)})")
+        for got, (what, shape) in zip(shapes[name], want, strict=True):
+            if tuple(got) != shape:
+                raise BadInput(f"{path}: layer {name!r} {what} has shape {tuple(got)}, the model config "
+                               f"implies {shape}")
+
+
+def load_graph_weights(net: KerasGraph, weights: dict, path: Path) -> None:
+    """Copy the arrays of a Keras weights group (layer → [arrays in Keras order]) onto ``net``."""
+    from backdoorlab.models.keras_h5 import assign_keras_layer
+
+    check_graph_shapes(net, {n: [a.shape for a in arrays] for n, arrays in weights.items()}, path)
+    for name in (n for n in net.keys if expected_weights(net, n)):
         arrays, names = list(weights[name]), expected_weights(net, name)
-        if len(arrays) != len(names):
-            raise BadInput(f"{path}: layer {name!r} holds {len(arrays)} arrays, the config implies "
-                           f"{len(names)} ({', '.join(names)})")
         m = net.module(name)
         if isinstance(m, KerasBatchNorm2d | KerasBatchNorm1d):
             by = dict(zip(names, arrays, strict=True))
@@ -865,18 +934,31 @@ def load_keras_model(path: str | os.PathLike, input_scale: str | None = None) ->
     """Import a full-model Keras HDF5 file (``model_config`` + ``model_weights``) as a Classifier.
 
     ``input_scale``: ``raw`` or ``unit`` (default ``unit``: Keras files carry no scale)."""
+    from backdoorlab.models.architectures import check_size
     from backdoorlab.models.keras_h5 import _attr_str, _open, read_keras_weights
 
     path = Path(path)
     f = _open(path)
     with f:
-        if "model_config" not in f.attrs:
-            raise BadInput(f"{path}: no 'model_config' attribute (not a full-model Keras file)")
-        raw = f.attrs["model_config"]
-        version = _attr_str(f.attrs.get("keras_version", "unknown"))
-    options = parse_keras_config(raw if isinstance(raw, bytes | str) else str(raw), str(path))
+        try:
+            raw = f.attrs.get("model_config")
+            version = _attr_str(f.attrs.get("keras_version", "unknown"))[:80]
+        except Exception as e:
+            raise BadInput(f"{path}: unreadable attributes ({type(e).__name__}: {e})") from None
+    if raw is None:
+        raise BadInput(f"{path}: no 'model_config' attribute (not a full-model Keras file)")
+    if not isinstance(raw, bytes | str):
+        raise BadInput(f"{path}: 'model_config' is a {type(raw).__name__}, expected JSON text")
+    options = parse_keras_config(raw, str(path))
+    try:
+        with torch.device("meta"):  # sizes first: nothing is allocated until the file's weights fit
+            probe = KerasGraph(options)
+    except BadInput as e:
+        raise BadInput(f"{path}: {e}") from None
+    check_size(probe, f"{path}: keras graph")
+    weights = read_keras_weights(path, lambda shapes: check_graph_shapes(probe, shapes, path))
     net = KerasGraph(options)
-    load_graph_weights(net, read_keras_weights(path), path)
+    load_graph_weights(net, weights, path)
     spec = InputSpec(*net.input_shape, scale=input_scale or "unit")
     prov = {"source": str(path), "source_format": "keras-h5-model", "keras_version": version}
     if options["dropped_softmax"]:

@@ -7,7 +7,10 @@ a Keras-2.2.4-style weights-only file (the layout of the CSAW-HackML-2020 files)
 
 Keras stores conv kernels as HWIO and dense kernels as (in, out); torch wants OIHW and
 (out, in). Because our flatten layers follow Keras' (H, W, C) order, no other permutation is
-needed. HDF5 content is read as arrays with h5py; nothing is executed or unpickled.
+needed. HDF5 content is read as arrays with h5py; nothing is executed or unpickled. Files are
+untrusted: datasets are checked from the header (float dtype, data stored inside the file, no
+links to other files) and their shapes matched to the network before any weight is read, and every
+weight must be finite (see `backdoorlab.safe_read`).
 """
 
 from __future__ import annotations
@@ -27,16 +30,28 @@ from backdoorlab.models import keras_graph as _keras_graph  # registers the "ker
 from backdoorlab.models.classifier import Classifier
 from backdoorlab.models.layers import KerasFlatten
 from backdoorlab.models.spec import InputSpec
+from backdoorlab.safe_read import (
+    MAX_CLASSES,
+    MAX_ELEMENTS,
+    check_int,
+    check_weight,
+    h5_dataset,
+    h5_get,
+    h5_read,
+    require_regular_file,
+)
 
+MAX_LAYERS = 100_000  # names in one layer_names / weight_names attribute
 DEFAULT_SHAPES = {"deepid": (55, 47, 3), "gtsrb_cnn": (32, 32, 3), "small_cnn": (16, 16, 1)}
 
 
 def _open(path: Path):
     import h5py
 
+    require_regular_file(path, "model file")
     try:
         return h5py.File(path, "r")
-    except OSError as e:
+    except Exception as e:  # OSError mostly; h5py raises others for some corrupt superblocks
         if zipfile.is_zipfile(path):
             raise BadInput(f"{path}: a Keras 3 '.keras' zip archive, not HDF5; re-save it in Keras with "
                            f"model.save('model.h5')") from None
@@ -44,32 +59,62 @@ def _open(path: Path):
 
 
 def _attr_str(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
+    return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
 
 
-def read_keras_weights(path: Path) -> dict[str, list[np.ndarray]]:
-    """Layer name → its weight arrays in Keras order (e.g. [kernel, bias])."""
+def _names(attrs, key: str, where: str) -> list[str] | None:
+    """A list-of-names attribute (``layer_names``, ``weight_names``); None when absent."""
+    try:
+        v = attrs.get(key)
+    except Exception as e:
+        raise BadInput(f"{where}: unreadable attribute {key!r} ({type(e).__name__}: {e})") from None
+    if v is None:
+        return None
+    a = np.asarray(v)
+    if a.size == 0:  # Keras writes an empty float array for a layer without weights
+        return []
+    if a.ndim != 1 or a.size > MAX_LAYERS or not all(isinstance(n, bytes | str) for n in a.tolist()):
+        raise BadInput(f"{where}: attribute {key!r} must list at most {MAX_LAYERS} names, got "
+                       f"{a.dtype} {a.shape}")
+    return [_attr_str(n) for n in a.tolist()]
+
+
+def read_keras_weights(path: Path, check=None) -> dict[str, list[np.ndarray]]:
+    """Layer name → its weight arrays in Keras order (e.g. [kernel, bias]).
+
+    Every weight dataset is checked from the HDF5 header first (`safe_read.h5_dataset`: a float
+    array stored inside the file, no links to elsewhere); ``check`` (layer → list of shapes), when
+    given, may refuse the file before any array is read. Each array must hold finite floats."""
     f = _open(path)
     with f:
-        root = f["model_weights"] if "model_weights" in f else f
-        if "layer_names" not in root.attrs:
+        root = h5_get(f, "model_weights", str(path)) if "model_weights" in f else f
+        layer_names = _names(root.attrs, "layer_names", str(path))
+        if layer_names is None:
             raise BadInput(f"{path}: not a Keras HDF5 weights file (no 'layer_names' attribute)")
-        out: dict[str, list[np.ndarray]] = {}
-        try:
-            for lname in (_attr_str(n) for n in root.attrs["layer_names"]):
-                g = root[lname]
-                names = [_attr_str(n) for n in g.attrs.get("weight_names", [])]
-                out[lname] = [np.asarray(g[n][()]) for n in names]
-        except (KeyError, OSError, ValueError) as e:
-            raise BadInput(f"{path}: corrupt Keras weights ({e})") from None
-    return out
+        sets: dict[str, list] = {}
+        for lname in layer_names:
+            where = f"{path}: layer {lname!r}"
+            g = h5_get(root, lname, where)
+            sets[lname] = [h5_dataset(g, n, where, kinds="f", max_bytes=8 * MAX_ELEMENTS)
+                           for n in _names(g.attrs, "weight_names", where) or []]
+            for ds in sets[lname]:
+                if ds.size > MAX_ELEMENTS:
+                    raise BadInput(f"{where}: weight {ds.name!r} declares {ds.size:,} values (at most "
+                                   f"{MAX_ELEMENTS:,} are accepted)")
+        if check is not None:
+            check({lname: [tuple(ds.shape) for ds in dsets] for lname, dsets in sets.items()})
+        return {lname: [check_weight(h5_read(ds, str(path)), f"{path}: layer {lname!r} weight {ds.name!r}")
+                        for ds in dsets] for lname, dsets in sets.items()}
 
 
 def load_keras(path: Path, arch: str | None = None, num_classes: int | None = None,
                input_shape: tuple[int, int, int] | None = None,
                input_scale: str | None = None) -> Classifier:
     """Import a Keras .h5: with ``arch`` the weights go onto that architecture; without it the
-    file must be a full-model file (``model_config``) and the graph is rebuilt from its config."""
+    file must be a full-model file (``model_config``) and the graph is rebuilt from its config.
+
+    The weight shapes in the file's header are matched against the architecture (built on the meta
+    device, so nothing is allocated) before any weight is read or the network is built."""
     path = Path(path)
     if arch is None:
         f = _open(path)
@@ -81,36 +126,86 @@ def load_keras(path: Path, arch: str | None = None, num_classes: int | None = No
         from backdoorlab.models.keras_graph import load_keras_model
 
         return load_keras_model(path, input_scale=input_scale)
-    weights = read_keras_weights(path)
     arch = architectures.canonical(arch)
     if arch not in architectures.ARCHITECTURES:
         architectures.build(arch, 1, (1, 1, 1))  # raises BadInput listing the known names
-    if num_classes is None:
-        last = [w for w in weights.values() if w]
-        if not last:
-            raise BadInput(f"{path}: holds no weights")
-        num_classes = int(last[-1][-1].shape[-1])
     shape = input_shape or DEFAULT_SHAPES.get(arch)
     if shape is None:
         raise BadInput(f"architecture {arch!r}: give the input shape for a Keras weights file")
-    net = architectures.build(arch, num_classes, shape)
+    classes: list[int] = []
+
+    def check(shapes: dict[str, list[tuple[int, ...]]]) -> None:
+        n = num_classes
+        if n is None:
+            last = [s for s in shapes.values() if s]
+            if not last:
+                raise BadInput(f"{path}: holds no weights")
+            n = last[-1][-1][-1] if last[-1][-1] else 0
+        n = check_int(n, f"{path}: class count", 1, MAX_CLASSES)
+        try:
+            with torch.device("meta"):
+                probe = architectures.build(arch, n, shape)
+        except BadInput as e:
+            raise BadInput(f"{path}: {e}") from None
+        check_keras_shapes(_short_modules(probe), shapes, path)
+        classes.append(n)
+
+    weights = read_keras_weights(path, check)
+    net = architectures.build(arch, classes[0], shape)
     load_weights_into(net, weights, path)
     spec = InputSpec(*shape, scale=input_scale or "unit")
     prov = {"source": str(path), "source_format": "keras-h5-weights"}
-    return Classifier(net, spec, num_classes, arch, {}, prov)
+    return Classifier(net, spec, classes[0], arch, {}, prov)
 
 
-def load_weights_into(net: torch.nn.Module, weights: dict[str, list[np.ndarray]], path: Path) -> None:
-    """Copy Keras layer weights onto the modules of ``net`` with the same short names."""
-    modules = {full.split(".")[-1]: m for full, m in net.named_modules() if full}
+def _short_modules(net: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Modules by short name (the last part of the dotted path), as Keras files name layers."""
+    return {full.split(".")[-1]: m for full, m in net.named_modules() if full}
+
+
+def keras_arrays(m: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """(Keras weight name, Keras shape) of the arrays a file holds for module ``m``, in file order."""
+    if isinstance(m, torch.nn.Conv2d):
+        o, i, kh, kw = m.weight.shape
+        return [("kernel", (kh, kw, i, o))] + ([("bias", (o,))] if m.bias is not None else [])
+    if isinstance(m, torch.nn.Linear):
+        o, i = m.weight.shape
+        return [("kernel", (i, o))] + ([("bias", (o,))] if m.bias is not None else [])
+    if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+        c = (m.num_features,)
+        names = [w for w, on in (("gamma", getattr(m, "scale", True)), ("beta", getattr(m, "center", True)))
+                 if on] + ["moving_mean", "moving_variance"]
+        return [(w, c) for w in names]
+    return []
+
+
+def check_keras_shapes(modules: dict[str, torch.nn.Module], shapes: dict[str, list[tuple[int, ...]]],
+                       path: Path) -> None:
+    """Match the weight shapes of a file's header (layer → shapes) with ``modules`` (layer → module):
+    every layer with weights present, none unknown, no extra arrays, each shape as expected."""
     expected = {n for n, m in modules.items() if any(True for _ in m.parameters(recurse=False))}
-    given = {n for n, w in weights.items() if w}
+    given = {n for n, s in shapes.items() if s}
     missing, unknown = expected - given, given - expected
     if unknown:
         raise BadInput(f"{path}: layer(s) {', '.join(sorted(unknown))} have no counterpart in the "
                        f"architecture (its layers: {', '.join(sorted(expected))})")
     if missing:
         raise BadInput(f"{path}: no weights for layer(s) {', '.join(sorted(missing))}")
+    for name in sorted(given):
+        want = keras_arrays(modules[name])
+        if want and len(shapes[name]) > len(want):
+            raise BadInput(f"{path}: layer {name!r} holds {len(shapes[name])} arrays, the architecture "
+                           f"expects {len(want)} ({', '.join(w for w, _ in want)})")
+        for got, (what, shape) in zip(shapes[name], want, strict=False):
+            if got != shape:
+                raise BadInput(f"{path}: layer {name!r} {what} has shape {got}, the architecture "
+                               f"expects {shape}")
+
+
+def load_weights_into(net: torch.nn.Module, weights: dict[str, list[np.ndarray]], path: Path) -> None:
+    """Copy Keras layer weights onto the modules of ``net`` with the same short names."""
+    modules = _short_modules(net)
+    check_keras_shapes(modules, {n: [a.shape for a in w] for n, w in weights.items()}, path)
     with torch.no_grad():
         for name, arrays in weights.items():
             if not arrays:
@@ -124,7 +219,11 @@ def assign_keras_layer(m: torch.nn.Module, name: str, arrays: list[np.ndarray], 
         if tuple(param.shape) != tuple(value.shape):
             raise BadInput(f"{path}: layer {name!r} {what} has shape {tuple(value.shape)}, the "
                            f"architecture expects {tuple(param.shape)}")
-        param.copy_(torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)))
+        with np.errstate(over="ignore"):
+            v = np.ascontiguousarray(value, dtype=np.float32)
+        if not np.isfinite(v).all():  # finite float64 beyond float32's range
+            raise BadInput(f"{path}: layer {name!r} {what} holds values beyond the float32 range")
+        param.copy_(torch.from_numpy(v))
 
     with torch.no_grad():
         if isinstance(m, torch.nn.Conv2d):

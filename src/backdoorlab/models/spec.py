@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from backdoorlab.errors import BadInput
+from backdoorlab.safe_read import MAX_DIM, check_int
 
 SCALES = {"raw": 1.0, "unit": 1.0 / 255.0}
 
@@ -19,7 +21,8 @@ class InputSpec:
     ``scale``: ``"raw"`` — the network takes pixels 0-255 as floats; ``"unit"`` — pixels/255 in
     [0, 1]. ``mean``/``std`` (per channel, on the scaled values) are applied after scaling when
     given. ``layout`` is the tensor layout the module's ``forward`` takes (``"NCHW"`` for every
-    network in this package). ``height``/``width``/``channels`` are the expected image shape.
+    network in this package). ``height``/``width``/``channels`` are the expected image shape (whole
+    numbers in 1..4096); ``mean``/``std`` hold one finite number per channel (``std`` positive).
     """
 
     height: int
@@ -31,6 +34,19 @@ class InputSpec:
     layout: str = "NCHW"
 
     def __post_init__(self) -> None:
+        for key in ("height", "width", "channels"):
+            object.__setattr__(self, key, check_int(getattr(self, key), f"input spec: {key}", 1, MAX_DIM))
+        for key in ("mean", "std"):
+            v = getattr(self, key)
+            if v is None:
+                continue
+            if not isinstance(v, tuple | list) or len(v) != self.channels or not all(
+                    isinstance(m, int | float) and not isinstance(m, bool) and math.isfinite(m) for m in v) \
+                    or (key == "std" and any(m <= 0 for m in v)):
+                want = "positive " if key == "std" else ""
+                raise BadInput(f"input spec: {key} must hold one finite {want}number per channel "
+                               f"({self.channels}), got {str(v)[:80]}")
+            object.__setattr__(self, key, tuple(float(m) for m in v))
         if self.scale not in SCALES:
             raise BadInput(f"input scale must be one of {sorted(SCALES)}, got {self.scale!r}")
         if self.layout not in ("NCHW", "NHWC"):
@@ -93,12 +109,17 @@ class InputSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> InputSpec:
+    def from_dict(cls, d: dict, where: str = "model sidecar") -> InputSpec:
+        """The spec a model sidecar stores (see `to_dict`); BadInput naming ``where`` for anything
+        malformed."""
+        if not isinstance(d, dict) or not all(k in d for k in ("height", "width", "channels")):
+            raise BadInput(f"{where}: malformed input spec {str(d)[:200]} (expected height, width, "
+                           "channels)")
         try:
-            return cls(height=int(d["height"]), width=int(d["width"]), channels=int(d["channels"]),
-                       scale=d.get("scale", "unit"),
-                       mean=tuple(d["mean"]) if d.get("mean") is not None else None,
-                       std=tuple(d["std"]) if d.get("std") is not None else None,
+            return cls(height=d["height"], width=d["width"], channels=d["channels"],
+                       scale=d.get("scale", "unit"), mean=d.get("mean"), std=d.get("std"),
                        layout=d.get("layout", "NCHW"))
-        except (KeyError, TypeError, ValueError) as e:
-            raise BadInput(f"model sidecar: malformed input spec {d!r} ({e})") from None
+        except BadInput as e:
+            raise BadInput(f"{where}: {e}") from None
+        except TypeError as e:  # e.g. an unhashable scale
+            raise BadInput(f"{where}: malformed input spec ({e})") from None

@@ -164,17 +164,14 @@ def position_to_json(pos: str | tuple[int, int]) -> str | list[int]:
 
 
 def load_picture(path: str, where: str):
-    """Open an image file with Pillow (fully read), or raise BadInput."""
-    from pathlib import Path
+    """Open an image file with Pillow (fully read), or raise BadInput.
 
-    from PIL import Image, UnidentifiedImageError
+    Only a regular file of at most ``MAX_IMAGE_BYTES`` holding at most ``MAX_IMAGE_PIXELS`` pixels is
+    decoded: a FIFO, a device or a decompression bomb is refused (see `backdoorlab.safe_read`)."""
+    from backdoorlab.safe_read import MAX_IMAGE_BYTES, open_picture, read_bytes
 
-    p = Path(path)
-    if not p.is_file():
-        raise BadInput(f"{where}: trigger image {path!r}: no such file")
     try:
-        with Image.open(p) as im:
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError) as e:
-        raise BadInput(f"{where}: trigger image {path!r} is not a readable image ({e})") from None
+        buf = read_bytes(path, MAX_IMAGE_BYTES)
+    except BadInput as e:
+        raise BadInput(f"{where}: trigger image {e}") from None
+    return open_picture(buf, f"{where}: trigger image {path!r}", "is not a readable image")

@@ -8,7 +8,8 @@ sunglasses BadNet. Per pixel under the picture,
 
 with ``A`` the picture's alpha channel (255 where it has none) and ``alpha`` a global opacity in
 [0, 1]; the result is rounded to the nearest integer (ties to even). Pixels outside the picture are
-untouched. The picture may be resized by ``scale`` (Pillow, bicubic on premultiplied alpha).
+untouched. The picture may be resized by ``scale`` (Pillow, bicubic on premultiplied alpha). The
+picture file and its scaled size are bounded like every image read (`backdoorlab.safe_read`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from backdoorlab.errors import BadInput
+from backdoorlab.safe_read import check_pixels
 from backdoorlab.triggers.base import (
     Trigger,
     load_picture,
@@ -65,6 +67,7 @@ class ImageTrigger(Trigger):
             from PIL import Image
 
             w, h = max(1, round(im.width * scale)), max(1, round(im.height * scale))
+            check_pixels(w, h, f"{where}: {path!r} scaled by {scale:g}")
             im = im.resize((w, h), Image.Resampling.BICUBIC)
         return cls(rgba=np.asarray(im, dtype=np.uint8).copy(), pos=pos, margin=margin, alpha=alpha,
                    source=str(path), scale=scale)
