@@ -63,6 +63,8 @@ def run_cli(args: list, root: Path, timeout: float = 60.0) -> int:
     def target() -> None:
         try:
             box["rc"] = main([str(a) for a in args])
+        except SystemExit as e:  # option refused by argparse (one line, status 2)
+            box["rc"] = e.code
         except BaseException as e:  # noqa: BLE001  (re-raised in the test thread)
             box["exc"] = e
 

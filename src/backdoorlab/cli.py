@@ -1,19 +1,32 @@
 """The `backdoorlab` command line. It parses, calls the API and prints; it holds no algorithm.
 
 Commands live in `backdoorlab.commands`, one module per family, each with ``register(sub)``.
+
+Exit status (README "Exit status"): 0 success; 1 a bug (traceback); 2 bad input: an option, file or
+value that cannot be used, an ``--out`` that is refused or cannot be written (permission,
+read-only file system), out of memory, or a `run` with failed cells; 74 (EX_IOERR) a full disk or
+an I/O error while reading or writing; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM, which
+stops the work the same way as Ctrl-C). ``--debug`` shows a traceback for all of them.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import pkgutil
+import signal
 import sys
+import threading
 
 from backdoorlab import __version__
 from backdoorlab.commands.common import Parser
 from backdoorlab.errors import BadInput
 
 ORDER = ["core"]  # modules registered first (help lists commands in registration order)
+EXIT_BAD_INPUT, EXIT_IO, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 74, 130, 143
+DISK_FULL = {getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG") if hasattr(errno, n)}
+CANNOT_WRITE = {getattr(errno, n) for n in ("EROFS", "EACCES", "EPERM") if hasattr(errno, n)}
 
 
 def build_parser() -> Parser:
@@ -21,6 +34,8 @@ def build_parser() -> Parser:
                "networks, on your own files, on a CPU.",
                epilog="Run 'backdoorlab COMMAND --help' for a command's options.")
     p.add_argument("--version", action="version", version=f"backdoorlab {__version__}")
+    p.add_argument("--debug", action="store_true", help="show a traceback for every error, expected "
+                   "ones too (for bug reports)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     import backdoorlab.commands as pkg
 
@@ -30,22 +45,68 @@ def build_parser() -> Parser:
     return p
 
 
+_terminated = False
+
+
+def _on_sigterm(signum, frame) -> None:
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
+def _catch_sigterm() -> None:
+    """SIGTERM (a plain ``kill``, a job scheduler) stops the work like Ctrl-C: outputs stay whole,
+    `run` stops its workers."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         if args.command:
-            parser.exit(2, f"backdoorlab {args.command}: error: name an action (see --help)\n")
+            parser.exit(2, f"error: name an action (see 'backdoorlab {args.command} --help')\n")
         parser.print_help()
         return 0
-    try:
-        return int(args.func(args) or 0)
-    except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: no partial outputs were kept", file=sys.stderr)
-        return 130
-    except MemoryError:
-        print("error: out of memory (try a smaller batch or data set)", file=sys.stderr)
-        return 2
+    if args.debug:
+        os.environ["BACKDOORLAB_DEBUG"] = "1"  # nested commands and worker processes too
+    from backdoorlab.io import output_scope
+
+    _catch_sigterm()
+
+    with output_scope() as scope:
+        if os.environ.get("BACKDOORLAB_DEBUG") == "1":
+            return int(args.func(args) or 0)
+        try:
+            return int(args.func(args) or 0)
+        except BadInput as e:
+            return _fail(f"error: {e}", EXIT_BAD_INPUT)
+        except KeyboardInterrupt as e:
+            why = str(e) or ("outputs are written whole or not at all, so nothing half-written was kept"
+                             + (f"; the work saved in {scope.resumable} is kept and the same command "
+                                "resumes it" if scope.resumable else ""))
+            if _terminated:
+                return _fail(f"terminated: {why}", EXIT_TERMINATED)
+            return _fail(f"interrupted: {why}", EXIT_INTERRUPTED)
+        except MemoryError:
+            return _fail("error: out of memory (try a smaller batch or data set)", EXIT_BAD_INPUT)
+        except OSError as e:
+            if e.errno in DISK_FULL:
+                return _fail(f"error: disk full{_where(e, ' while writing')} ({e.strerror}); nothing "
+                             "half-written was kept: free some space and run again", EXIT_IO)
+            if e.errno in CANNOT_WRITE:
+                return _fail(f"error: cannot access{_where(e)} ({e.strerror})", EXIT_BAD_INPUT)
+            if e.errno == errno.EIO:
+                return _fail(f"error: input/output error{_where(e)}", EXIT_IO)
+            raise
+
+
+def _where(e: OSError, verb: str = "") -> str:
+    return f"{verb} {e.filename}" if e.filename else ""
+
+
+def _fail(line: str, code: int) -> int:
+    print(line, file=sys.stderr)
+    return code

@@ -1,4 +1,12 @@
-"""Atomic output: nothing half-written ever appears under its final name."""
+"""Safe output: nothing half-written ever appears under its final name, and nothing of the
+user's is ever replaced.
+
+Every folder backdoorlab creates carries a marker file (``MARKER``, JSON naming the tool, its
+version and the command). A command checks its ``--out`` first (`check_out_dir` /
+`check_out_file`, before any loading or training); `atomic_dir` replaces only a folder that carries
+the marker. Temporary names are ``.<name>.<random>.part`` (`clean_stale_parts` removes those left
+by a killed run).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +15,220 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from backdoorlab.errors import BadInput
+
+MARKER = ".backdoorlab"
+
+
+@dataclass
+class _Scope:
+    """What the running command writes: its name, the folders it writes into in place (they get
+    the marker at their first write) and the folder holding resumable work, if any."""
+
+    command: str | None = None
+    claims: list[Path] = field(default_factory=list)
+    resumable: Path | None = None
+
+
+_scope = _Scope()
+
+
+@contextlib.contextmanager
+def output_scope() -> Iterator[_Scope]:
+    """A fresh `_Scope` for one command (the CLI wraps every command; nested calls restore)."""
+    global _scope
+    saved, _scope = _scope, _Scope()
+    try:
+        yield _scope
+    finally:
+        _scope = saved
+
+
+def read_marker(folder: str | os.PathLike) -> dict | None:
+    """The marker of a folder backdoorlab made, or None."""
+    try:
+        rec = json.loads((Path(folder) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("tool") == "backdoorlab" else None
+
+
+def write_marker(folder: str | os.PathLike, command: str | None = None) -> None:
+    """Mark ``folder`` as made by backdoorlab (atomically; no-op when already marked)."""
+    from backdoorlab import __version__
+
+    folder = Path(folder)
+    if read_marker(folder) is not None:
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f"{MARKER}.", suffix=".part", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"tool": "backdoorlab", "version": __version__,
+                   "command": command or _scope.command}, f)
+        f.write("\n")
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, folder / MARKER)
+
+
+def _mark_claimed(parent: Path) -> None:
+    """Before a write into ``parent``: mark the claimed folder that holds it, if not yet marked."""
+    if not _scope.claims:
+        return
+    parent = Path(os.path.abspath(parent))
+    for c in _scope.claims:
+        if (c == parent or c in parent.parents) and c.is_dir():
+            write_marker(c)
+
+
+def _has_files(p: Path) -> bool:
+    """True when the folder holds any file or link (empty sub-folders do not count)."""
+    for root, dirs, files in os.walk(p):
+        if files or any(os.path.islink(os.path.join(root, d)) for d in dirs):
+            return True
+    return False
+
+
+def _readonly(p: Path) -> bool:
+    try:
+        return bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+def _check_writable(p: Path, opt: str, into: bool) -> None:
+    """Refuse early when ``p`` (``into``: the folder itself) or its nearest existing ancestor
+    cannot be written (read-only file system, no permission)."""
+    target = p if into and p.is_dir() else p.parent
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if not target.is_dir():
+        raise BadInput(f"{opt} {p}: {target} is a file, not a folder")
+    if not os.access(target, os.W_OK | os.X_OK):
+        why = "read-only file system" if _readonly(target) else "no write permission"
+        raise BadInput(f"{opt} {p}: cannot write into {target} ({why})")
+
+
+def _remove_marked(p: Path) -> None:
+    """Delete a backdoorlab folder: renamed to a temporary name first, so a kill leaves only a
+    ``.part`` that `clean_stale_parts` removes, never a half-deleted output."""
+    if read_marker(p) is None:
+        raise BadInput(f"{p}: not made by backdoorlab; it is never replaced")
+    old = Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".old.part", dir=p.parent))
+    os.replace(p, old)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _clean_own_parts(p: Path) -> None:
+    """Remove ``.<name>.*.part`` temporaries of ``p`` that a killed earlier run left beside it."""
+    with contextlib.suppress(OSError):
+        for q in p.parent.glob(f".{p.name}.*.part"):
+            _remove(q)
+
+
+def _remove(q: Path) -> None:
+    if q.is_dir() and not q.is_symlink():
+        shutil.rmtree(q, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            q.unlink()
+
+
+def _input_paths(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Resolved paths of input sources (``FORMAT:PATH`` too)."""
+    out = []
+    for s in inputs:
+        s = str(s)
+        out.append(Path(s).resolve())
+        if ":" in s:
+            out.append(Path(s.partition(":")[2]).resolve())
+    return out
+
+
+def check_out_dir(path: str | os.PathLike, overwrite: bool = False, command: str | None = None, *,
+                  in_place: bool = False, resume: bool = False, opt: str = "--out",
+                  inputs: Sequence[str | os.PathLike] = ()) -> Path:
+    """Check an output folder before any work; call it first in every command that writes one.
+
+    Refused (`BadInput`): a file; the current folder, one of its parents, the home or root folder;
+    a folder holding files that backdoorlab did not make (never replaced, even with
+    ``overwrite``); an earlier backdoorlab output unless ``overwrite`` (or, with ``resume``, one
+    made by the same ``command``: its saved work is picked up); an unwritable place; with
+    ``overwrite``, a folder holding one of the ``inputs`` (replacing it would delete the input).
+    ``in_place``: the command writes into the folder itself (not through `atomic_dir`), so with
+    ``overwrite`` an earlier backdoorlab folder is deleted here, and the folder gets the marker at
+    the command's first write. Returns the path."""
+    p = Path(path)
+    real, cwd = p.resolve(), Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        where = "the current folder" if real == cwd else "a parent of the current folder"
+        raise BadInput(f"{opt} {path}: is {where}; name a new folder for the outputs")
+    if real == Path.home().resolve() or real == Path(real.anchor):
+        what = "your home folder" if real != Path(real.anchor) else "the root folder"
+        raise BadInput(f"{opt} {path}: is {what}; name a new folder for the outputs")
+    if p.exists() and not p.is_dir():
+        raise BadInput(f"{opt} {path}: exists and is not a folder; name a new folder")
+    marker = read_marker(p) if p.is_dir() else None
+    if marker is None and p.is_dir() and _has_files(p):
+        raise BadInput(f"{opt} {path}: folder holds files and is not an earlier {command or 'backdoorlab'} "
+                       "output (not made by backdoorlab); choose an empty or new folder (it is "
+                       "never replaced, even with --overwrite)")
+    resuming = marker is not None and resume and marker.get("command") == command and not overwrite
+    if marker is not None and not resuming and not overwrite:
+        what = f"backdoorlab {marker.get('command') or ''}".rstrip()
+        raise BadInput(f"{opt} {path}: holds an earlier {what} run; pass --overwrite to replace it")
+    if marker is not None and overwrite:
+        for q in _input_paths(inputs):
+            if q == real or real in q.parents:
+                raise BadInput(f"{opt} {path}: holds the input {q}; --overwrite would delete it, so "
+                               "write the outputs elsewhere")
+    _check_writable(p, opt, into=in_place and p.is_dir())
+    _clean_own_parts(p)
+    if marker is not None and overwrite and in_place:
+        _remove_marked(p)
+    _scope.command = command or _scope.command
+    if in_place:
+        _scope.claims.append(Path(os.path.abspath(p)))
+    if resume:
+        _scope.resumable = p
+        n = clean_stale_parts(p) if resuming else 0
+        if n:
+            print(f"removed {n} temporary file(s) left in {p} by an interrupted earlier run")
+    return p
+
+
+def check_out_file(path: str | os.PathLike | None, overwrite: bool = False, *, opt: str = "--out",
+                   inputs: Sequence[str | os.PathLike] = ()) -> Path | None:
+    """Check an output file before any work: not one of the ``inputs`` (sources, ``FORMAT:PATH``
+    too), not a folder, an existing file only with ``overwrite``, a writable place."""
+    if path is None:
+        return None
+    p = Path(path)
+    real = p.resolve()
+    if real in _input_paths(inputs):
+        raise BadInput(f"{opt} {path} is the input file; write the output elsewhere")
+    if p.is_dir():
+        raise BadInput(f"{opt} {path} is a folder; expected a file name")
+    if p.exists() and not overwrite:
+        raise BadInput(f"{opt} {path}: file exists; pass --overwrite to replace it")
+    _check_writable(p, opt, into=False)
+    return p
+
+
+def clean_stale_parts(root: str | os.PathLike) -> int:
+    """Remove the ``.*.part`` temporary files and folders a killed earlier run left under ``root``
+    (backdoorlab's own temporary naming only); returns how many were removed."""
+    n = 0
+    for d, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            if name.startswith(".") and name.endswith(".part"):
+                _remove(Path(d) / name)
+                n += 1
+        dirs[:] = [x for x in dirs if not (x.startswith(".") and x.endswith(".part"))]
+    return n
 
 
 @contextlib.contextmanager
@@ -17,6 +236,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _mark_claimed(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -32,24 +252,38 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces ``path`` (an existing one is replaced)."""
+    """Yield a temporary directory (already holding the marker); on success it takes the place of
+    ``path``. An existing ``path`` is replaced only when it is empty or carries the marker
+    (`BadInput` otherwise, checked before the work and again before the swap)."""
     path = Path(path)
+    _check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _mark_claimed(path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
+        write_marker(tmp)
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+        _check_replaceable(path)
+        if path.is_dir() and read_marker(path) is not None:
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old.part", dir=path.parent))
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
+            if path.is_dir():  # only empty sub-folders (checked): nothing to lose
+                shutil.rmtree(path)
             os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _check_replaceable(path: Path) -> None:
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise BadInput(f"{path}: exists and is not a folder; it is never replaced")
+    if path.is_dir() and read_marker(path) is None and _has_files(path):
+        raise BadInput(f"{path}: folder holds files not made by backdoorlab; it is never replaced")
 
 
 def file_sha256(path: str | os.PathLike) -> str | None:

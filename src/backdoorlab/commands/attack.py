@@ -5,7 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from backdoorlab.commands.common import load_data
+from backdoorlab.commands.common import (
+    FRACTION,
+    LABEL,
+    LEARNING_RATE,
+    POSITIVE,
+    SEED,
+    add_out_option,
+    check_out,
+    integer,
+    load_data,
+    number,
+)
 from backdoorlab.errors import BadInput
 
 SPLIT_FORMATS = ("gtsrb", "cifar10", "mnist")
@@ -38,6 +49,7 @@ def load_train_test(args: argparse.Namespace):
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
+    check_out(args, "attack")  # before any import, loading or training
     from backdoorlab.attacks.runner import AttackPlan, train_attack, write_attack_outputs
     from backdoorlab.train import TrainConfig
 
@@ -94,40 +106,44 @@ def register(sub) -> None:
                    help="training data (PATH, FORMAT:PATH, digits)")
     p.add_argument("--test-data", metavar="SOURCE", help="test data (default: the format's test split, "
                    "or a seeded split carved from --data)")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="share carved for testing when the "
+    p.add_argument("--test-fraction", type=FRACTION, default=0.2, help="share carved for testing when the "
                    "data has no test split (default 0.2)")
-    p.add_argument("--size", type=int, help="resize images to SIZE x SIZE where the reader can")
-    p.add_argument("--train-limit", type=int, metavar="N", help="train on a seeded random sample of N "
+    p.add_argument("--size", type=integer(1, 4096, "image size"),
+                   help="resize images to SIZE x SIZE where the reader can")
+    p.add_argument("--train-limit", type=POSITIVE, metavar="N", help="train on a seeded random sample of N "
                    "training images (default: all)")
-    p.add_argument("--test-limit", type=int, metavar="N", help="evaluate on a seeded random sample of "
+    p.add_argument("--test-limit", type=POSITIVE, metavar="N", help="evaluate on a seeded random sample of "
                    "N test images (default: all)")
     p.add_argument("--arch", default="gtsrb_cnn", help="architecture (gtsrb_cnn, preact_resnet18, "
                    "small_cnn, deepid)")
     p.add_argument("--trigger", action="append", metavar="SPEC", help="trigger spec; repeat with "
                    "--target for multi-trigger multi-target attacks")
-    p.add_argument("--target", action="append", type=int, metavar="LABEL", help="target label (one per "
+    p.add_argument("--target", action="append", type=LABEL, metavar="LABEL", help="target label (one per "
                    "--trigger)")
-    p.add_argument("--rate", type=float, default=0.05, help="poisoned share of the training set, per "
+    p.add_argument("--rate", type=number(0, 1, low_open=True),
+                   default=0.05, help="poisoned share of the training set, per "
                    "trigger (default 0.05)")
     p.add_argument("--mode", choices=["all2one", "all2all"], default="all2one")
     p.add_argument("--clean-label", action="store_true", help="poison only target-class images, "
                    "labels unchanged")
     p.add_argument("--pruning-aware", action="store_true", help="Liu et al. 2018 pruning-aware attack")
-    p.add_argument("--pa-max-drop", type=float, default=4.0, help="pruning-aware: prune dormant "
+    p.add_argument("--pa-max-drop", type=number(0, 100, low_open=True),
+                   default=4.0, help="pruning-aware: prune dormant "
                    "channels until validation accuracy drops by this many points (default 4)")
-    p.add_argument("--pa-dormant-shift", type=float, default=0.0, help="pruning-aware: lower the "
+    p.add_argument("--pa-dormant-shift", type=number(), default=0.0, help="pruning-aware: lower the "
                    "reinstated channels' bias by this much so they stay dormant (default 0)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=POSITIVE, default=10)
+    p.add_argument("--batch-size", type=POSITIVE, default=128)
+    p.add_argument("--lr", type=LEARNING_RATE, default=1e-3)
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     p.add_argument("--schedule", choices=["cosine", "step", "none"], default="cosine")
     p.add_argument("--augment", default="", help="comma list: crop (random crop with padding), flip")
-    p.add_argument("--crop-padding", type=int, default=2)
-    p.add_argument("--valid-fraction", type=float, default=0.1, help="clean validation share carved "
+    p.add_argument("--crop-padding", type=integer(0, 64), default=2)
+    p.add_argument("--valid-fraction", type=number(0, 1, high_open=True),
+                   default=0.1, help="clean validation share carved "
                    "from the training data (default 0.1)")
     p.add_argument("--input-scale", choices=["raw", "unit"], default="unit",
                    help="pixel scale the new network takes (stored with the model)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--seed", type=SEED, default=0)
+    add_out_option(p)
     p.set_defaults(func=cmd_attack)

@@ -43,6 +43,8 @@ def read_inputs(source: str) -> tuple[list[str], np.ndarray]:
         raise BadInput(f"{p}: no such file or folder")
     if is_csaw_h5(p):
         data = read_csaw_h5(p)
+        if len(data) == 0:
+            raise BadInput(f"{p}: holds no images")
         return [f"{source}[{i}]" for i in range(len(data))], data.images
     reader = _images_reader()
     if reader is not None:

@@ -9,9 +9,14 @@ import sys
 from pathlib import Path
 
 from backdoorlab.commands.common import (
+    NONNEGATIVE,
+    POSITIVE,
+    SEED,
     add_data_options,
     add_model_options,
+    add_out_option,
     add_poisoned_options,
+    check_out,
     load_data,
     load_model_from_args,
     load_poisoned,
@@ -136,6 +141,7 @@ def write_outputs(result, out: Path) -> list[str]:
 
 
 def cmd_cleanse(args: argparse.Namespace) -> int:
+    check_out(args, "cleanse", in_place=True, resume=True)  # before any work
     from backdoorlab.defenses.neural_cleanse import NCConfig, neural_cleanse
     from backdoorlab.defenses.outliers import null_note
     from backdoorlab.evaluation import check_compatible
@@ -278,14 +284,14 @@ def register(sub) -> None:
     p.add_argument("model", metavar="MODEL", help=".safetensors model or Keras .h5")
     p.add_argument("--clean", required=True, metavar="DATA",
                    help="clean images (labels optional; used for the search and the ASR)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    add_out_option(p, resumable=True)
     p.add_argument("--labels", default="all", help="labels to scan: all (default) or e.g. 0,3,5 / 10-19")
     p.add_argument("--mode", choices=["fast", "full"], default="fast",
                    help="fast: screen + selection (default); full: optimise every label")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=POSITIVE, default=None,
                    help="max mini-batch steps per label (default 1000 epochs x images/batch)")
-    p.add_argument("--batch", type=int, default=32, help="images per label per step (default 32)")
-    p.add_argument("--images", type=int, default=1000,
+    p.add_argument("--batch", type=POSITIVE, default=32, help="images per label per step (default 32)")
+    p.add_argument("--images", type=NONNEGATIVE, default=1000,
                    help="clean images used, a seeded sample (default 1000; 0 = all)")
     p.add_argument("--threshold", type=_threshold, default=2.0,
                    help="flag labels with anomaly index above this (default 2); 'auto': the index a "
@@ -293,20 +299,20 @@ def register(sub) -> None:
     p.add_argument("--check-every", default="1", metavar="N|epoch",
                    help="mini-batch steps per cost-schedule check (default 1; 'epoch' = as the "
                         "released code)")
-    p.add_argument("--suspects", type=int, default=10,
+    p.add_argument("--suspects", type=NONNEGATIVE, default=10,
                    help="fast mode: labels kept from the screen for full optimisation (default 10)")
-    p.add_argument("--reference-labels", type=int, default=32,
+    p.add_argument("--reference-labels", type=POSITIVE, default=32,
                    help="fast mode: random labels fully optimised for the median/MAD (default 32)")
-    p.add_argument("--screen-steps", type=int, default=40,
+    p.add_argument("--screen-steps", type=NONNEGATIVE, default=40,
                    help="fast mode: steps per label in the screen round (default 40)")
-    p.add_argument("--labels-per-batch", type=int, default=None,
+    p.add_argument("--labels-per-batch", type=POSITIVE, default=None,
                    help="labels optimised together in one pass (default 64 / batch)")
-    p.add_argument("--top-k", type=int, default=5, help="smallest triggers to show (default 5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=NONNEGATIVE, default=5, help="smallest triggers to show (default 5)")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--mitigate", metavar="METHODS", help="after detection, repair with the reversed "
                    "triggers of the flagged labels: comma list of unlearn, prune, filter")
     p.add_argument("--mitigate-labels", help="labels whose reversed triggers to use (default: flagged)")
-    p.add_argument("--mitigate-epochs", type=int, default=5, help="unlearning epochs (default 5)")
+    p.add_argument("--mitigate-epochs", type=POSITIVE, default=5, help="unlearning epochs (default 5)")
     p.add_argument("--test", metavar="DATA", help="clean test data for the mitigation figures")
     add_poisoned_options(p, "poisoned test data for the mitigation figures")
     add_model_options(p)

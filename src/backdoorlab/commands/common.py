@@ -11,9 +11,98 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit status 2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
 
+
+
+def integer(low: int | None = None, high: int | None = None, what: str = ""):
+    """argparse type: an integer within ``[low, high]`` (a bad value is one ``error:`` line, exit 2;
+    ``what`` names the quantity in it)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if (low is not None and v < low) or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"{what + ' ' if what else ''}{v} is out of range "
+                                             f"({_bounds(low, high)})")
+        return v
+    parse.__name__ = "integer"
+    return parse
+
+
+def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False):
+    """argparse type: a finite number within ``low``..``high`` (``*_open``: that end excluded)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        bad = (v != v or v in (float("inf"), float("-inf"))
+               or (low is not None and (v < low or (low_open and v == low)))
+               or (high is not None and (v > high or (high_open and v == high))))
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"{text} is out of range ({_bounds(low, high, low_open, high_open)})")
+        return v
+    parse.__name__ = "number"
+    return parse
+
+
+def _bounds(low, high, low_open: bool = False, high_open: bool = False) -> str:
+    low, high = (None if v is None else str(v) if isinstance(v, int) else f"{v:g}" for v in (low, high))
+    if low is not None and high is not None:
+        return f"expected {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f"expected {'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f"expected {'<' if high_open else '<='} {high}"
+    return "expected a finite number"
+
+
+POSITIVE = integer(1)
+NONNEGATIVE = integer(0)
+LABEL = integer(0)
+SEED = integer(0, 2**32 - 1)
+FRACTION = number(0, 1, low_open=True, high_open=True)  # strictly between 0 and 1
+LEARNING_RATE = number(0, 10, low_open=True)
+
+
+def add_out_option(p: argparse.ArgumentParser, kind: str = "dir", help: str | None = None,
+                   required: bool = True, default: str | None = None, metavar: str | None = None,
+                   resumable: bool = False) -> None:
+    """``--out`` (a folder, ``kind="dir"``, or a file) and ``--overwrite``, the same on every command.
+    Commands check them first with `backdoorlab.io.check_out_dir` / `check_out_file`."""
+    what = "output folder" if kind == "dir" else "output file"
+    p.add_argument("--out", required=required, default=default, metavar=metavar or kind.upper(),
+                   help=help or what)
+    if kind == "dir":
+        again = ("; an earlier run of this command in it is resumed without it, and with it is "
+                 "deleted first" if resumable else "")
+        text = ("replace an earlier backdoorlab output in --out" + again + " (a folder holding "
+                "files backdoorlab did not make is never replaced)")
+    else:
+        text = "replace an existing output file"
+    p.add_argument("--overwrite", action="store_true", help=text)
+
+
+INPUT_OPTIONS = ("model", "data", "test_data", "clean", "valid", "test", "guide", "guide_triggers",
+                 "poisoned")
+
+
+def check_out(args: argparse.Namespace, command: str, **kw) -> None:
+    """Check ``--out`` (and ``--overwrite``) first in a command, before any import or work: see
+    `backdoorlab.io.check_out_dir`. The command's input files are passed along so that
+    ``--overwrite`` never deletes a folder holding one of them."""
+    from backdoorlab.io import check_out_dir
+
+    inputs: list[str] = []
+    for name in INPUT_OPTIONS:
+        v = getattr(args, name, None)
+        inputs += [str(x) for x in (v if isinstance(v, list) else [v]) if x]
+    check_out_dir(args.out, args.overwrite, command, inputs=inputs, **kw)
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -22,14 +111,16 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="pixel scale the network takes: raw = 0-255, unit = pixels/255, auto = "
                         "try both on the clean data and keep the more accurate (default: the "
                         "scale stored with the model; Keras files: unit)")
-    p.add_argument("--num-classes", type=int, help="class count, if it cannot be read from the "
+    p.add_argument("--num-classes", type=integer(2, 1_000_000, "class count"),
+                   help="class count, if it cannot be read from the "
                    "model file")
 
 
 def add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=["train", "test"], default=None,
                    help="which split of a data set that holds both (default: test for evaluation)")
-    p.add_argument("--size", type=int, help="resize images to SIZE x SIZE where the reader can")
+    p.add_argument("--size", type=integer(1, 4096, "image size"),
+                   help="resize images to SIZE x SIZE where the reader can")
 
 
 def load_model_from_args(args: argparse.Namespace, clean=None):
@@ -37,8 +128,10 @@ def load_model_from_args(args: argparse.Namespace, clean=None):
     from backdoorlab.models.files import load_model
 
     scale = args.input_scale
-    clf = load_model(args.model, arch=args.arch, input_scale=scale,
-                     num_classes=getattr(args, "num_classes", None))
+    wanted = getattr(args, "num_classes", None)
+    clf = load_model(args.model, arch=args.arch, input_scale=scale, num_classes=wanted)
+    if wanted is not None and clf.num_classes != wanted:
+        raise BadInput(f"--num-classes {wanted}: the model {args.model} has {clf.num_classes} classes")
     if scale == "auto":
         if clean is None:
             raise BadInput("--input-scale auto needs clean labeled data to decide")
@@ -66,7 +159,7 @@ def add_poisoned_options(p: argparse.ArgumentParser,
 
     p.add_argument("--poisoned", action="append", metavar="DATA",
                    help=f"{what}; repeat for several sets (e.g. one per trigger of a multi-trigger BadNet)")
-    p.add_argument("--target", action="append", type=int, metavar="LABEL",
+    p.add_argument("--target", action="append", type=LABEL, metavar="LABEL",
                    help="attack target of each --poisoned set, repeated in the same order (default: "
                    "per-image targets in the file, else the label all its images share (CSAW "
                    "convention), else the most frequent prediction on it)")

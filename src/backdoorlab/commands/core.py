@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 from backdoorlab.commands.common import (
+    SEED,
     add_data_options,
     add_model_options,
+    add_out_option,
     add_poisoned_options,
     load_data,
     load_model_from_args,
@@ -107,6 +109,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from backdoorlab.io import check_out_dir, read_marker
+
+    earlier = read_marker(args.out) if Path(args.out).is_dir() else None
+    again = earlier is not None and earlier.get("command") == "demo"  # a demo replaces its own output
+    check_out_dir(args.out, args.overwrite or again, "demo", in_place=True)  # before any work
+    if again:
+        print(f"replacing the earlier demo output in {args.out}")
     from backdoorlab.demo import run_demo
 
     run_demo(out=Path(args.out) if args.out else None, quick=args.quick, seed=args.seed)
@@ -120,9 +129,10 @@ def register(sub) -> None:
                        description="On scikit-learn's bundled digits (no download): train a clean, a "
                        "BadNets and an FTrojan model, run the pruning sweep with GoodNets, Fine-Pruning "
                        "and Neural Cleanse, and write report.html, report.md and results.json.")
-    d.add_argument("--out", default="backdoorlab-demo", help="output folder (default ./backdoorlab-demo)")
+    add_out_option(d, required=False, default="backdoorlab-demo",
+                   help="output folder (default ./backdoorlab-demo)")
     d.add_argument("--quick", action="store_true", help="a smaller variant (about a minute)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=SEED, default=0)
     d.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="inspect data sets", description="Inspect data sets.")

@@ -7,12 +7,19 @@ import argparse
 from pathlib import Path
 
 from backdoorlab.commands.common import (
+    LEARNING_RATE,
+    NONNEGATIVE,
+    POSITIVE,
+    SEED,
     add_data_options,
     add_model_options,
+    add_out_option,
     add_poisoned_options,
+    check_out,
     load_data,
     load_model_from_args,
     load_poisoned,
+    number,
     poisoned_lines,
 )
 from backdoorlab.errors import BadInput
@@ -38,6 +45,7 @@ def stage_table(res) -> str:
 
 
 def cmd_fine_prune(args: argparse.Namespace) -> int:
+    check_out(args, "fine-prune")  # before any import, loading or training
     from backdoorlab.defenses.fine_pruning import fine_prune
     from backdoorlab.defenses.magnitude_pruning import magnitude_prune
     from backdoorlab.io import atomic_dir, write_json
@@ -107,22 +115,26 @@ def register(sub) -> None:
     p.add_argument("--test", metavar="DATA", help="clean test data (reported only)")
     add_poisoned_options(p)
     p.add_argument("--layer", help="layer to prune (default: the last conv layer)")
-    p.add_argument("--drop", type=float, help="prune until validation accuracy drops this much (default 4)")
+    p.add_argument("--drop", type=number(0, 100, low_open=True),
+                   help="prune until validation accuracy drops this much (default 4)")
     p.add_argument("--drop-unit", choices=["points", "relative"], default="points")
-    p.add_argument("--fraction", type=float, help="prune this share of the layer's channels instead")
+    p.add_argument("--fraction", type=number(0, 1, low_open=True),
+                   help="prune this share of the layer's channels instead")
     p.add_argument("--order", choices=["increasing", "decreasing", "abs", "random"], default="increasing")
-    p.add_argument("--magnitude", type=float, metavar="SPARSITY", help="unstructured magnitude pruning "
+    p.add_argument("--magnitude", type=number(0, 1, low_open=True, high_open=True),
+                   metavar="SPARSITY", help="unstructured magnitude pruning "
                    "to this sparsity (e.g. 0.8) instead of channel pruning")
     p.add_argument("--scope", choices=["global", "layer"], default="global", help="magnitude pruning: "
                    "one threshold for all layers or per layer")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=NONNEGATIVE, default=5)
+    p.add_argument("--lr", type=LEARNING_RATE, default=1e-4)
+    p.add_argument("--batch-size", type=POSITIVE, default=64)
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    p.add_argument("--select-fraction", type=float, default=0.2, help="share of the validation data that "
+    p.add_argument("--select-fraction", type=number(0, 1, low_open=True),
+                   default=0.2, help="share of the validation data that "
                    "picks the best fine-tuning epoch (default 0.2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--seed", type=SEED, default=0)
+    add_out_option(p)
     add_model_options(p)
     add_data_options(p)
     p.set_defaults(func=cmd_fine_prune)

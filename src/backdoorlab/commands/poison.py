@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backdoorlab.commands.common import add_data_options, load_data
+from backdoorlab.commands.common import LABEL, SEED, add_data_options, add_out_option, load_data, number
 from backdoorlab.errors import BadInput
 
 
@@ -74,6 +74,10 @@ def _preview(clean: np.ndarray, poisoned: np.ndarray, count: int = 8) -> np.ndar
 
 
 def cmd_poison(args: argparse.Namespace) -> int:
+    from backdoorlab.io import check_out_file
+
+    check_out_file(args.out, args.overwrite, inputs=[args.data])  # before any work
+    check_out_file(args.preview, args.overwrite, opt="--preview")
     from backdoorlab.attacks.poison import (
         make_poisoned_test_set,
         poison_training_set,
@@ -201,10 +205,10 @@ def register(sub) -> None:
     p.add_argument("--trigger", action="append", required=True, metavar="SPEC",
                    help="trigger spec (repeat, with one --target each, for multi-trigger "
                         "multi-target poisoning)")
-    p.add_argument("--target", type=int, action="append", metavar="T",
+    p.add_argument("--target", type=LABEL, action="append", metavar="T",
                    help="target label (default 0; not used with --mode all2all)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--rate", type=float, metavar="R",
+    g.add_argument("--rate", type=number(0, 1, low_open=True), metavar="R",
                    help="training-set poisoning: share of the whole set to poison and relabel")
     g.add_argument("--all", action="store_true",
                    help="evaluation set: poison every non-target image, keep true labels")
@@ -212,8 +216,8 @@ def register(sub) -> None:
                    help="all2one: everything to --target; all2all: label y to (y + 1) mod classes")
     p.add_argument("--keep-labels", action="store_true",
                    help="with --rate: clean-label poisoning (only target-class images, labels kept)")
-    p.add_argument("--out", required=True, metavar="FILE.h5", help="output file (CSAW h5)")
-    p.add_argument("--seed", type=int, default=0, help="seed for choosing the poisoned images")
+    add_out_option(p, "file", help="output file (CSAW h5)", metavar="FILE.h5")
+    p.add_argument("--seed", type=SEED, default=0, help="seed for choosing the poisoned images")
     p.add_argument("--preview", metavar="FILE.png",
                    help="also write a PNG: clean, poisoned and difference for 8 images")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -12,9 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from backdoorlab.commands.common import (
+    POSITIVE,
+    SEED,
     add_data_options,
     add_model_options,
+    add_out_option,
     add_poisoned_options,
+    check_out,
     load_data,
     load_model_from_args,
     load_poisoned,
@@ -37,16 +41,35 @@ def _parse_drops(text: str) -> tuple[float, ...]:
             from None
 
 
+def _check_guide_options(args: argparse.Namespace) -> None:
+    given = [o for o in ("guide", "guide_triggers", "guide_labels") if getattr(args, o)]
+    if args.order != "guided":
+        if given:
+            raise BadInput(f"--{given[0].replace('_', '-')} is for --order guided")
+        return
+    if bool(args.guide) == bool(args.guide_triggers):
+        raise BadInput("--order guided needs exactly one of --guide (poisoned validation data) or "
+                       "--guide-triggers (triggers.npz from 'backdoorlab cleanse')")
+    if args.guide_labels and not args.guide_triggers:
+        raise BadInput("--guide-labels picks reversed triggers: it goes with --guide-triggers")
+    _guide_labels(args)
+
+
+def _guide_labels(args: argparse.Namespace) -> list[int] | None:
+    if not args.guide_labels:
+        return None
+    try:
+        labels = [int(v) for v in args.guide_labels.split(",")]
+    except ValueError:
+        raise BadInput(f"--guide-labels: expected labels separated by commas (e.g. 0,3), got "
+                       f"{args.guide_labels!r}") from None
+    if any(v < 0 for v in labels):
+        raise BadInput(f"--guide-labels: labels are >= 0, got {args.guide_labels!r}")
+    return labels
+
+
 def _tag(drop: float) -> str:
     return f"drop{drop:g}"
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"--out {out}: exists and is a file, expected a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "results.json").exists():
-        raise BadInput(f"--out {out}: folder exists and is not an earlier prune output (no "
-                       "results.json); choose a new folder")
 
 
 def _file_info(source: str | None) -> dict | None:
@@ -190,6 +213,8 @@ def _print_table(res, rows: list[dict]) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    check_out(args, "prune")  # before any import, loading or work
+    _check_guide_options(args)
     from backdoorlab.defenses.goodnet import goodnet_predictions, make_goodnet, metrics_from_predictions
     from backdoorlab.defenses.masking import apply_channel_mask
     from backdoorlab.defenses.pruning import UNITS, poisoned_key, prune_sweep
@@ -200,7 +225,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     drops = _parse_drops(args.drops)
     out = Path(args.out)
-    _check_out(out)
     save_keras = None
     if args.save_format == "keras":
         from backdoorlab.models import keras_h5
@@ -223,13 +247,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.order == "guided":
         from backdoorlab.defenses.guided_pruning import guided_ranking, stamp_reversed_triggers
 
-        if bool(args.guide) == bool(args.guide_triggers):
-            raise BadInput("--order guided needs exactly one of --guide (poisoned validation data) or "
-                           "--guide-triggers (triggers.npz from 'backdoorlab cleanse')")
         if args.guide:
             backdoored = load_data(args.guide, args, default_split="train")
         else:
-            labels = [int(v) for v in args.guide_labels.split(",")] if args.guide_labels else None
+            labels = _guide_labels(args)
             backdoored = stamp_reversed_triggers(valid, args.guide_triggers, labels)
         ranking, _ = guided_ranking(clf, valid, backdoored, args.layer)
         print(f"guided:     channels ranked by activation on {len(backdoored):,} backdoored inputs "
@@ -339,9 +360,9 @@ def register(sub) -> None:
                    help="prune every channel (default) or stop once the largest drop is reached")
     p.add_argument("--save-format", choices=["native", "keras"], default="native",
                    help="keras: also write the pruned models as Keras HDF5 weights (GoodNets stay native)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward batch (default 64)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (written atomically)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--batch-size", type=POSITIVE, default=64, help="images per forward batch (default 64)")
+    add_out_option(p, help="output folder (written atomically)")
     add_model_options(p)
     add_data_options(p)
     p.set_defaults(func=cmd_prune)

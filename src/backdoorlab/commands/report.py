@@ -6,8 +6,20 @@ import argparse
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from backdoorlab.errors import BadInput
+    from backdoorlab.io import read_marker
     from backdoorlab.report.builder import build_report
 
+    d = Path(args.dir)
+    if not d.is_dir():
+        raise BadInput(f"{d}: no such folder")
+    ours = read_marker(d) is not None or (d / "results.json").is_file()
+    mine = [n for n in ("report.md", "report.html") if (d / n).exists()]
+    if mine and not ours:  # never replace a user's own report files
+        raise BadInput(f"{d}: is not a backdoorlab output and holds {' and '.join(mine)}; they are "
+                       "never replaced")
     md, hp = build_report(args.dir, args.title)
     print(f"wrote {hp} and {md}")
     return 0

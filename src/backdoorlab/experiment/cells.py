@@ -368,8 +368,11 @@ def run_cell(cell_dict: dict, root: str, parent_dirname: str | None, threads: in
     (rootp / "logs").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     stale = d / "cell.json"
-    if d.exists() and not stale.exists():
-        shutil.rmtree(d)  # an interrupted earlier attempt
+    if d.exists() and not stale.exists():  # an interrupted earlier attempt
+        from backdoorlab.io import read_marker
+
+        if not (cell.kind == "cleanse" and read_marker(d) is not None):  # a scan resumes in place
+            shutil.rmtree(d)
     with open(rootp / "logs" / f"{cell.dirname}.log", "w", encoding="utf-8") as log:
         if cell.kind == "attack":
             _run_cli([*attack_args(cell), "--out", str(d)], log)

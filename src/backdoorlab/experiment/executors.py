@@ -5,11 +5,18 @@ already finished (see ``cells.finished``), and call the same ``cells.run_cell``.
 fixed number of torch threads (``threads``), so a grid gives the same numbers whichever executor
 ran it, provided the thread count is the same (float sums depend on how work is split).
 With Ray, every worker must see the output folder (one machine, or a shared filesystem).
+
+Ctrl-C stops the workers (local: terminated with their children and waited for; Ray: tasks
+cancelled) and raises `KeyboardInterrupt` with one line saying what is kept: finished cells (and
+Neural Cleanse scan states) stay in the output folder, and the same command resumes from them.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +27,58 @@ from backdoorlab.experiment.cells import Cell, finished, run_cell
 def _init_worker(threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ.setdefault("BACKDOORLAB_PROGRESS", "0")
+    # Ctrl-C reaches the whole terminal process group: the parent alone decides and stops workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def descendants(pid: int) -> list[int]:
+    """Process ids of every descendant of ``pid`` (read from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for e in entries:
+        try:
+            with open(f"/proc/{e}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(e))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class _SecondInterrupt:
+    """While stopping: a further Ctrl-C only asks to hurry (kill at once), never a traceback."""
+
+    def __init__(self) -> None:
+        self.hurry = False
+        self.saved = None
+
+    def __enter__(self) -> _SecondInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self.saved = signal.signal(signal.SIGINT, self._again)
+        return self
+
+    def _again(self, *_) -> None:
+        self.hurry = True
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is not None:
+            signal.signal(signal.SIGINT, self.saved)
 
 
 class LocalBackend:
@@ -45,8 +104,48 @@ class LocalBackend:
     def result(handle) -> dict:
         return handle.result()
 
-    def close(self, cancel: bool = False) -> None:
-        self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
+    def close(self, cancel: bool = False, handles: list | None = None) -> None:
+        if not cancel:
+            self.pool.shutdown(wait=True)
+            return
+        self.stop()
+
+    def stop(self, grace: float = 5.0) -> int:
+        """Terminate the workers and their children (SIGTERM, then SIGKILL after ``grace``
+        seconds or at a second Ctrl-C) and wait for them; returns how many workers there were."""
+        with _SecondInterrupt() as again:
+            procs = list((getattr(self.pool, "_processes", None) or {}).values())
+            pids = [q for p in procs for q in (p.pid, *descendants(p.pid))]
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            _signal(pids, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while any(p.is_alive() for p in procs) and time.monotonic() < deadline and not again.hurry:
+                time.sleep(0.05)
+            _signal([q for q in pids if _alive(q)], signal.SIGKILL)
+            for p in procs:
+                p.join(timeout=grace)
+            for q in pids:  # reap the workers' own children if they were re-parented to us
+                _reap(q)
+            return len(procs)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except (ChildProcessError, OSError):
+        pass
 
 
 class RayBackend:
@@ -84,9 +183,15 @@ class RayBackend:
                 raise BadInput(str(cause).splitlines()[0]) from None
             raise
 
-    def close(self, cancel: bool = False) -> None:
-        if self.started:
-            self.ray.shutdown()
+    def close(self, cancel: bool = False, handles: list | None = None) -> None:
+        with _SecondInterrupt():
+            for h in handles if cancel and handles else []:
+                try:
+                    self.ray.cancel(h, force=True)
+                except Exception:  # noqa: BLE001 (already finished or gone)
+                    pass
+            if self.started:
+                self.ray.shutdown()
 
 
 Reporter = Callable[[dict, bool, int, int], None]
@@ -141,8 +246,14 @@ def execute(cells: list[Cell], root: Path, backend, threads: int, report: Report
                 if report:
                     report(records[c.key], False, len(records), total)
             submit_ready()
+    except KeyboardInterrupt:
+        backend.close(cancel=True, handles=list(pending))
+        raise KeyboardInterrupt(
+            f"stopped the running cell(s); the {len(records)} finished cell(s) of {total} and any "
+            f"Neural Cleanse scan states are kept in {root}, and running the same command again "
+            "resumes from them") from None
     except BaseException:
-        backend.close(cancel=True)
+        backend.close(cancel=True, handles=list(pending))
         raise
     backend.close()
     return records, errors

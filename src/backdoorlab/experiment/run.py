@@ -8,12 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-from backdoorlab.errors import BadInput
 from backdoorlab.experiment.cells import check_options, plan_cells
 from backdoorlab.experiment.config import load_experiment
 from backdoorlab.experiment.executors import default_jobs_threads, execute, make_backend
 from backdoorlab.experiment.summary import HEAD, markdown_table, summary_rows
-from backdoorlab.io import atomic_path, write_json
+from backdoorlab.io import atomic_path, check_out_dir, write_json, write_marker
 
 
 def estimate_left(kinds_left: list[str], seconds_by_kind: dict[str, list[float]],
@@ -32,13 +31,17 @@ def estimate_left(kinds_left: list[str], seconds_by_kind: dict[str, list[float]]
 
 def run_experiment(config: str | Path, out: str | Path | None = None, executor: str = "local",
                    jobs: int | None = None, threads: int | None = None, address: str | None = None,
-                   dry_run: bool = False, report: bool = True) -> dict:
-    exp = load_experiment(config)
+                   dry_run: bool = False, report: bool = True, overwrite: bool = False) -> dict:
+    """Plan the grid of ``config``, compute the cells not cached under ``out`` and write the summary.
+    ``out`` must be new, empty or an earlier run's folder (resumed; ``overwrite``: started afresh)."""
     # absolute, so workers whose working directory differs (Ray) write to the same place
     root = (Path(out) if out else Path("runs") / Path(config).stem).resolve()
+    exp = load_experiment(config)
     cells = plan_cells(exp)
     check_options(cells)
     jobs, threads = default_jobs_threads(jobs, threads)
+    if not dry_run:  # the config is valid: check the folder before any work
+        check_out_dir(root, overwrite, "run", in_place=True, resume=True)
     n_att = sum(c.kind == "attack" for c in cells)
     n_given = sum(c.kind == "given" for c in cells)
     print(f"experiment {exp.name!r}: {len(exp.attacks)} attack(s) × {len(exp.defenses)} defense(s) × "
@@ -52,11 +55,11 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
             state = "cached" if finished(root, c) else "to run"
             print(f"  {c.label:40s} {c.key[:12]}  {state}")
         return {}
-    if root.exists() and not root.is_dir():
-        raise BadInput(f"--out {root}: exists and is not a folder")
     root.mkdir(parents=True, exist_ok=True)
+    write_marker(root, "run")
     if Path(config).resolve() != (root / "experiment.toml").resolve():
-        shutil.copyfile(config, root / "experiment.toml")
+        with atomic_path(root / "experiment.toml") as tmp:
+            shutil.copyfile(config, tmp)
     t0 = time.perf_counter()
     times: dict[str, list[float]] = {}
     done_keys: set[str] = set()
