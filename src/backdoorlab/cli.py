@@ -11,6 +11,7 @@ stops the work the same way as Ctrl-C). ``--debug`` shows a traceback for all of
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import os
@@ -92,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"interrupted: {why}", EXIT_INTERRUPTED)
         except MemoryError:
             return _fail("error: out of memory (try a smaller batch or data set)", EXIT_BAD_INPUT)
+        except BrokenPipeError:  # `backdoorlab list | head`: the reader has what it wanted
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         except OSError as e:
             if e.errno in DISK_FULL:
                 return _fail(f"error: disk full{_where(e, ' while writing')} ({e.strerror}); nothing "

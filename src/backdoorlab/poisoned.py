@@ -50,6 +50,7 @@ class PoisonedSet:
     total: int
     convention: str
     notes: list[str] = field(default_factory=list)
+    true_labels: np.ndarray | None = None  # the counted inputs' true classes (``true`` convention)
 
     @property
     def rule(self) -> str:
@@ -70,6 +71,14 @@ class PoisonedSet:
 
     def rate_from(self, predictions: np.ndarray) -> float:
         return float((np.asarray(predictions) == self.targets).mean())
+
+    def robust_from(self, predictions: np.ndarray) -> float | None:
+        """Robust accuracy (BackdoorBench): share of counted inputs classified as their *true*
+        label; None when the file does not hold true labels (CSAW files label every input with
+        the target)."""
+        if self.true_labels is None:
+            return None
+        return float((np.asarray(predictions) == self.true_labels).mean())
 
     def describe(self) -> dict:
         """What results.json records about this set (no figures)."""
@@ -135,7 +144,8 @@ def poisoned_set(data: ImageSet | PoisonedSet, target: int | None = None, labels
         raise BadInput(f"{data.name!r}: no poisoned inputs left to measure the ASR on (every true "
                        "label equals the target; if the labels are the attack target, give "
                        "--poisoned-labels target)")
-    return PoisonedSet(data.name, data.images[keep], targets[keep], len(data), convention, notes)
+    truth = data.labels[keep].astype(np.int64) if convention == "true" else None
+    return PoisonedSet(data.name, data.images[keep], targets[keep], len(data), convention, notes, truth)
 
 
 def as_list(x) -> list:

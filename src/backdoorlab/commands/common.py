@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from backdoorlab.errors import BadInput
+from backdoorlab.options import integer, number  # the commands' bounded option types
 
 
 class Parser(argparse.ArgumentParser):
@@ -12,54 +13,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
-
-
-
-
-def integer(low: int | None = None, high: int | None = None, what: str = ""):
-    """argparse type: an integer within ``[low, high]`` (a bad value is one ``error:`` line, exit 2;
-    ``what`` names the quantity in it)."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if (low is not None and v < low) or (high is not None and v > high):
-            raise argparse.ArgumentTypeError(f"{what + ' ' if what else ''}{v} is out of range "
-                                             f"({_bounds(low, high)})")
-        return v
-    parse.__name__ = "integer"
-    return parse
-
-
-def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
-           high_open: bool = False):
-    """argparse type: a finite number within ``low``..``high`` (``*_open``: that end excluded)."""
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        bad = (v != v or v in (float("inf"), float("-inf"))
-               or (low is not None and (v < low or (low_open and v == low)))
-               or (high is not None and (v > high or (high_open and v == high))))
-        if bad:
-            raise argparse.ArgumentTypeError(
-                f"{text} is out of range ({_bounds(low, high, low_open, high_open)})")
-        return v
-    parse.__name__ = "number"
-    return parse
-
-
-def _bounds(low, high, low_open: bool = False, high_open: bool = False) -> str:
-    low, high = (None if v is None else str(v) if isinstance(v, int) else f"{v:g}" for v in (low, high))
-    if low is not None and high is not None:
-        return f"expected {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    if low is not None:
-        return f"expected {'>' if low_open else '>='} {low}"
-    if high is not None:
-        return f"expected {'<' if high_open else '<='} {high}"
-    return "expected a finite number"
 
 
 POSITIVE = integer(1)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from backdoorlab import cost
 from backdoorlab.errors import BadInput
 from backdoorlab.models.spec import InputSpec
 
@@ -28,6 +29,7 @@ class Classifier:
     channels_last: bool = True
 
     def __post_init__(self) -> None:
+        setattr(self.net, cost.TOP, True)  # image passes are counted at this network's input
         self.net.eval()
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from backdoorlab import cost
+
 
 class StagedNet(nn.Module):
     """Run ``stages`` in order. ``prune_layer`` names the default layer for pruning defenses
@@ -44,6 +46,7 @@ class StagedNet(nn.Module):
     def forward_to(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Output of stage ``name`` (inclusive)."""
         stop = self._index(name)
+        cost.add(len(x))
         for i, m in enumerate(self.stages.values()):
             x = m(x)
             if i == stop:
@@ -53,6 +56,7 @@ class StagedNet(nn.Module):
     def forward_from(self, name: str, h: torch.Tensor) -> torch.Tensor:
         """Run the stages after ``name`` on ``h`` (an output of stage ``name``)."""
         start = self._index(name)
+        cost.add(len(h))
         for i, m in enumerate(self.stages.values()):
             if i > start:
                 h = m(h)

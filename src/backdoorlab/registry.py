@@ -1,0 +1,94 @@
+"""The one registry of methods: name → family, options, paper, data needed, function.
+
+A method registers itself in its own module with `register` (a decorator on its function); every
+module of a family's package (``backdoorlab.repairs`` …) is imported on first use, so a new method
+is one new file. The CLI (``backdoorlab repair NAME``, ``backdoorlab list``), the experiment files
+of ``backdoorlab run`` and their validation all read this registry.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from backdoorlab.errors import BadInput
+from backdoorlab.options import describe
+
+FAMILIES = {
+    "repair": "model + the defender's clean data (+ backdoored inputs or reversed triggers where the "
+              "method assumes them) → repaired model",
+}
+PACKAGES = {"repair": "backdoorlab.repairs"}
+# what a method may need besides the model
+NEEDS = {
+    "clean": "clean labelled data the defender holds",
+    "poisoned": "backdoored inputs the defender holds",
+    "backdoored": "backdoored inputs the defender holds, or reversed triggers stamped on clean images",
+    "triggers": "reversed triggers (triggers.npz of `backdoorlab cleanse`) and the labels to use",
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    family: str
+    options: type            # a dataclass of `backdoorlab.options.opt` fields
+    run: Callable
+    paper: str               # citation: authors, venue, year
+    needs: tuple[str, ...]   # keys of NEEDS
+    summary: str             # one line for `list` and --help
+
+    def describe(self) -> dict:
+        return {"name": self.name, "family": self.family, "summary": self.summary, "paper": self.paper,
+                "needs": list(self.needs), "options": describe(self.options)}
+
+
+_METHODS: dict[str, Method] = {}
+_loaded: set[str] = set()
+
+
+def register(name: str, family: str, options: type, paper: str, summary: str,
+             needs: tuple[str, ...] = ("clean",)) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as method ``name`` of ``family``."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}")
+    bad = set(needs) - set(NEEDS)
+    if bad:
+        raise ValueError(f"{name}: unknown needs {sorted(bad)}")
+
+    def deco(fn: Callable) -> Callable:
+        if name in _METHODS and _METHODS[name].run is not fn:
+            raise ValueError(f"method {name!r} registered twice")
+        _METHODS[name] = Method(name, family, options, fn, paper, tuple(needs), summary)
+        return fn
+
+    return deco
+
+
+def _load(family: str) -> None:
+    if family in _loaded:
+        return
+    _loaded.add(family)
+    pkg = importlib.import_module(PACKAGES[family])
+    for m in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if not m.name.startswith("_"):
+            importlib.import_module(f"{PACKAGES[family]}.{m.name}")
+
+
+def methods(family: str | None = None) -> list[Method]:
+    """Registered methods (of one family), sorted by family then name."""
+    for f in [family] if family else list(FAMILIES):
+        _load(f)
+    return sorted((m for m in _METHODS.values() if family in (None, m.family)),
+                  key=lambda m: (list(FAMILIES).index(m.family), m.name))
+
+
+def get(name: str, family: str | None = None) -> Method:
+    """The method ``name`` (of ``family``), or `BadInput` listing the known names."""
+    known = {m.name: m for m in methods(family)}
+    if name not in known:
+        what = f"{family} method" if family else "method"
+        raise BadInput(f"unknown {what} {name!r} (known: {', '.join(known)})")
+    return known[name]
