@@ -89,9 +89,13 @@ def doc(**over) -> dict:
 
 @pytest.mark.parametrize("bad, msg", [
     (doc(attack=[{"name": "a", "trigger": "patch", "targte": 0}]), "unknown key(s) targte"),
-    (doc(defense=[{"kind": "prunning"}]), "kind must be one of"),
+    (doc(defense=[{"kind": "prunning"}]), "unknown repair method 'prunning'"),
+        (doc(defense=[{"kind": "prune", "epochs": 3}]), "unknown option epochs for prune"),
+        (doc(defense=[{"kind": "prune", "drop": [2, 2]}]), "repeats"),
+        (doc(defense=[{"kind": "fine-prune", "guide": "poisoned"}]), "guide is for"),
+        (doc(defense=[{"kind": "prune", "nc_steps": 5}]), "runs no Neural Cleanse scan"),
     (doc(defense=[{"kind": "prune", "out": "x"}]), "set by the experiment runner"),
-    (doc(defense=[{"kind": "prune", "report_drop": -1}]), "report_drop"),
+    (doc(defense=[{"kind": "prune", "report_drop": -1}]), "drop = -1.0 is out of range"),
     (doc(seeds=[0, 0]), "seeds repeat"),
     (doc(seeds=[]), "non-empty list"),
     ({"data": {"source": "digits"}, "model": {"arch": "small_cnn"}}, "no [[attack]]"),
@@ -192,57 +196,70 @@ def grid_run(tmp_path_factory):
 def test_grid_runs_and_writes_table_and_report(grid_run):
     tmp, cfg, res = grid_run
     out = tmp / "out"
-    assert res["errors"] == [] and res["computed_cells"] == 7 and res["cached_cells"] == 0
+    assert res["errors"] == [] and res["computed_cells"] == 9 and res["cached_cells"] == 0
     rows = {(r[0], r[1]): r for r in res["table"]["rows"]}
-    assert set(rows) == {("badnets", "none"), ("badnets", "pruning (2-pt drop)"),
-                         ("badnets", "pruning (4-pt drop)"), ("badnets", "fp"), ("badnets", "nc"),
-                         ("badnets", "mag"), ("badnets", "guided (4-pt drop)"),
-                         ("badnets", "guided-nc (4-pt drop)")}
+    assert set(rows) == {("badnets", "none"), ("badnets", "pruning-drop2"),
+                         ("badnets", "pruning-drop4"), ("badnets", "fp"), ("badnets", "nc"),
+                         ("badnets", "mag"), ("badnets", "guided"),
+                         ("badnets", "guided-nc")}
     cells = {c["cell"]["label"]: c for c in res["cells"]}
     attack = cells["badnets-s0"]
     att_res = json.loads((out / "cells" / attack["dir"] / "results.json").read_text())
     # the table's "before" figures are the attack model's own measurements
     assert rows[("badnets", "none")][3] == f"{100 * att_res['clean_accuracy']:.2f}"
     assert rows[("badnets", "none")][4] == f"{100 * att_res['asr'][0]:.2f}"
-    fp = json.loads((out / "cells" / cells["badnets-fp-s0"]["dir"] / "results.json").read_text())
-    assert rows[("badnets", "fp")][5] == f"{100 * fp['after_finetuning']['test_accuracy']:.2f}"
-    assert rows[("badnets", "fp")][6] == f"{100 * fp['after_finetuning']['asr']:.2f}"
-    pr = json.loads((out / "cells" / cells["badnets-pruning-s0"]["dir"] / "results.json").read_text())
-    th4 = next(t for t in pr["sweep"]["thresholds"] if t["drop"] == 4.0)
-    want = f"{100 * th4['asr']:.2f}" if th4["reached"] else "—"
-    assert rows[("badnets", "pruning (4-pt drop)")][6] == want
+    def res_of(label: str) -> dict:
+        return json.loads((out / "cells" / cells[label]["dir"] / "results.json").read_text())
+
+    # every defense cell is `backdoorlab repair METHOD`; the table shows its "after" figures
+    fp = res_of("badnets-fp-s0")
+    assert fp["kind"] == "repair" and fp["method"] == "fine-prune"
+    assert rows[("badnets", "fp")][5] == f"{100 * fp['after']['clean_accuracy']:.2f}"
+    assert rows[("badnets", "fp")][6] == f"{100 * fp['after']['sets'][0]['asr']:.2f}"
+    assert rows[("badnets", "fp")][9] == f"{fp['der']:.3f}"
+    for drop in (2, 4):
+        pr = res_of(f"badnets-pruning-drop{drop}-s0")
+        assert pr["method"] == "prune" and pr["options"]["drop"] == drop
+        assert rows[("badnets", f"pruning-drop{drop}")][6] == f"{100 * pr['after']['sets'][0]['asr']:.2f}"
     for f in ("summary.md", "summary.csv", "results.json", "report.html", "report.md", "experiment.toml"):
         assert (out / f).is_file(), f
     html = (out / "report.html").read_text()
-    assert "Experiment: tiny" in html and "pruning (4-pt drop)" in html
+    assert "Experiment: tiny" in html and "pruning-drop4" in html
     # the report has a section for every kind of run in the grid
     md = (out / "report.md").read_text()
-    for title in ("## Experiment: tiny", f"## Attack: cells/{attack['dir']}", "## Pruning defense: cells/",
-                  "## Fine-Pruning: cells/", "## Neural Cleanse: cells/", "## Magnitude pruning: cells/",
-                  "## Provenance"):
+    for title in ("## Experiment: tiny", f"## Attack: cells/{attack['dir']}", "## Repair prune: cells/",
+                  "## Repair fine-prune: cells/", "## Neural Cleanse: cells/", "## Repair magnitude: cells/",
+                  "## Repair guided-prune: cells/", "## Provenance"):
         assert title in md, title
-    nc = json.loads((out / "cells" / cells["badnets-nc-s0"]["dir"] / "results.json").read_text())
-    assert ("## Neural Cleanse mitigation: cells/" in md) == bool(nc["flagged"])
-    assert len(list((out / "logs").glob("*.log"))) == 7
-    mag = json.loads((out / "cells" / cells["badnets-mag-s0"]["dir"] / "results.json").read_text())
-    assert mag["kind"] == "magnitude-prune" and abs(mag["sparsity"] - 0.3) < 1e-9
-    gd = json.loads((out / "cells" / cells["badnets-guided-s0"]["dir"] / "results.json").read_text())
-    assert gd["sweep"]["order"] == "guided"
-    # guided by Neural Cleanse: the scan ran with the nc_ options, and pruning used its flagged label
-    scan_dir = out / "cells" / (cells["badnets-guided-nc-s0"]["dir"] + "-nc")
-    scan = json.loads((scan_dir / "results.json").read_text())
-    assert scan["mode"] == "full" and sorted(x["label"] for x in scan["labels"]) == [0, 1, 2, 3, 4]
-    gnc_dir = out / "cells" / cells["badnets-guided-nc-s0"]["dir"]
-    if scan["flagged"]:
-        assert json.loads((gnc_dir / "results.json").read_text())["sweep"]["order"] == "guided"
-    else:
-        assert cells["badnets-guided-nc-s0"]["detail"] == "no label flagged: model unchanged"
+    assert len(list((out / "logs").glob("*.log"))) == 9  # 8 cells and the shared Neural Cleanse scan
+    mag = res_of("badnets-mag-s0")
+    assert mag["method"] == "magnitude" and abs(mag["options"]["sparsity"] - 0.3) < 1e-9
+    gd = res_of("badnets-guided-s0")
+    assert gd["method"] == "guided-prune" and gd["defender_data"]["poisoned"] > 0
+    # Neural Cleanse first (the scan ran with the nc_ / cleanse options), then the repair with the
+    # reversed triggers of every flagged label
+    for label, method in (("badnets-guided-nc-s0", "guided-prune"), ("badnets-nc-s0", "nc-unlearn")):
+        scan_dir = out / "cells" / cells[label]["parent_dir"]
+        assert cells[label]["parent_dir"].startswith("badnets-nc-s0-")  # one shared scan cell
+        scan = json.loads((scan_dir / "results.json").read_text())
+        assert scan["mode"] == "full" and sorted(x["label"] for x in scan["labels"]) == [0, 1, 2, 3, 4]
+        if scan["flagged"]:
+            r = res_of(label)
+            assert r["method"] == method and r["defender_data"]["trigger_labels"] == scan["flagged"]
+        else:
+            assert cells[label]["detail"] == "no label flagged: model unchanged"
+
+
+def timeless(table: dict) -> list:
+    """The summary rows without the wall-time column (it differs between runs of a cell)."""
+    i = table["head"].index("repair s")
+    return [r[:i] + r[i + 1:] for r in table["rows"]]
 
 
 def test_rerun_comes_from_cache_and_a_changed_option_recomputes_one_cell(grid_run):
     tmp, cfg, first = grid_run
     again = run_experiment(cfg, tmp / "out", jobs=2, threads=1, report=False)
-    assert again["computed_cells"] == 0 and again["cached_cells"] == 7
+    assert again["computed_cells"] == 0 and again["cached_cells"] == 9
     assert again["table"] == first["table"]
     changed = write(tmp, GRID.replace("drop = 4\nepochs = 1", "drop = 4\nepochs = 2"), "exp2.toml")
     third = run_experiment(changed, tmp / "out", jobs=1, threads=1, report=False)
@@ -257,7 +274,7 @@ def test_an_interrupted_cell_is_recomputed(grid_run, tmp_path):
     nc = next(c for c in first["cells"] if c["cell"]["label"] == "badnets-nc-s0")
     (out / "cells" / nc["dir"] / "cell.json").unlink()  # as if killed before it finished
     res = run_experiment(cfg, out, jobs=1, threads=1, report=False)
-    assert res["computed_cells"] == 1 and res["table"] == first["table"]
+    assert res["computed_cells"] == 1 and timeless(res["table"]) == timeless(first["table"])
 
 
 def test_given_model_matches_the_trained_one(grid_run, tmp_path):
@@ -280,7 +297,7 @@ report_drop = [2, 4]
     rows = {r[1]: r for r in res["table"]["rows"]}
     trained = {r[1]: r for r in first["table"]["rows"]}
     assert rows["none"][3:5] == trained["none"][3:5]
-    assert rows["pruning (4-pt drop)"][3:8] == trained["pruning (4-pt drop)"][3:8]
+    assert rows["pruning-drop4"][3:8] == trained["pruning-drop4"][3:8]
 
 
 def test_cli_bad_config_is_one_line(tmp_path, capsys):
@@ -312,7 +329,7 @@ def test_a_failing_cell_is_reported_and_the_rest_continue(tmp_path, capsys):
                                        'layer = "conv_9"'))
     res = run_experiment(cfg, tmp_path / "out", jobs=2, threads=1, report=False)
     assert len(res["errors"]) == 1 and "badnets-fp-s0" in res["errors"][0]
-    assert "conv_9" in res["errors"][0] and "fine-prune failed" in res["errors"][0]
+    assert "conv_9" in res["errors"][0] and "repair fine-prune failed" in res["errors"][0]
     rows = {r[1]: r for r in res["table"]["rows"]}
     assert rows["fp"][-1] == "failed" and rows["nc"][2] == "1"
 
@@ -321,8 +338,8 @@ def test_ray_executor_gives_the_local_table(grid_run, tmp_path):
     pytest.importorskip("ray")
     tmp, cfg, first = grid_run
     res = run_experiment(cfg, tmp_path / "ray", executor="ray", threads=1, report=False)
-    assert res["errors"] == [] and res["computed_cells"] == 7
-    assert res["table"] == first["table"]
+    assert res["errors"] == [] and res["computed_cells"] == 9
+    assert timeless(res["table"]) == timeless(first["table"])
 
 
 def test_example_configs_parse():

@@ -17,7 +17,7 @@ from backdoorlab.options import from_mapping
 from backdoorlab.poisoned import poisoned_set
 from backdoorlab.repairs import DefenderData, der, measure, repair
 
-REPAIRS = ["fine-prune", "guided-prune", "magnitude", "nc-prune", "nc-unlearn", "prune"]
+REPAIRS = ["fine-prune", "guided-prune", "magnitude", "nc-filter", "nc-prune", "nc-unlearn", "prune"]
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,8 @@ def test_nc_repairs_match_nc_mitigation(digits_badnet):
     ps, targets = art["poisoned_test"][0]
     ps.meta["targets"] = targets
     cfg = TrainConfig(epochs=2, lr=1e-4, batch_size=64, schedule="none", seed=0)
-    table, _ = mitigate(clf, art["valid"], test, triggers, [0], ps, methods=("unlearn", "prune"), cfg=cfg)
+    table, _ = mitigate(clf, art["valid"], test, triggers, [0], ps, methods=("unlearn", "prune", "filter"),
+                        cfg=cfg)
     rows = {r.method: r for r in table.methods}
     data = DefenderData(art["valid"], triggers=triggers, trigger_labels=[0])
     sets = [poisoned_set(ps)]
@@ -143,7 +144,12 @@ def test_nc_repairs_match_nc_mitigation(digits_badnet):
     assert un.after.asr == rows["unlearning"].asr
     assert pr.after.clean_accuracy == rows["neuron pruning"].clean_accuracy
     assert pr.after.asr == rows["neuron pruning"].asr
+    _, fl = repair("nc-filter", clf, data, test, sets)
+    assert fl.after.clean_accuracy == rows["input filter"].clean_accuracy
+    assert fl.after.asr == rows["input filter"].asr
+    assert fl.goodnet["sets"][0]["detection_rate"] == rows["input filter"].detection_rate
     assert pr.passes > 0 and un.passes > 0
+    assert un.goodnet is not None and fl.goodnet["clean_flagged"] == rows["input filter"].clean_flagged
 
 
 def test_needs_are_checked_before_any_work(files, capsys, tmp_path):

@@ -67,6 +67,9 @@ def register(name: str, family: str, options: type, paper: str, summary: str,
     return deco
 
 
+PLUGINS_ENV = "BACKDOORLAB_METHODS"  # folders (os.pathsep-separated) of extra method files
+
+
 def _load(family: str) -> None:
     if family in _loaded:
         return
@@ -75,6 +78,31 @@ def _load(family: str) -> None:
     for m in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
         if not m.name.startswith("_"):
             importlib.import_module(f"{PACKAGES[family]}.{m.name}")
+    _load_plugins()
+
+
+def _load_plugins() -> None:
+    """Method files outside the source tree: every ``*.py`` in the folders named by
+    ``$BACKDOORLAB_METHODS`` (your own code, imported like any module; worker processes of
+    ``backdoorlab run`` inherit the variable)."""
+    import importlib.util
+    import os
+    import sys
+    from pathlib import Path
+
+    for folder in filter(None, os.environ.get(PLUGINS_ENV, "").split(os.pathsep)):
+        d = Path(folder)
+        if not d.is_dir():
+            raise BadInput(f"${PLUGINS_ENV}: {d} is not a folder")
+        for f in sorted(d.glob("*.py")):
+            name = f"backdoorlab_methods.{f.stem}"
+            if name in sys.modules:
+                continue
+            spec = importlib.util.spec_from_file_location(name, f)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
 
 
 def methods(family: str | None = None) -> list[Method]:

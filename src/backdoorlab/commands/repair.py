@@ -39,8 +39,15 @@ def repair_table(res) -> str:
             cells += [_pct(s["asr"]), _pct(s["robust_accuracy"])]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     der = ", ".join("—" if d is None else f"{d:.3f}" for d in res.der_sets) or "— (no poisoned data)"
-    return ("\n".join(lines) + f"\n\nDER {der}; cost {res.seconds:.1f} s, "
-            f"{res.passes:,} image passes\n")
+    text = "\n".join(lines) + f"\n\nDER {der}; cost {res.seconds:.1f} s, {res.passes:,} image passes"
+    g = res.goodnet
+    if g:
+        det = ", ".join(f"{100 * s['detection_rate']:.2f} %" + (f" of {s['name']}" if multi else "")
+                        for s in g["sets"])
+        text += (f"\nGoodNet (class N = backdoored): clean accuracy {100 * g['clean_accuracy']:.2f} %, "
+                 f"{100 * g['clean_flagged']:.2f} % of clean inputs flagged"
+                 + (f"; detects {det} of the poisoned inputs" if det else ""))
+    return text + (f"\n{res.summary}" if res.summary else "") + "\n"
 
 
 def _parse_labels(text: str | None) -> list[int] | None:

@@ -28,10 +28,6 @@ from backdoorlab.errors import BadInput
 from backdoorlab.experiment.config import Experiment
 from backdoorlab.poisoned import as_list
 
-DEFAULT_DROPS = (2.0, 4.0, 10.0, 30.0)
-# `cleanse --mitigate` method -> its row in mitigation/results.json
-MITIGATION_ROWS = {"unlearn": "unlearning", "prune": "neuron pruning", "filter": "input filter"}
-
 
 @dataclass
 class Cell:
@@ -85,6 +81,8 @@ def data_fingerprint(source: str) -> dict:
 
 def plan_cells(exp: Experiment) -> list[Cell]:
     """Every cell of the grid, attack cells first (defense cells name their parent's key)."""
+    from backdoorlab import registry
+
     trains = any(a.given is None for a in exp.attacks)
     data_id = {"data": {k: v for k, v in exp.data.items() if k not in ("source", "test")},
                "train_data": data_fingerprint(exp.data["source"]) if trains else None,
@@ -105,18 +103,25 @@ def plan_cells(exp: Experiment) -> list[Cell]:
                               "model": exp.model, "train": exp.train, "attack": a.options,
                               "data": data_id["data"]})
                 cells.append(Cell(key, f"{a.name}-s{seed}", "attack", a.name, None, seed, spec, None))
+            scans: dict[str, Cell] = {}
             for d in exp.defenses:
-                dspec: dict = {"kind": d.kind, "options": d.options}
-                if d.kind in ("prune", "guided"):
-                    dspec["report_drops"] = d.report_drops
-                if d.kind == "guided":
+                dspec: dict = {"method": d.method, "options": d.options}
+                if "backdoored" in registry.get(d.method, "repair").needs:
                     dspec["guide"] = d.guide
-                if d.kind == "cleanse":
-                    dspec["mitigate"] = d.mitigate
-                dkey = digest({"kind": "defense", "version": __version__, "seed": seed, "parent": key,
+                parent = key
+                if _stage(d.method, d.guide) == "scan":  # one Neural Cleanse scan per options, shared
+                    sspec = {"scan": d.scan}
+                    skey = digest({"kind": "scan", "version": __version__, "seed": seed, "parent": key,
+                                   **sspec})
+                    if skey not in scans:
+                        scans[skey] = Cell(skey, f"{a.name}-nc-s{seed}", "scan", a.name, None, seed, sspec,
+                                           key)
+                        cells.append(scans[skey])
+                    parent = skey
+                dkey = digest({"kind": "defense", "version": __version__, "seed": seed, "parent": parent,
                                "defense": dspec})
-                cells.append(Cell(dkey, f"{a.name}-{d.name}-s{seed}", d.kind, a.name, d.name, seed,
-                                  dspec, key))
+                cells.append(Cell(dkey, f"{a.name}-{d.name}-s{seed}", d.method, a.name, d.name, seed,
+                                  dspec, parent))
     return cells
 
 
@@ -151,56 +156,60 @@ def attack_args(cell: Cell) -> list[str]:
     return args
 
 
-def _drops(report_drops: list[float]) -> str:
-    return ",".join(f"{d:g}" for d in sorted({*DEFAULT_DROPS, *report_drops}))
+def _stage(method: str, guide: str | None = "poisoned") -> str | None:
+    """What a method needs before it runs, from its registered needs: ``"scan"`` (a Neural Cleanse
+    scan for reversed triggers), ``"guide"`` (the attack's poisoned validation images) or None."""
+    from backdoorlab import registry
+
+    needs = registry.get(method, "repair").needs
+    if "triggers" in needs or ("backdoored" in needs and guide == "cleanse"):
+        return "scan"
+    if "backdoored" in needs or "poisoned" in needs:
+        return "guide"
+    return None
 
 
-def defense_args(cell: Cell, parent_dir: Path, out: Path) -> list[list[str]]:
-    """The command line(s) of a defense cell, given its attack cell's folder."""
-    return _defense_lines(cell, parent_dir, out, json.loads((parent_dir / "results.json").read_text()))
-
-
-def _defense_lines(cell: Cell, parent_dir: Path, out: Path, pres: dict) -> list[list[str]]:
+def scan_args(cell: Cell, model_dir: Path, out: Path, pres: dict) -> list[str]:
+    """The Neural Cleanse scan of a scan cell (its options from the defenses' ``nc_`` keys)."""
     files = pres["files"]
-    model = str(parent_dir / files["model"])
-    valid = str(parent_dir / files["clean_valid"])
-    test = str(parent_dir / files["clean_test"])
-    opts = dict(cell.spec["options"])
-    seed = ["--seed", str(cell.seed)]
-    kind = cell.kind
+    return ["cleanse", str(model_dir / files["model"]), "--clean", str(model_dir / files["clean_valid"]),
+            "--seed", str(cell.seed), *_flags(cell.spec["scan"]), "--out", str(out)]
+
+
+def repair_args(cell: Cell, model_dir: Path, out: Path, pres: dict, scan_dir: Path | None = None
+                ) -> list[str]:
+    """``backdoorlab repair METHOD`` on the model in ``model_dir``, with what the method needs
+    (registered needs): the attack's poisoned validation images, or the reversed triggers of the
+    scan in ``scan_dir`` (``{flagged}`` stands for the labels the scan flags)."""
+    from backdoorlab import registry
+    from backdoorlab.options import infos, to_flags
+
+    files = pres["files"]
+    spec = cell.spec
+    method = registry.get(spec["method"], "repair")
+    opts = dict(spec["options"])
+    if "seed" in {i.name for i in infos(method.options)}:
+        opts["seed"] = cell.seed
     pz = []  # every poisoned test set (one per trigger), each with its target when one was given
     for f in files["poisoned_test"]:
-        pz += ["--poisoned", str(parent_dir / f)]
+        pz += ["--poisoned", str(model_dir / f)]
     for t in as_list(pres.get("target")) if files["poisoned_test"] else []:
         pz += ["--target", str(t)]
     if pres.get("poisoned_labels", "auto") != "auto":
         pz += ["--poisoned-labels", pres["poisoned_labels"]]
-    if kind == "prune":
-        return [["prune", model, "--valid", valid, "--test", test, *pz,
-                 "--drops", _drops(cell.spec["report_drops"]), *seed, *_flags(opts), "--out", str(out)]]
-    if kind == "guided":
-        nc_opts = {k[3:]: v for k, v in opts.items() if k.startswith("nc_")}  # options of the NC scan
-        opts = {k: v for k, v in opts.items() if not k.startswith("nc_")}
-        base = ["prune", model, "--valid", valid, "--test", test, *pz, "--order", "guided",
-                "--drops", _drops(cell.spec["report_drops"]), *seed, *_flags(opts), "--out", str(out)]
-        if cell.spec["guide"] == "poisoned":
-            if not files.get("poisoned_valid"):
-                raise BadInput(f"{cell.label}: guided pruning with guide = \"poisoned\" needs a backdoored "
-                               "model (this attack has no trigger)")
-            return [base[:-2] + ["--guide", str(parent_dir / files["poisoned_valid"][0]), "--out", str(out)]]
-        scan = out.with_name(out.name + "-nc")
-        return [["cleanse", model, "--clean", valid, *seed, *_flags(nc_opts), "--out", str(scan)],
-                base[:-2] + ["--guide-triggers", str(scan / "triggers.npz"), "--guide-labels", "{flagged}",
-                             "--out", str(out)]]
-    if kind in ("fine-prune", "magnitude"):
-        if kind == "magnitude":
-            opts = {"magnitude": opts.pop("sparsity", 0.5), **opts}
-        return [["fine-prune", model, "--valid", valid, "--test", test, *pz, *seed, *_flags(opts),
-                 "--out", str(out)]]
-    if kind == "cleanse":
-        return [["cleanse", model, "--clean", valid, "--test", test, *pz, "--mitigate",
-                 cell.spec["mitigate"], *seed, *_flags(opts), "--out", str(out)]]
-    raise BadInput(f"unknown defense kind {kind!r}")
+    held: list[str] = []
+    stage = _stage(method.name, spec.get("guide"))
+    if stage == "scan":
+        assert scan_dir is not None
+        held = ["--triggers", str(scan_dir / "triggers.npz"), "--trigger-labels", "{flagged}"]
+    elif stage == "guide":
+        if not files.get("poisoned_valid"):
+            raise BadInput(f"{cell.label}: {method.name} with guide = \"poisoned\" needs a backdoored "
+                           "model's poisoned validation images (this attack has none)")
+        held = ["--guide", str(model_dir / files["poisoned_valid"][0])]
+    return ["repair", method.name, str(model_dir / files["model"]), "--valid",
+            str(model_dir / files["clean_valid"]), "--test", str(model_dir / files["clean_test"]), *pz,
+            *held, *to_flags(method.options, opts), "--out", str(out)]
 
 
 def _run_cli(args: list[str], log) -> None:
@@ -216,7 +225,8 @@ def _run_cli(args: list[str], log) -> None:
         log.flush()
         lines = Path(log.name).read_text(encoding="utf-8", errors="replace").splitlines()
         why = next((ln for ln in reversed(lines) if "error:" in ln), f"exit status {rc}")
-        raise BadInput(f"backdoorlab {args[0]} failed: {why.strip()}")
+        what = " ".join(args[:2]) if args[0] == "repair" else args[0]
+        raise BadInput(f"backdoorlab {what} failed: {why.strip()}")
 
 
 def check_options(cells: list[Cell]) -> None:
@@ -233,8 +243,10 @@ def check_options(cells: list[Cell]) -> None:
             continue
         if c.kind == "attack":
             lines = [[*attack_args(c), "--out", "x"]]
+        elif c.kind == "scan":
+            lines = [scan_args(c, Path("parent"), Path("x"), {"files": fake})]
         else:
-            lines = _defense_lines(c, Path("parent"), Path("x"), {"files": fake})
+            lines = [repair_args(c, Path("parent"), Path("x"), {"files": fake}, Path("scan"))]
         for args in lines:
             err = io.StringIO()
             try:
@@ -253,48 +265,26 @@ def _summary(cell: Cell, d: Path, parent_dir: Path | None) -> dict:
         triggers = ((res.get("settings") or {}).get("plan") or {}).get("triggers") or []
         return {"accuracy": res["clean_accuracy"], "asr": asr, "detail": "",
                 "asr_per_trigger": list(res.get("asr") or []), "triggers": list(triggers)}
+    if cell.kind == "scan":
+        flagged = res.get("flagged", [])
+        return {"accuracy": None, "asr": None, "flagged": flagged,
+                "detail": f"flagged {', '.join(map(str, flagged)) or 'no label'}"}
     p = json.loads((parent_dir / "results.json").read_text())
     before = {"accuracy": p["clean_accuracy"], "asr": p["asr"][0] if p.get("asr") else None}
-    if cell.kind in ("prune", "guided"):
-        if not res:  # guided by Neural Cleanse with nothing flagged: the model is left as it is
-            return {**before, "detail": "no label flagged: model unchanged"}
-        by_drop = {}
-        n = res["sweep"]["num_channels"]
-        unit = "pt" if res["sweep"].get("drop_unit", "points") == "points" else "%"
-        for drop in cell.spec["report_drops"]:
-            th = next(t for t in res["sweep"]["thresholds"] if abs(t["drop"] - drop) < 1e-9)
-            if not th["reached"]:
-                by_drop[f"{drop:g}"] = {"accuracy": None, "asr": None,
-                                        "detail": f"{drop:g}-{unit} drop not reached"}
-                continue
-            detail = f"{th['pruned']}/{n} channels"
-            gd = (th.get("goodnet") or {}).get("detection_rate")
-            if gd is not None:
-                detail += f"; GoodNet detects {100 * gd:.1f} %"
-            by_drop[f"{drop:g}"] = {"accuracy": th["test_accuracy"], "asr": th["asr"], "detail": detail,
-                                    "asr_per_trigger": list(th.get("asr_sets") or [])}
-        first = by_drop[f"{cell.spec['report_drops'][0]:g}"]
-        return {**first, "by_drop": by_drop}
-    if cell.kind in ("fine-prune", "magnitude"):
-        after = res["after_finetuning"]
-        detail = (f"{len(res['pruned_channels'])}/{res['num_channels']} channels" if cell.kind == "fine-prune"
-                  else f"sparsity {res['sparsity']:.0%}")
-        return {"accuracy": after["test_accuracy"], "asr": after["asr"], "detail": detail,
-                "asr_per_trigger": [d["asr"] for d in after.get("asr_sets", [])]}
-    if cell.kind == "cleanse":
-        flagged = res.get("flagged", [])
-        mit = d / "mitigation" / "results.json"
-        if not flagged or not mit.exists():
-            return {**before, "detail": "no label flagged: model unchanged"}
-        m = json.loads(mit.read_text())
-        name = MITIGATION_ROWS[cell.spec["mitigate"]]
-        row = next(r for r in m["methods"] if r["method"] == name)
-        detail = f"flagged {', '.join(map(str, flagged))}"
-        if row.get("detection_rate") is not None:
-            detail += f"; filter detects {100 * row['detection_rate']:.1f} %"
-        return {"accuracy": row["clean_accuracy"], "asr": row["asr"], "detail": detail,
-                "asr_per_trigger": [d["asr"] for d in row.get("asr_sets", [])]}
-    raise BadInput(f"unknown cell kind {cell.kind!r}")
+    if not res:  # the scan flagged no label: nothing to repair with, the model is left as it is
+        return {**before, "detail": "no label flagged: model unchanged", "der": None}
+    after = res["after"]
+    sets = after["sets"]
+    detail = res.get("summary") or ""
+    g = res.get("goodnet")
+    if g and g["sets"]:
+        detail += f"; {'GoodNet' if res['method'] != 'nc-filter' else 'filter'} detects " \
+                  f"{100 * g['sets'][0]['detection_rate']:.1f} %"
+    return {"accuracy": after["clean_accuracy"], "asr": sets[0]["asr"] if sets else None,
+            "asr_per_trigger": [x["asr"] for x in sets],
+            "robust_accuracy": sets[0]["robust_accuracy"] if sets else None,
+            "der": res.get("der"), "detail": detail.strip("; "),
+            "repair_seconds": res["cost"]["seconds"], "image_passes": res["cost"]["image_passes"]}
 
 
 def _given_model(cell: Cell, out: Path, log) -> None:
@@ -368,31 +358,35 @@ def run_cell(cell_dict: dict, root: str, parent_dirname: str | None, threads: in
     (rootp / "logs").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     stale = d / "cell.json"
-    if d.exists() and not stale.exists():  # an interrupted earlier attempt
-        from backdoorlab.io import read_marker
-
-        if not (cell.kind == "cleanse" and read_marker(d) is not None):  # a scan resumes in place
-            shutil.rmtree(d)
+    if d.exists() and not stale.exists() and cell.kind != "scan":  # an interrupted earlier attempt
+        shutil.rmtree(d)  # (a scan resumes in place from its saved state)
+    model_dir, scan_dir = parent_dir, None
+    if parent_dir is not None and (parent_dir / "cell.json").is_file():
+        prec = json.loads((parent_dir / "cell.json").read_text())
+        if prec["cell"]["kind"] == "scan":  # the model is the scan's parent
+            model_dir, scan_dir = rootp / "cells" / prec["parent_dir"], parent_dir
     with open(rootp / "logs" / f"{cell.dirname}.log", "w", encoding="utf-8") as log:
         if cell.kind == "attack":
             _run_cli([*attack_args(cell), "--out", str(d)], log)
         elif cell.kind == "given":
             _given_model(cell, d, log)
         else:
-            assert parent_dir is not None
-            for args in defense_args(cell, parent_dir, d):
-                if "{flagged}" in args:
-                    scan = json.loads((Path(args[args.index("--guide-triggers") + 1]).parent
-                                       / "results.json").read_text())
-                    if not scan["flagged"]:
-                        print("Neural Cleanse flagged no label: nothing to guide pruning; model unchanged",
-                              file=log)
-                        d.mkdir(parents=True, exist_ok=True)
-                        break
-                    args = [str(scan["flagged"][0]) if a == "{flagged}" else a for a in args]
-                _run_cli(args, log)
+            assert model_dir is not None
+            pres = json.loads((model_dir / "results.json").read_text())
+            if cell.kind == "scan":
+                _run_cli(scan_args(cell, model_dir, d, pres), log)
+            else:
+                args = repair_args(cell, model_dir, d, pres, scan_dir)
+                flagged = json.loads((scan_dir / "results.json").read_text())["flagged"] if scan_dir else None
+                if flagged == []:
+                    print("Neural Cleanse flagged no label: no reversed trigger to repair with; model "
+                          "unchanged", file=log)
+                    d.mkdir(parents=True, exist_ok=True)
+                else:
+                    _run_cli([",".join(map(str, flagged or [])) if a == "{flagged}" else a for a in args],
+                             log)
     rec = {"key": cell.key, "cell": cell.to_dict(), "dir": cell.dirname, "parent_dir": parent_dirname,
            "seconds": round(time.perf_counter() - t0, 2), "threads": threads,
-           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **_summary(cell, d, parent_dir)}
+           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **_summary(cell, d, model_dir)}
     write_json(d / "cell.json", rec)
     return rec

@@ -22,8 +22,8 @@ rate = 0.05
 
 [[defense]]
 name = "fine-pruning"
-kind = "fine-prune"         # prune | guided | fine-prune | magnitude | cleanse
-epochs = 5                  # other keys are the command's own options
+kind = "fine-prune"         # a repair of `backdoorlab list` (prune, guided-prune, nc-unlearn …)
+epochs = 5                  # other keys are the method's options; a list of values is a grid axis
 ```
 
 Paths may use ``${VAR}`` and ``${VAR:-default}``; relative paths are taken from the working
@@ -46,7 +46,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-DEFENSE_KINDS = ("prune", "guided", "fine-prune", "magnitude", "cleanse")
 DATA_KEYS = {"source", "test", "size", "train_limit", "test_limit", "valid_fraction", "test_fraction"}
 MODEL_KEYS = {"arch", "input_scale"}
 TRAIN_KEYS = {"epochs", "batch_size", "lr", "optimizer", "schedule", "augment", "crop_padding"}
@@ -55,12 +54,18 @@ ATTACK_KEYS = {"name", "trigger", "target", "rate", "mode", "clean_label", "prun
 # an [[attack]] with "model" is a given (already backdoored) model and its data files, e.g. a CSAW BadNet
 GIVEN_KEYS = {"name", "model", "arch", "input_scale", "valid", "test", "poisoned", "poisoned_valid", "target",
               "poisoned_labels"}
-# keys of a [[defense]] table that the experiment itself reads; the rest go to the command
-DEFENSE_OWN_KEYS = {"name", "kind", "report_drop", "guide", "mitigate"}
+# keys of a [[defense]] table that the experiment itself reads; the others are the method's options
+# (`backdoorlab list -v`), or with the prefix nc_ options of the Neural Cleanse scan that gives a
+# method its reversed triggers
+DEFENSE_OWN_KEYS = {"name", "kind", "guide", "mitigate"}
+# kinds and keys of earlier experiment files, still read
+KIND_ALIASES = {"guided": "guided-prune"}
+CLEANSE_MITIGATIONS = {"unlearn": "nc-unlearn", "prune": "nc-prune", "filter": "nc-filter"}
+RENAMED_KEYS = {"report_drop": "drop", "mitigate_epochs": "epochs"}
 TOP_KEYS = {"name", "description", "seeds", "data", "model", "train", "attack", "defense"}
 # options the runner sets itself (files and output folder): not allowed in a [[defense]] table
 RESERVED = {"model", "valid", "test", "poisoned", "out", "clean", "guide_triggers", "seed", "drops",
-            "mitigate_labels", "target"}
+            "mitigate_labels", "target", "triggers", "trigger_labels"}
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -89,12 +94,17 @@ class AttackSpec:
 
 @dataclass
 class DefenseSpec:
+    """One defense of the grid: a registered method (`backdoorlab.registry`) and its options.
+
+    ``guide`` (methods that need backdoored inputs): ``"poisoned"`` = the attack's poisoned
+    validation images (the defender holds some), ``"cleanse"`` = Neural Cleanse's reversed
+    triggers; ``scan``: options of that Neural Cleanse scan (methods needing triggers)."""
+
     name: str
-    kind: str
-    options: dict        # passed to the command as --key value
-    report_drops: list[float]  # prune/guided: the saved thresholds the summary reports
-    guide: str = "poisoned"   # guided: "poisoned" (attacker-held poisoned validation) or "cleanse"
-    mitigate: str = "unlearn"  # cleanse: mitigation method reported
+    method: str
+    options: dict   # only the options the file sets (checked against the method's dataclass)
+    guide: str = "poisoned"
+    scan: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -198,29 +208,7 @@ def parse_experiment(doc: dict, path: str = "<config>") -> Experiment:
         attacks.append(AttackSpec(name, opts))
     defenses = []
     for i, d in enumerate(_as_list(doc.get("defense", []))):
-        where = f"{path} [[defense]] #{i + 1}"
-        if not isinstance(d, dict):
-            raise BadInput(f"{where}: expected a table")
-        kind = d.get("kind")
-        if kind not in DEFENSE_KINDS:
-            raise BadInput(f"{where}: kind must be one of {', '.join(DEFENSE_KINDS)}, got {kind!r}")
-        name = _name_ok(d.get("name", kind), where)
-        opts = _scalar_options({k: v for k, v in d.items() if k not in DEFENSE_OWN_KEYS}, where)
-        bad = sorted(set(opts) & RESERVED)
-        if bad:
-            raise BadInput(f"{where}: {', '.join(bad)} is set by the experiment runner, not in the file")
-        guide = d.get("guide", "poisoned")
-        if guide not in ("poisoned", "cleanse"):
-            raise BadInput(f"{where}: guide must be \"poisoned\" or \"cleanse\", got {guide!r}")
-        mitigate = d.get("mitigate", "unlearn")
-        if mitigate not in ("unlearn", "prune", "filter"):
-            raise BadInput(f"{where}: mitigate must be unlearn, prune or filter, got {mitigate!r}")
-        drops = _as_list(d.get("report_drop", 4.0))
-        if not drops or not all(isinstance(x, int | float) and not isinstance(x, bool) and x > 0
-                                for x in drops):
-            raise BadInput(f"{where}: report_drop must be a positive number or a list of them, got "
-                           f"{d.get('report_drop')!r}")
-        defenses.append(DefenseSpec(name, kind, opts, [float(x) for x in drops], guide, mitigate))
+        defenses += parse_defense(d, f"{path} [[defense]] #{i + 1}")
     for what, items in (("attack", attacks), ("defense", defenses)):
         names = [x.name for x in items]
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -229,6 +217,78 @@ def parse_experiment(doc: dict, path: str = "<config>") -> Experiment:
     return Experiment(name=str(doc.get("name", Path(path).stem)), description=str(doc.get("description", "")),
                       seeds=seeds, data=data, model=model, train=train, attacks=attacks,
                       defenses=defenses, path=path)
+
+
+def parse_defense(d, where: str) -> list[DefenseSpec]:
+    """A [[defense]] table → its DefenseSpecs: an option given as a list of values is an axis of
+    the grid (one defense per value, named ``NAME-OPTIONVALUE``, e.g. ``pruning-drop2``)."""
+    import itertools
+
+    from backdoorlab import registry
+    from backdoorlab.options import from_mapping, infos
+
+    if not isinstance(d, dict):
+        raise BadInput(f"{where}: expected a table")
+    kind = d.get("kind")
+    if not isinstance(kind, str):
+        raise BadInput(f"{where}: kind must name a method (see 'backdoorlab list'), got {kind!r}")
+    if kind == "cleanse":  # earlier files: Neural Cleanse + one mitigation; other keys go to the scan
+        mitigate = d.get("mitigate", "unlearn")
+        if mitigate not in CLEANSE_MITIGATIONS:
+            raise BadInput(f"{where}: mitigate must be unlearn, prune or filter, got {mitigate!r}")
+        method = registry.get(CLEANSE_MITIGATIONS[mitigate], "repair")
+    else:
+        if "mitigate" in d:
+            raise BadInput(f"{where}: mitigate goes with kind = \"cleanse\"")
+        try:
+            method = registry.get(KIND_ALIASES.get(kind, kind), "repair")
+        except BadInput as e:
+            raise BadInput(f"{where}: kind: {e}") from None
+    name = _name_ok(d.get("name", kind), where)
+    where = f"{where} ({name})"
+    own = {i.name for i in infos(method.options)}
+    opts: dict = {}
+    scan: dict = {}
+    for k, v in d.items():
+        if k in DEFENSE_OWN_KEYS:
+            continue
+        if isinstance(v, dict):
+            raise BadInput(f"{where}: option {k} is a table; options are numbers, strings, booleans or lists")
+        key = RENAMED_KEYS.get(k, k) if RENAMED_KEYS.get(k) in own else k
+        if key in RESERVED:
+            raise BadInput(f"{where}: {key} is set by the experiment runner, not in the file")
+        if key.startswith("nc_"):
+            scan[key[3:]] = v
+        elif key in own:
+            opts[key] = v
+        elif kind == "cleanse":
+            scan[key] = v
+        else:
+            raise BadInput(f"{where}: unknown option {k} for {method.name} (options: "
+                           f"{', '.join(sorted(own)) or 'none'}; 'backdoorlab list -v' shows them)")
+    needs_scan = "triggers" in method.needs or ("backdoored" in method.needs and d.get("guide") == "cleanse")
+    if scan and not needs_scan:
+        raise BadInput(f"{where}: {method.name} runs no Neural Cleanse scan; nc_ options are not used")
+    guide = d.get("guide", "poisoned")
+    if "guide" in d and "backdoored" not in method.needs:
+        raise BadInput(f"{where}: guide is for methods that use backdoored inputs, not {method.name}")
+    if guide not in ("poisoned", "cleanse"):
+        raise BadInput(f"{where}: guide must be \"poisoned\" or \"cleanse\", got {guide!r}")
+    axes = {k: v for k, v in opts.items() if isinstance(v, list)}
+    for k, v in axes.items():
+        if not v or len(set(map(str, v))) != len(v):
+            raise BadInput(f"{where}: {k} lists no values or repeats one: {v!r}")
+    out = []
+    for combo in itertools.product(*axes.values()) if axes else [()]:
+        values = {**opts, **dict(zip(axes, combo, strict=True))}
+        from_mapping(method.options, values, where)  # types, bounds, choices
+        label = name + "".join(f"-{k.replace('_', '-')}{_short(v)}" for k, v in zip(axes, combo, strict=True))
+        out.append(DefenseSpec(_name_ok(label, where), method.name, values, guide, scan))
+    return out
+
+
+def _short(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def load_experiment(path: str | Path) -> Experiment:

@@ -222,7 +222,7 @@ def execute(cells: list[Cell], root: Path, backend, threads: int, report: Report
             if c.parent is not None and c.parent in failed:
                 waiting.remove(c)
                 failed.add(c.key)
-                errors.append(f"{c.label}: skipped, its attack model failed")
+                errors.append(f"{c.label}: skipped, the cell it starts from failed")
             elif c.parent is None or c.parent in records:
                 waiting.remove(c)
                 parent_dir = records[c.parent]["dir"] if c.parent else None

@@ -94,8 +94,9 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
         + f"seeds {exp.seeds}. "
         "Clean accuracy on the clean test set and ASR on its poisoned copy (inputs already of the "
         "target label excluded), in %, mean ± sample standard deviation over seeds; Δ acc in "
-        "percentage points. Pruning rows report the model saved at the stated drop of clean "
-        "validation accuracy.")
+        "percentage points; robust accuracy (poisoned inputs classified as their true label), DER "
+        "(BackdoorBench: [max(0, ΔASR) − max(0, ΔACC) + 1] / 2) and the repair's own time and image "
+        "passes. An attack below 50 % ASR is marked \"did not implant\".")
     result = {"kind": "experiment", "name": exp.name, "description": desc, "config_file": str(config),
               "seeds": exp.seeds, "executor": executor, "threads_per_cell": threads,
               "table": {"head": HEAD, "rows": rows},

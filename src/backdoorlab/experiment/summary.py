@@ -4,9 +4,13 @@ Each row is one attack × defense (the row "none" is the attack model itself). F
 mean ± sample standard deviation (n − 1) over the seeds that finished, in percent: clean
 accuracy on the clean test set, ASR on the poisoned test set (inputs whose true label is the
 target excluded, or every input when the file's labels are the attack target). Δ acc is the change
-in clean test accuracy in percentage points. For an attack with several triggers (or a given model
-with several poisoned sets) the ASR columns are those of the first set, and the notes of every row
-give the ASR of each set.
+in clean test accuracy in percentage points; robust accuracy the share of poisoned inputs classified
+as their true label (— for files without true labels); DER = [max(0, ΔASR) − max(0, ΔACC) + 1] / 2
+(BackdoorBench; 1 = backdoor removed at no accuracy cost, 0.5 = no change); repair seconds and image
+passes are the repair's own cost (`backdoorlab.cost`), not the measuring. An attack whose ASR
+before is below 50 % is marked "did not implant" in its rows. For an attack with several
+triggers (or a given model with several poisoned sets) the ASR columns are those of the first set,
+and the notes of every row give the ASR of each set.
 """
 
 from __future__ import annotations
@@ -16,9 +20,8 @@ import math
 from backdoorlab.experiment.cells import Cell
 
 HEAD = ["attack", "defense", "seeds", "clean acc before", "ASR before", "clean acc after", "ASR after",
-        "Δ acc (pts)", "notes"]
-
-
+        "Δ acc (pts)", "robust acc after", "DER", "repair s", "image passes", "notes"]
+IMPLANTED = 0.5  # an attack whose ASR stays below this "did not implant"; its defense rows say so
 def mean_std(values: list[float | None]) -> tuple[float, float, int] | None:
     v = [x for x in values if x is not None]
     if not v:
@@ -49,50 +52,62 @@ def _per_trigger_note(recs: list[dict | None], parents: list[dict | None]) -> st
 
 
 def summary_rows(cells: list[Cell], records: dict[str, dict]) -> list[list[str]]:
-    """Rows in grid order; cells without a record (failed) are left out of the means.
+    """Rows in grid order; cells without a record (failed) are left out of the means."""
+    by_key = {c.key: c for c in cells}
 
-    A pruning defense reporting several drops gives one row per drop."""
+    def model_of(c: Cell) -> dict | None:
+        """The record of the model a cell starts from (through a shared Neural Cleanse scan)."""
+        while c.parent is not None:
+            c = by_key[c.parent]
+            if c.kind != "scan":
+                break
+        return records.get(c.key)
+
+    cells = [c for c in cells if c.kind != "scan"]  # scans only feed repairs: no row of their own
     order: list[tuple[str, str | None]] = []
     for c in cells:
         if (c.attack, c.defense) not in order:
             order.append((c.attack, c.defense))
     rows = []
+    blank = [""] * 4
     for attack, defense in order:
         group = [c for c in cells if c.attack == attack and c.defense == defense and c.key in records]
         if not group:
-            rows.append([attack, defense or "none", "0", "—", "—", "—", "—", "—", "failed"])
+            rows.append([attack, defense or "none", "0", "—", "—", "—", "—", "—", *blank, "failed"])
             continue
-        parents = [records.get(c.parent) if c.parent else records[c.key] for c in group]
+        parents = [model_of(c) if c.parent else records[c.key] for c in group]
         before_acc = mean_std([p["accuracy"] if p else None for p in parents])
         before_asr = mean_std([p["asr"] if p else None for p in parents])
+        implant = ([f"did not implant (ASR {fmt(before_asr)} % < {100 * IMPLANTED:.0f} %)"]
+                   if before_asr is not None and before_asr[0] < IMPLANTED else [])
         if defense is None:
             rows.append([attack, "none", str(len(group)), fmt(before_acc), fmt(before_asr), "", "", "",
-                         _per_trigger_note(parents, parents)])
+                         *blank, "; ".join(implant + ([n] if (n := _per_trigger_note(parents, parents))
+                                                      else []))])
             continue
-        drops = group[0].spec.get("report_drops") or [None]
-        for drop in drops:
-            recs = [records[c.key] for c in group]
-            if drop is not None and len(drops) > 1:
-                recs = [r.get("by_drop", {}).get(f"{drop:g}", r) for r in recs]
-            unit = " %" if group[0].spec["options"].get("drop_unit") == "relative" else "-pt"
-            name = defense if drop is None else f"{defense} ({drop:g}{unit} drop)"
-            after_acc = mean_std([r["accuracy"] for r in recs])
-            after_asr = mean_std([r["asr"] for r in recs])
-            delta = mean_std([r["accuracy"] - p["accuracy"] if (p and r["accuracy"] is not None) else None
-                              for r, p in zip(recs, parents, strict=True)])
-            multi = _per_trigger_note(recs, parents)
-            if not multi and _per_trigger_note(parents, parents):  # a record from before per-set ASR
-                first = next(p.get("triggers") for p in parents if p and p.get("triggers"))[0]
-                multi = f"ASR of the first trigger ({first}) only"
-            elif multi:
-                multi += " (after)"
-            notes: list[str] = [multi] if multi else []
-            for r in recs:
-                if r.get("detail") and r["detail"] not in notes:
-                    notes.append(r["detail"])
-            rows.append([attack, name, str(len(recs)), fmt(before_acc), fmt(before_asr), fmt(after_acc),
-                         fmt(after_asr), fmt(delta),
-                         "; ".join(notes[:3]) + (" …" if len(notes) > 3 else "")])
+        recs = [records[c.key] for c in group]
+        after_acc = mean_std([r["accuracy"] for r in recs])
+        after_asr = mean_std([r["asr"] for r in recs])
+        delta = mean_std([r["accuracy"] - p["accuracy"] if (p and r["accuracy"] is not None) else None
+                          for r, p in zip(recs, parents, strict=True)])
+        robust = mean_std([r.get("robust_accuracy") for r in recs])
+        der = mean_std([r.get("der") for r in recs])
+        secs = mean_std([r.get("repair_seconds") for r in recs])
+        passes = mean_std([r.get("image_passes") for r in recs])
+        multi = _per_trigger_note(recs, parents)
+        if not multi and _per_trigger_note(parents, parents):  # a record from before per-set ASR
+            first = next(p.get("triggers") for p in parents if p and p.get("triggers"))[0]
+            multi = f"ASR of the first trigger ({first}) only"
+        elif multi:
+            multi += " (after)"
+        notes: list[str] = implant + ([multi] if multi else [])
+        for r in recs:
+            if r.get("detail") and r["detail"] not in notes:
+                notes.append(r["detail"])
+        rows.append([attack, defense, str(len(recs)), fmt(before_acc), fmt(before_asr), fmt(after_acc),
+                     fmt(after_asr), fmt(delta), fmt(robust), fmt(der, 1.0, 3), fmt(secs, 1.0, 1),
+                     "—" if passes is None else f"{passes[0]:,.0f}",
+                     "; ".join(notes[:3]) + (" …" if len(notes) > 3 else "")])
     return rows
 
 

@@ -63,6 +63,7 @@ class Repaired:
     model: Classifier
     details: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    summary: str = ""  # one line for tables, e.g. "52/128 channels"
 
 
 @dataclass
@@ -79,14 +80,36 @@ class Figures:
         return self.sets[0]["asr"] if self.sets else None
 
 
-def measure(clf: Classifier, test: ImageSet, sets: list[PoisonedSet], data: str = "test") -> Figures:
-    from backdoorlab.evaluation import accuracy
+def predictions(clf: Classifier, test: ImageSet, sets: list[PoisonedSet]) -> list[np.ndarray]:
+    """Predictions on the clean test set, then on every poisoned set."""
+    return [clf.predict(test.images), *(clf.predict(ps.images) for ps in sets)]
 
-    rows = []
-    for ps in sets:
-        pred = clf.predict(ps.images)
-        rows.append({"name": ps.name, "asr": ps.rate_from(pred), "robust_accuracy": ps.robust_from(pred)})
-    return Figures(accuracy(clf, test), rows, data)
+
+def figures(preds: list[np.ndarray], test: ImageSet, sets: list[PoisonedSet], data: str = "test") -> Figures:
+    rows = [{"name": ps.name, "asr": ps.rate_from(p), "robust_accuracy": ps.robust_from(p)}
+            for ps, p in zip(sets, preds[1:], strict=True)]
+    return Figures(float((preds[0] == test.require_labels()).mean()), rows, data)
+
+
+def measure(clf: Classifier, test: ImageSet, sets: list[PoisonedSet], data: str = "test") -> Figures:
+    """Clean accuracy, ASR and robust accuracy of ``clf``."""
+    return figures(predictions(clf, test, sets), test, sets, data)
+
+
+def goodnet_figures(bad: list[np.ndarray] | None, repaired: list[np.ndarray], test: ImageSet,
+                    sets: list[PoisonedSet], num_classes: int) -> dict:
+    """The GoodNet of a repair (CSAW-HackML: answer N = "backdoored" where the given and the
+    repaired model disagree; ``bad`` None: ``repaired`` already answers N itself, an input filter):
+    clean accuracy, share of clean inputs flagged, and per poisoned set its ASR and detection rate
+    (share answered N)."""
+    from backdoorlab.defenses.goodnet import goodnet_predictions, metrics_from_predictions
+
+    g = [goodnet_predictions(b, r, num_classes) for b, r in zip(bad, repaired, strict=True)] \
+        if bad is not None else repaired
+    m = metrics_from_predictions(g[0], test.require_labels(), num_classes, g[1:], sets)
+    return {"clean_accuracy": m.clean_accuracy, "clean_flagged": m.clean_flagged,
+            "sets": [{"name": d["name"], "asr": d["asr"], "detection_rate": d["detection_rate"]}
+                     for d in m.poisoned_sets]}
 
 
 def der(before_acc: float, after_acc: float, before_asr: float | None, after_asr: float | None
@@ -108,6 +131,8 @@ class RepairResult:
     details: dict
     notes: list[str]
     defender_data: dict  # sizes of what the method was given
+    summary: str = ""
+    goodnet: dict | None = None  # `goodnet_figures`: of (given, repaired), or of a filter answering N
 
     @property
     def der_sets(self) -> list[float | None]:
@@ -124,8 +149,8 @@ class RepairResult:
                 "before": asdict(self.before), "after": asdict(self.after),
                 "der": self.der, "der_sets": self.der_sets,
                 "cost": {"seconds": self.seconds, "image_passes": self.passes},
-                "details": _plain(self.details), "notes": self.notes,
-                "defender_data": self.defender_data}
+                "details": _plain(self.details), "notes": self.notes, "summary": self.summary,
+                "goodnet": self.goodnet, "defender_data": self.defender_data}
 
 
 def _plain(o):
@@ -154,13 +179,18 @@ def repair(name: str, clf: Classifier, data: DefenderData, test: ImageSet | None
     elif isinstance(options, dict):
         options = from_mapping(method.options, options, f"repair {name}")
     sets = sets or []
-    before = measure(clf, test if test is not None else data.clean, sets,
-                     "test" if test is not None else "validation")
+    on = test if test is not None else data.clean
+    what = "test" if test is not None else "validation"
+    bad = predictions(clf, on, sets)
     t0 = time.perf_counter()
     with cost.counting() as passes:
         out = method.run(clf, data, options)
     seconds = time.perf_counter() - t0
-    after = measure(out.model, test if test is not None else data.clean, sets, before.data)
+    fixed = predictions(out.model, on, sets)
+    before, after = figures(bad, on, sets, what), figures(fixed, on, sets, what)
+    n = clf.num_classes
+    goodnet = (goodnet_figures(bad, fixed, on, sets, n) if out.model.num_classes == n
+               else goodnet_figures(None, fixed, on, sets, n) if out.model.num_classes == n + 1 else None)
     notes = list(out.notes)
     if test is None:
         notes.append("no test data: accuracy measured on the defender's own clean data")
@@ -170,5 +200,5 @@ def repair(name: str, clf: Classifier, data: DefenderData, test: ImageSet | None
     if data.triggers:
         held["trigger_labels"] = data.labels()
     res = RepairResult(name, asdict(options), before, after, round(seconds, 2), passes.images,
-                       out.details, notes, held)
+                       out.details, notes, held, out.summary, goodnet)
     return out.model, res

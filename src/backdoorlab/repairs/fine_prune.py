@@ -46,4 +46,5 @@ def run(clf, data: DefenderData, o: Options) -> Repaired:
                                drop_unit=o.drop_unit, order=o.order, cfg=cfg,
                                select_fraction=o.select_fraction, seed=o.seed)
     return Repaired(tuned, {"layer": res.layer, "pruned_channels": res.pruned_channels,
-                            "num_channels": res.num_channels, "finetune": res.finetune}, res.notes)
+                            "num_channels": res.num_channels, "finetune": res.finetune}, res.notes,
+                    f"{len(res.pruned_channels)}/{res.num_channels} channels")

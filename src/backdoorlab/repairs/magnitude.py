@@ -39,4 +39,4 @@ def run(clf, data: DefenderData, o: Options) -> Repaired:
                                     select_fraction=o.select_fraction, seed=o.seed)
     return Repaired(tuned, {"sparsity": res.sparsity, "scope": res.scope,
                             "pruned_weights": res.pruned_weights, "total_weights": res.total_weights,
-                            "finetune": res.finetune})
+                            "finetune": res.finetune}, summary=f"sparsity {res.sparsity:.0%}")

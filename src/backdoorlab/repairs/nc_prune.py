@@ -31,4 +31,5 @@ def run(clf, data: DefenderData, o: Options) -> Repaired:
     labels = data.labels()
     model, info = prune_by_trigger(clf, data.clean, data.triggers, labels, layer=o.layer,
                                    stop_asr=o.stop_asr, max_drop=o.max_drop)
-    return Repaired(model, {"labels": labels, **info})
+    return Repaired(model, {"labels": labels, **info},
+                    summary=f"{len(info['pruned_channels'])} channels; stopped by {info['stopped_by']}")

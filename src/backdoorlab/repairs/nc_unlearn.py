@@ -32,4 +32,4 @@ def run(clf, data: DefenderData, o: Options) -> Repaired:
     labels = data.labels()
     cfg = TrainConfig(epochs=o.epochs, lr=o.lr, batch_size=o.batch_size, schedule="none", seed=o.seed)
     model = unlearn(clf, data.clean, data.triggers, labels, share=o.share, cfg=cfg, seed=o.seed)
-    return Repaired(model, {"labels": labels})
+    return Repaired(model, {"labels": labels}, summary=f"unlearned trigger(s) of {labels}")

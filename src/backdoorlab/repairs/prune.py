@@ -46,4 +46,4 @@ def run(clf, data: DefenderData, o: Options) -> Repaired:
     model = apply_channel_mask(clf, sweep.layer, mask)
     return Repaired(model, {"layer": sweep.layer, "pruned_channels": np.flatnonzero(mask).tolist(),
                             "num_channels": sweep.num_channels, "achieved_drop": th.achieved_drop},
-                    notes)
+                    notes, f"{int(mask.sum())}/{sweep.num_channels} channels")

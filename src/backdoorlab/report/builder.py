@@ -1,7 +1,7 @@
 """Build `report.md` and a self-contained `report.html` from any run folder backdoorlab wrote.
 
 The builder reads every ``results.json`` in the folder and its sub-folders (attack, prune,
-fine-prune, magnitude-prune, cleanse, experiment, demo), renders one section per run — tables,
+fine-prune, magnitude-prune, repair, cleanse, experiment, demo), renders one section per run — tables,
 curves, trigger and reversed-trigger images — and a provenance section (versions, seeds, input
 files with SHA-256). HTML embeds the images as data URIs, so the file can be mailed as is.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 from backdoorlab.errors import BadInput
 from backdoorlab.io import atomic_path, file_sha256
 
-KIND_ORDER = ["demo", "experiment", "attack", "prune", "fine-prune", "magnitude-prune", "cleanse",
+KIND_ORDER = ["demo", "experiment", "attack", "prune", "fine-prune", "magnitude-prune", "repair", "cleanse",
               "mitigate"]
 
 
@@ -179,6 +179,37 @@ def mitigate_section(name: str, d: Path, r: dict) -> Section:
     return s
 
 
+def repair_section(name: str, d: Path, r: dict) -> Section:
+    """Any repair of the registry (``backdoorlab repair``): figures before and after, DER, cost."""
+    s = Section(f"Repair {r['method']}: {name}")
+    b, a = r["before"], r["after"]
+    names = [x["name"] for x in b["sets"]]
+    multi = len(names) > 1
+    head = [f"clean {b.get('data', 'test')} acc"]
+    for n in names:
+        head += [f"ASR {n}" if multi else "ASR", f"robust acc {n}" if multi else "robust acc"]
+    rows = []
+    for label, f in (("before", b), (f"after {r['method']}", a)):
+        row = [label, pct(f["clean_accuracy"])]
+        for x in f["sets"]:
+            row += [pct(x["asr"]), pct(x["robust_accuracy"])]
+        rows.append(row)
+    s.p(f"{r.get('paper', r['method'])}. {r.get('summary') or ''}".strip())
+    s.table(["model", *head], rows)
+    der = ", ".join("—" if x is None else f"{x:.3f}" for x in r.get("der_sets") or []) or "—"
+    s.p(f"DER (BackdoorBench) {der}; the repair took {r['cost']['seconds']:.1f} s and "
+        f"{r['cost']['image_passes']:,} image passes.")
+    g = r.get("goodnet")
+    if g:
+        det = ", ".join(pct(x["detection_rate"]) for x in g["sets"])
+        s.p(f"GoodNet (class N = backdoored): clean accuracy {pct(g['clean_accuracy'])}, "
+            f"{pct(g['clean_flagged'])} of clean inputs flagged" + (f", detects {det} of the poisoned "
+                                                                   "inputs." if det else "."))
+    for note in r.get("notes") or []:
+        s.p(f"Note: {note}")
+    return s
+
+
 def demo_section(d: Path, r: dict) -> Section:
     s = Section("Summary")
     s.p(r.get("summary", ""))
@@ -211,6 +242,8 @@ def sections_for(root: Path) -> list[Section]:
             out.append(stages_section(f"Magnitude pruning: {name}", r,
                                       f"{r['pruned_weights']:,} of {r['total_weights']:,} kernel weights "
                                       f"zeroed ({r['sparsity']:.0%}, {r['scope']}), then fine-tuned."))
+        elif kind == "repair":
+            out.append(repair_section(name, d, r))
         elif kind == "cleanse":
             out.append(cleanse_section(name, d, r))
             mit = d / "mitigation" / "results.json"
