@@ -89,7 +89,7 @@ def doc(**over) -> dict:
 
 @pytest.mark.parametrize("bad, msg", [
     (doc(attack=[{"name": "a", "trigger": "patch", "targte": 0}]), "unknown key(s) targte"),
-    (doc(defense=[{"kind": "prunning"}]), "unknown repair method 'prunning'"),
+    (doc(defense=[{"kind": "prunning"}]), "unknown method 'prunning'"),
         (doc(defense=[{"kind": "prune", "epochs": 3}]), "unknown option epochs for prune"),
         (doc(defense=[{"kind": "prune", "drop": [2, 2]}]), "repeats"),
         (doc(defense=[{"kind": "fine-prune", "guide": "poisoned"}]), "guide is for"),
@@ -349,3 +349,47 @@ def test_example_configs_parse():
     for f in files:
         e = load_experiment(f)
         assert e.attacks and e.defenses, f
+
+
+def test_a_model_detector_gets_its_own_table_and_the_grid_its_heatmaps(tmp_path):
+    cfg = write(tmp_path, """
+seeds = [0]
+[data]
+source = "digits"
+test_fraction = 0.25
+[model]
+arch = "small_cnn"
+[train]
+epochs = 6
+batch_size = 64
+lr = 3e-3
+[[attack]]
+name = "badnets"
+trigger = "patch:size=3"
+target = 0
+rate = 0.1
+[[defense]]
+name = "nc"
+kind = "neural-cleanse"
+mode = "full"
+steps = 60
+images = 200
+[[defense]]
+name = "pr"
+kind = "prune"
+""")
+    res = run_experiment(cfg, tmp_path / "out", jobs=1, threads=1, report=True)
+    assert res["errors"] == []
+    assert [r[1] for r in res["table"]["rows"]] == ["none", "pr"]  # the detector is not a repair row
+    det = res["detection_table"]
+    assert det["head"][4:6] == ["flagged as backdoored", "right target"]
+    (row,) = det["rows"]
+    cell = next(c for c in res["cells"] if c["cell"]["label"] == "badnets-nc-s0")
+    r = json.loads((tmp_path / "out" / "cells" / cell["dir"] / "results.json").read_text())
+    assert r["kind"] == "detect" and r["targets"] == [0]
+    assert row[4] == f"{int(r['backdoored'])}/1" and row[5] == f"{int(bool(r['right_target']))}/1"
+    for f in ("heatmap_asr.png", "heatmap_accuracy.png"):
+        assert (tmp_path / "out" / f).read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Detect neural-cleanse: cells/" in md and "heatmap_asr.png" in md
+    assert "## Model detectors" in (tmp_path / "out" / "summary.md").read_text()

@@ -245,3 +245,38 @@ def test_norm_plot_many_labels(tmp_path):
     norms[7] = 20
     plot_norms(list(range(100)), norms.tolist(), [7], tmp_path / "norms.png", 100.0, 7.0)
     assert (tmp_path / "norms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_registered_detector_gives_the_scans_numbers(backdoored, scan_full, tmp_path, capsys):
+    """`detect neural-cleanse` (model-detector family) = `neural_cleanse()`; its triggers.npz feeds
+    `repair --triggers`."""
+    from backdoorlab import registry
+    from backdoorlab.cli import main
+    from backdoorlab.data.csaw import write_csaw_h5
+    from backdoorlab.detectors import detect
+    from backdoorlab.models import save_model
+
+    clf, clean = backdoored
+    assert registry.get("neural-cleanse").family == "model-detector"
+    res = detect("neural-cleanse", clf, clean, {"mode": "full", "images": 256, "steps": 100, "batch": 32},
+                 targets=[TARGET])
+    det = res.detection
+    assert det.flagged == scan_full.flagged
+    assert det.scores == {r.label: r.anomaly_index for r in scan_full.labels}
+    assert det.backdoored == bool(scan_full.flagged) and det.statistic == max(det.scores.values())
+    assert res.right_target == (bool(scan_full.flagged) and scan_full.flagged[0] == TARGET)
+    assert res.passes > 0 and sorted(det.triggers) == sorted(scan_full.triggers)
+    save_model(clf, tmp_path / "m.safetensors")
+    write_csaw_h5(clean, tmp_path / "clean.h5")
+    model, data = str(tmp_path / "m.safetensors"), str(tmp_path / "clean.h5")
+    argv = ["detect", "neural-cleanse", model, "--clean", data,
+            "--mode", "full", "--images", "256", "--steps", "100", "--target", str(TARGET)]
+    assert main([*argv, "--out", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    r = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert r["kind"] == "detect" and r["flagged"] == scan_full.flagged and "verdict:" in out
+    assert main(["repair", "nc-unlearn", model, "--valid", data,
+                 "--triggers", str(tmp_path / "d" / "triggers.npz"), "--trigger-labels", "0",
+                 "--epochs", "1", "--out", str(tmp_path / "r")]) == 0
+    assert main([*argv[:5], "--target", "10", "--out", str(tmp_path / "bad")]) == 2
+    assert "out of range" in capsys.readouterr().err and not (tmp_path / "bad").exists()

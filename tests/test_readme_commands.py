@@ -24,7 +24,8 @@ def test_every_command_is_in_the_table_and_every_row_is_a_command():
     assert rows == commands
 
 
-def test_every_registered_repair_is_named_in_the_repair_row():
-    row = next(line for line in _table().splitlines() if line.startswith("| `backdoorlab repair"))
-    named = set(re.findall(r"`([a-z-]+)`", row))
-    assert {m.name for m in registry.methods("repair")} <= named
+def test_every_registered_method_is_named_in_its_familys_row():
+    for family, command in (("repair", "repair"), ("model-detector", "detect")):
+        row = next(ln for ln in _table().splitlines() if ln.startswith(f"| `backdoorlab {command}"))
+        named = set(re.findall(r"`([a-z-]+)`", row))
+        assert {m.name for m in registry.methods(family)} <= named, family

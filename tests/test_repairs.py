@@ -58,10 +58,12 @@ def test_registry_lists_every_repair_with_paper_needs_and_helped_options(capsys)
     for m in registry.methods("repair"):
         assert m.paper and m.summary and set(m.needs) <= set(registry.NEEDS)
         assert all(o["help"] for o in m.describe()["options"])
-    code, out, _ = run(capsys, "list", "--json")
+    code, out, _ = run(capsys, "list", "--json", "--family", "repair")
     assert code == 0
     listed = json.loads(out)
     assert [m["name"] for m in listed] == REPAIRS and {m["family"] for m in listed} == {"repair"}
+    code, out, _ = run(capsys, "list", "--json")
+    assert {m["family"] for m in json.loads(out)} == set(registry.FAMILIES)
 
 
 def test_unknown_method_and_bad_toml_options_are_one_line():

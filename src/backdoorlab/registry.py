@@ -19,8 +19,10 @@ from backdoorlab.options import describe
 FAMILIES = {
     "repair": "model + the defender's clean data (+ backdoored inputs or reversed triggers where the "
               "method assumes them) → repaired model",
+    "model-detector": "model + the defender's clean data → backdoored or not, suspected target "
+                      "label(s), the method's statistic",
 }
-PACKAGES = {"repair": "backdoorlab.repairs"}
+PACKAGES = {"repair": "backdoorlab.repairs", "model-detector": "backdoorlab.detectors"}
 # what a method may need besides the model
 NEEDS = {
     "clean": "clean labelled data the defender holds",

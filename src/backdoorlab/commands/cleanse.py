@@ -23,35 +23,11 @@ from backdoorlab.commands.common import (
     poisoned_lines,
 )
 from backdoorlab.errors import BadInput
+from backdoorlab.options import parse_labels  # labels "all", "0,3,5", "10-19"
 
 MITIGATIONS = ("unlearn", "prune", "filter")
+
 MIN_IMAGES = 100  # below this many clean images the per-label figures are too coarse to trust
-
-
-def parse_labels(text: str | None, num_classes: int) -> list[int] | None:
-    """``all`` / None → None (every label); ``0,3,5`` and ranges ``10-19`` → sorted labels."""
-    if text is None or text.strip().lower() == "all":
-        return None
-    out: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1)
-                out.update(range(int(lo), int(hi) + 1))
-            else:
-                out.add(int(part))
-        except ValueError:
-            raise BadInput(f"--labels: {part!r} is not a label, a range A-B or 'all'") from None
-    bad = sorted(y for y in out if not 0 <= y < num_classes)
-    if bad:
-        raise BadInput(f"--labels: {bad[:5]} out of range for a model with {num_classes} classes "
-                       f"(0..{num_classes - 1})")
-    if not out:
-        raise BadInput("--labels: no label given")
-    return sorted(out)
 
 
 def _fmt(v: float | None, spec: str = ".2f") -> str:

@@ -284,12 +284,17 @@ def apply_trigger(images: np.ndarray, mask: np.ndarray, pattern: np.ndarray) -> 
 def save_triggers(result: CleanseResult, path: str | os.PathLike) -> None:
     """Write the reversed triggers as ``.npz`` (``labels``, ``masks`` (L,H,W), ``patterns``
     (L,H,W,C), ``norms``; float32, read back with ``np.load(path, allow_pickle=False)``)."""
-    ys = sorted(result.triggers)
+    write_triggers(result.triggers, path)
+
+
+def write_triggers(triggers: dict[int, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike) -> None:
+    """`save_triggers` for a plain label → (mask, pattern) dict (norms = mask L1 norms)."""
+    ys = sorted(triggers)
     if not ys:
         raise BadInput("no reversed triggers to save")
-    masks = np.stack([result.triggers[y][0] for y in ys]).astype(np.float32)
-    patterns = np.stack([result.triggers[y][1] for y in ys]).astype(np.float32)
-    norms = np.array([result.label(y).norm for y in ys], dtype=np.float64)
+    masks = np.stack([triggers[y][0] for y in ys]).astype(np.float32)
+    patterns = np.stack([triggers[y][1] for y in ys]).astype(np.float32)
+    norms = np.abs(masks).reshape(len(ys), -1).sum(1).astype(np.float64)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, labels=np.array(ys, dtype=np.int64), masks=masks, patterns=patterns, norms=norms)
 

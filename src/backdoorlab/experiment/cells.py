@@ -106,7 +106,9 @@ def plan_cells(exp: Experiment) -> list[Cell]:
             scans: dict[str, Cell] = {}
             for d in exp.defenses:
                 dspec: dict = {"method": d.method, "options": d.options}
-                if "backdoored" in registry.get(d.method, "repair").needs:
+                if registry.get(d.method).family == "model-detector":
+                    dspec["family"] = "model-detector"
+                elif "backdoored" in registry.get(d.method, "repair").needs:
                     dspec["guide"] = d.guide
                 parent = key
                 if _stage(d.method, d.guide) == "scan":  # one Neural Cleanse scan per options, shared
@@ -161,7 +163,10 @@ def _stage(method: str, guide: str | None = "poisoned") -> str | None:
     scan for reversed triggers), ``"guide"`` (the attack's poisoned validation images) or None."""
     from backdoorlab import registry
 
-    needs = registry.get(method, "repair").needs
+    m = registry.get(method)
+    if m.family != "repair":
+        return None
+    needs = m.needs
     if "triggers" in needs or ("backdoored" in needs and guide == "cleanse"):
         return "scan"
     if "backdoored" in needs or "poisoned" in needs:
@@ -174,6 +179,31 @@ def scan_args(cell: Cell, model_dir: Path, out: Path, pres: dict) -> list[str]:
     files = pres["files"]
     return ["cleanse", str(model_dir / files["model"]), "--clean", str(model_dir / files["clean_valid"]),
             "--seed", str(cell.seed), *_flags(cell.spec["scan"]), "--out", str(out)]
+
+
+def attack_targets(pres: dict) -> list[int]:
+    """The attack's target label(s), as its results.json records them ([] for all-to-all)."""
+    given = as_list(pres.get("target"))
+    if given:
+        return [int(t) for t in given]
+    plan = (pres.get("settings") or {}).get("plan") or {}
+    return [] if plan.get("mode") == "all2all" else [int(t) for t in plan.get("targets") or []]
+
+
+def detect_args(cell: Cell, model_dir: Path, out: Path, pres: dict) -> list[str]:
+    """``backdoorlab detect METHOD`` on the model, scored against the attack's target(s)."""
+    from backdoorlab import registry
+    from backdoorlab.options import infos, to_flags
+
+    files = pres["files"]
+    method = registry.get(cell.spec["method"], "model-detector")
+    opts = dict(cell.spec["options"])
+    if "seed" in {i.name for i in infos(method.options)}:
+        opts["seed"] = cell.seed
+    targets = [x for t in attack_targets(pres) for x in ("--target", str(t))]
+    return ["detect", method.name, str(model_dir / files["model"]), "--clean",
+            str(model_dir / files["clean_valid"]), *targets, *to_flags(method.options, opts),
+            "--out", str(out)]
 
 
 def repair_args(cell: Cell, model_dir: Path, out: Path, pres: dict, scan_dir: Path | None = None
@@ -225,7 +255,7 @@ def _run_cli(args: list[str], log) -> None:
         log.flush()
         lines = Path(log.name).read_text(encoding="utf-8", errors="replace").splitlines()
         why = next((ln for ln in reversed(lines) if "error:" in ln), f"exit status {rc}")
-        what = " ".join(args[:2]) if args[0] == "repair" else args[0]
+        what = " ".join(args[:2]) if args[0] in ("repair", "detect") else args[0]
         raise BadInput(f"backdoorlab {what} failed: {why.strip()}")
 
 
@@ -245,6 +275,8 @@ def check_options(cells: list[Cell]) -> None:
             lines = [[*attack_args(c), "--out", "x"]]
         elif c.kind == "scan":
             lines = [scan_args(c, Path("parent"), Path("x"), {"files": fake})]
+        elif c.spec.get("family") == "model-detector":
+            lines = [detect_args(c, Path("parent"), Path("x"), {"files": fake})]
         else:
             lines = [repair_args(c, Path("parent"), Path("x"), {"files": fake}, Path("scan"))]
         for args in lines:
@@ -271,6 +303,12 @@ def _summary(cell: Cell, d: Path, parent_dir: Path | None) -> dict:
                 "detail": f"flagged {', '.join(map(str, flagged)) or 'no label'}"}
     p = json.loads((parent_dir / "results.json").read_text())
     before = {"accuracy": p["clean_accuracy"], "asr": p["asr"][0] if p.get("asr") else None}
+    if cell.spec.get("family") == "model-detector":
+        return {**before, "flagged": res["flagged"], "backdoored": res["backdoored"],
+                "right_target": res["right_target"], "statistic": res["statistic"],
+                "statistic_name": res["statistic_name"], "detect_seconds": res["cost"]["seconds"],
+                "image_passes": res["cost"]["image_passes"],
+                "detail": f"flagged {', '.join(map(str, res['flagged'])) or 'no label'}"}
     if not res:  # the scan flagged no label: nothing to repair with, the model is left as it is
         return {**before, "detail": "no label flagged: model unchanged", "der": None}
     after = res["after"]
@@ -375,6 +413,8 @@ def run_cell(cell_dict: dict, root: str, parent_dirname: str | None, threads: in
             pres = json.loads((model_dir / "results.json").read_text())
             if cell.kind == "scan":
                 _run_cli(scan_args(cell, model_dir, d, pres), log)
+            elif cell.spec.get("family") == "model-detector":
+                _run_cli(detect_args(cell, model_dir, d, pres), log)
             else:
                 args = repair_args(cell, model_dir, d, pres, scan_dir)
                 flagged = json.loads((scan_dir / "results.json").read_text())["flagged"] if scan_dir else None

@@ -241,9 +241,11 @@ def parse_defense(d, where: str) -> list[DefenseSpec]:
         if "mitigate" in d:
             raise BadInput(f"{where}: mitigate goes with kind = \"cleanse\"")
         try:
-            method = registry.get(KIND_ALIASES.get(kind, kind), "repair")
+            method = registry.get(KIND_ALIASES.get(kind, kind))
         except BadInput as e:
             raise BadInput(f"{where}: kind: {e}") from None
+        if method.family not in ("repair", "model-detector"):
+            raise BadInput(f"{where}: kind {kind!r} is a {method.family}, not a defense of the grid")
     name = _name_ok(d.get("name", kind), where)
     where = f"{where} ({name})"
     own = {i.name for i in infos(method.options)}
@@ -266,6 +268,8 @@ def parse_defense(d, where: str) -> list[DefenseSpec]:
         else:
             raise BadInput(f"{where}: unknown option {k} for {method.name} (options: "
                            f"{', '.join(sorted(own)) or 'none'}; 'backdoorlab list -v' shows them)")
+    if method.family == "model-detector" and "guide" in d:
+        raise BadInput(f"{where}: guide is for repairs, not the detector {method.name}")
     needs_scan = "triggers" in method.needs or ("backdoored" in method.needs and d.get("guide") == "cleanse")
     if scan and not needs_scan:
         raise BadInput(f"{where}: {method.name} runs no Neural Cleanse scan; nc_ options are not used")

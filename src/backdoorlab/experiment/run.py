@@ -11,7 +11,15 @@ from pathlib import Path
 from backdoorlab.experiment.cells import check_options, plan_cells
 from backdoorlab.experiment.config import load_experiment
 from backdoorlab.experiment.executors import default_jobs_threads, execute, make_backend
-from backdoorlab.experiment.summary import HEAD, markdown_table, summary_rows
+from backdoorlab.experiment.summary import (
+    DETECT_HEAD,
+    DETECTION_NOTE,
+    HEAD,
+    detection_rows,
+    heatmap_values,
+    markdown_table,
+    summary_rows,
+)
 from backdoorlab.io import atomic_path, check_out_dir, write_json, write_marker
 
 
@@ -87,6 +95,7 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
 
     records, errors = execute(cells, root, backend, threads, say, started)
     rows = summary_rows(cells, records)
+    detect_rows = detection_rows(cells, records)
     seconds = time.perf_counter() - t0
     computed = sum(not r["cached"] for r in records.values())
     desc = (f"{exp.description} " if exp.description else "") + (
@@ -100,20 +109,34 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
     result = {"kind": "experiment", "name": exp.name, "description": desc, "config_file": str(config),
               "seeds": exp.seeds, "executor": executor, "threads_per_cell": threads,
               "table": {"head": HEAD, "rows": rows},
+              "detection_table": {"head": DETECT_HEAD, "rows": detect_rows} if detect_rows else None,
               "cells": [{k: v for k, v in r.items()} for r in records.values()],
               "errors": errors, "computed_cells": computed, "cached_cells": len(records) - computed,
               "seconds": round(seconds, 1)}
     write_json(root / "results.json", result)
     with atomic_path(root / "summary.md") as tmp:
-        tmp.write_text(f"# {exp.name}\n\n{desc}\n\n" + markdown_table(HEAD, rows))
+        detectors = (f"\n## Model detectors\n\n{DETECTION_NOTE}\n\n"
+                     + markdown_table(DETECT_HEAD, detect_rows)) if detect_rows else ""
+        tmp.write_text(f"# {exp.name}\n\n{desc}\n\n" + markdown_table(HEAD, rows) + detectors)
     with atomic_path(root / "summary.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(HEAD)
         w.writerows(rows)
+    attacks, defenses, asr, acc = heatmap_values(cells, records)
+    if attacks and defenses:
+        from backdoorlab.report.heatmap import plot_heatmap
+
+        plot_heatmap(asr, attacks, defenses, "ASR after repair (%)", root / "heatmap_asr.png")
+        plot_heatmap(acc, attacks, defenses, "change in clean accuracy (points)",
+                     root / "heatmap_accuracy.png", cmap="RdBu", center=0.0, unit="points")
     print()
-    widths = [max(len(r[i]) for r in [HEAD, *rows]) for i in range(len(HEAD))]
-    for r in [HEAD, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    for head, body in ((HEAD, rows), (DETECT_HEAD, detect_rows)):
+        if not body:
+            continue
+        widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+        for r in [head, *body]:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        print()
     print(f"\n{computed} cell(s) computed, {len(records) - computed} from cache, in {seconds:.0f} s")
     if report:
         from backdoorlab.report.builder import build_report

@@ -51,19 +51,20 @@ def _per_trigger_note(recs: list[dict | None], parents: list[dict | None]) -> st
     return "ASR per trigger: " + "; ".join(each)
 
 
+def model_record(c: Cell, by_key: dict[str, Cell], records: dict[str, dict]) -> dict | None:
+    """The record of the model a defense cell starts from (through a shared Neural Cleanse scan)."""
+    while c.parent is not None:
+        c = by_key[c.parent]
+        if c.kind != "scan":
+            break
+    return records.get(c.key)
+
+
 def summary_rows(cells: list[Cell], records: dict[str, dict]) -> list[list[str]]:
     """Rows in grid order; cells without a record (failed) are left out of the means."""
     by_key = {c.key: c for c in cells}
-
-    def model_of(c: Cell) -> dict | None:
-        """The record of the model a cell starts from (through a shared Neural Cleanse scan)."""
-        while c.parent is not None:
-            c = by_key[c.parent]
-            if c.kind != "scan":
-                break
-        return records.get(c.key)
-
-    cells = [c for c in cells if c.kind != "scan"]  # scans only feed repairs: no row of their own
+    # scans only feed repairs (no row of their own); detectors have their table (`detection_rows`)
+    cells = [c for c in cells if c.kind != "scan" and c.spec.get("family") != "model-detector"]
     order: list[tuple[str, str | None]] = []
     for c in cells:
         if (c.attack, c.defense) not in order:
@@ -75,7 +76,7 @@ def summary_rows(cells: list[Cell], records: dict[str, dict]) -> list[list[str]]
         if not group:
             rows.append([attack, defense or "none", "0", "—", "—", "—", "—", "—", *blank, "failed"])
             continue
-        parents = [model_of(c) if c.parent else records[c.key] for c in group]
+        parents = [model_record(c, by_key, records) if c.parent else records[c.key] for c in group]
         before_acc = mean_std([p["accuracy"] if p else None for p in parents])
         before_asr = mean_std([p["asr"] if p else None for p in parents])
         implant = ([f"did not implant (ASR {fmt(before_asr)} % < {100 * IMPLANTED:.0f} %)"]
@@ -108,6 +109,69 @@ def summary_rows(cells: list[Cell], records: dict[str, dict]) -> list[list[str]]
                      fmt(after_asr), fmt(delta), fmt(robust), fmt(der, 1.0, 3), fmt(secs, 1.0, 1),
                      "—" if passes is None else f"{passes[0]:,.0f}",
                      "; ".join(notes[:3]) + (" …" if len(notes) > 3 else "")])
+    return rows
+
+
+def heatmap_values(cells: list[Cell], records: dict[str, dict]) -> tuple[list[str], list[str], list, list]:
+    """(attacks, repairs, ASR after in %, Δ clean accuracy in points): means over seeds, None where
+    no seed finished."""
+    by_key = {c.key: c for c in cells}
+    reps = [c for c in cells if c.defense is not None and c.kind != "scan"
+            and c.spec.get("family") != "model-detector"]
+    attacks = list(dict.fromkeys(c.attack for c in reps))
+    defenses = list(dict.fromkeys(c.defense for c in reps))
+    asr, acc = [], []
+    for a in attacks:
+        ra, rc = [], []
+        for d in defenses:
+            group = [c for c in reps if c.attack == a and c.defense == d and c.key in records]
+            after = mean_std([records[c.key]["asr"] for c in group])
+            pairs = [(records[c.key], model_record(c, by_key, records)) for c in group]
+            delta = mean_std([r["accuracy"] - m["accuracy"] for r, m in pairs
+                              if m and r["accuracy"] is not None])
+            ra.append(None if after is None else 100 * after[0])
+            rc.append(None if delta is None else 100 * delta[0])
+        asr.append(ra)
+        acc.append(rc)
+    return attacks, defenses, asr, acc
+
+
+DETECTION_NOTE = ("Per attack × model detector: the seeds whose model it flags as backdoored, the seeds "
+                  "whose most suspicious flagged label is the attack's target, its statistic (mean ± std "
+                  "over seeds), its time and image passes. On a model whose attack did not implant a "
+                  "flag is a false alarm.")
+DETECT_HEAD = ["attack", "detector", "seeds", "ASR of the model", "flagged as backdoored", "right target",
+               "statistic", "detect s", "image passes", "notes"]
+
+
+def detection_rows(cells: list[Cell], records: dict[str, dict]) -> list[list[str]]:
+    """One row per attack × model detector: the share of seeds whose model it flagged, the share
+    whose most suspicious flagged label is the attack's target, its statistic (mean ± std), cost.
+    On a clean model (an attack that did not implant) a flag is a false alarm."""
+    rows = []
+    order: list[tuple[str, str | None]] = []
+    dets = [c for c in cells if c.spec.get("family") == "model-detector"]
+    for c in dets:
+        if (c.attack, c.defense) not in order:
+            order.append((c.attack, c.defense))
+    for attack, defense in order:
+        group = [c for c in dets if c.attack == attack and c.defense == defense]
+        recs = [records[c.key] for c in group if c.key in records]
+        if not recs:
+            rows.append([attack, defense or "", "0", *["—"] * 6, "failed"])
+            continue
+        asr = mean_std([r.get("asr") for r in recs])
+        flagged = sum(bool(r["backdoored"]) for r in recs)
+        right = [r["right_target"] for r in recs if r.get("right_target") is not None]
+        stat = mean_std([r.get("statistic") for r in recs])
+        notes = ["did not implant: a flag is a false alarm"] if asr is not None and asr[0] < IMPLANTED else []
+        notes += sorted({r["detail"] for r in recs if r.get("detail")})
+        rows.append([attack, defense or "", str(len(recs)), fmt(asr), f"{flagged}/{len(recs)}",
+                     f"{sum(right)}/{len(right)}" if right else "—",
+                     ("" if stat is None else f"{recs[0].get('statistic_name', '')} ") + fmt(stat, 1.0, 2),
+                     fmt(mean_std([r.get("detect_seconds") for r in recs]), 1.0, 1),
+                     f"{mean_std([r.get('image_passes') for r in recs])[0]:,.0f}",
+                     "; ".join(notes[:3])])
     return rows
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from backdoorlab.errors import BadInput
 from backdoorlab.io import atomic_path, file_sha256
 
-KIND_ORDER = ["demo", "experiment", "attack", "prune", "fine-prune", "magnitude-prune", "repair", "cleanse",
-              "mitigate"]
+KIND_ORDER = ["demo", "experiment", "attack", "prune", "fine-prune", "magnitude-prune", "repair", "detect",
+              "cleanse", "mitigate"]
 
 
 @dataclass
@@ -210,6 +210,22 @@ def repair_section(name: str, d: Path, r: dict) -> Section:
     return s
 
 
+def detect_section(name: str, d: Path, r: dict) -> Section:
+    """Any model detector of the registry (``backdoorlab detect``)."""
+    s = Section(f"Detect {r['method']}: {name}")
+    verdict = "backdoored" if r["backdoored"] else "no backdoor found"
+    right = {True: " — the attack's target", False: " — not the attack's target"}.get(
+        r.get("right_target"), "")
+    stat = "—" if r.get("statistic") is None else f"{r['statistic']:.3f}"
+    s.p(f"{r.get('paper', r['method'])}. Verdict: **{verdict}**; flagged "
+        f"{', '.join(map(str, r['flagged'])) or 'no label'}{right}. {r['statistic_name']} {stat}; "
+        f"{r['cost']['seconds']:.1f} s, {r['cost']['image_passes']:,} image passes.")
+    top = sorted(r["scores"].items(), key=lambda kv: -kv[1])[:10]
+    s.table(["label", "score", "flagged"], [[y, f"{v:.2f}", "yes" if int(y) in r["flagged"] else ""]
+                                            for y, v in top])
+    return s
+
+
 def demo_section(d: Path, r: dict) -> Section:
     s = Section("Summary")
     s.p(r.get("summary", ""))
@@ -222,6 +238,15 @@ def experiment_section(d: Path, r: dict) -> Section:
     s = Section(f"Experiment: {r.get('name', d.name)}")
     s.p(r.get("description", ""))
     s.table(r["table"]["head"], r["table"]["rows"])
+    if r.get("detection_table"):
+        from backdoorlab.experiment.summary import DETECTION_NOTE
+
+        s.p(DETECTION_NOTE)
+        s.table(r["detection_table"]["head"], r["detection_table"]["rows"])
+    for png, caption in (("heatmap_asr.png", "ASR after each repair, attack × defense (%)."),
+                         ("heatmap_accuracy.png", "Change in clean accuracy by each repair, attack × "
+                          "defense (points).")):
+        s.img(d / png, caption)
     return s
 
 
@@ -242,6 +267,8 @@ def sections_for(root: Path) -> list[Section]:
             out.append(stages_section(f"Magnitude pruning: {name}", r,
                                       f"{r['pruned_weights']:,} of {r['total_weights']:,} kernel weights "
                                       f"zeroed ({r['sparsity']:.0%}, {r['scope']}), then fine-tuned."))
+        elif kind == "detect":
+            out.append(detect_section(name, d, r))
         elif kind == "repair":
             out.append(repair_section(name, d, r))
         elif kind == "cleanse":

@@ -1,0 +1,78 @@
+"""The model-detector family: (model, the defender's clean data, options) → is it backdoored,
+and which label is the target?
+
+A detector is ``run(clf, clean, opts) -> Detection`` registered with
+`backdoorlab.registry.register(..., family="model-detector")` in its own module of this package.
+`detect` runs one and adds what the benchmark table reports: the verdict, whether the flagged label
+is the attack's target (when the caller knows it), the method's statistic, wall time and image
+passes (`backdoorlab.cost`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from backdoorlab.data.imageset import ImageSet
+from backdoorlab.models.classifier import Classifier
+
+
+@dataclass
+class Detection:
+    """A detector's answer. ``scores``: one per label, larger = more suspicious (Neural Cleanse:
+    the anomaly index). ``flagged``: suspected target labels, most suspicious first; ``backdoored``
+    the model-level verdict, with ``statistic`` (named by ``statistic_name``). ``triggers``: label
+    → (mask H×W, pattern H×W×C) in [0, 1], for methods that reverse-engineer triggers."""
+
+    scores: dict[int, float]
+    flagged: list[int]
+    backdoored: bool
+    statistic: float | None
+    statistic_name: str
+    triggers: dict = field(default_factory=dict, repr=False)
+    details: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DetectResult:
+    method: str
+    options: dict
+    detection: Detection
+    seconds: float
+    passes: int
+    targets: list[int] | None  # the attack's target(s), when known (scoring only)
+
+    @property
+    def right_target(self) -> bool | None:
+        """Is the most suspicious flagged label one of the attack's targets? (None: unknown.)"""
+        if self.targets is None:
+            return None
+        return bool(self.detection.flagged) and self.detection.flagged[0] in self.targets
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self.detection).items() if k != "triggers"}
+        d["scores"] = {str(k): v for k, v in d["scores"].items()}
+        return {"kind": "detect", "method": self.method, "options": self.options, **d,
+                "targets": self.targets, "right_target": self.right_target,
+                "cost": {"seconds": self.seconds, "image_passes": self.passes},
+                "reversed_triggers": sorted(self.detection.triggers)}
+
+
+def detect(name: str, clf: Classifier, clean: ImageSet, options: Any = None,
+           targets: list[int] | None = None) -> DetectResult:
+    """Run the registered model detector ``name``; ``targets`` (if known) only score the answer."""
+    from backdoorlab import cost, registry
+    from backdoorlab.options import from_mapping
+
+    method = registry.get(name, "model-detector")
+    if options is None:
+        options = method.options()
+    elif isinstance(options, dict):
+        options = from_mapping(method.options, options, f"detect {name}")
+    t0 = time.perf_counter()
+    with cost.counting() as passes:
+        det = method.run(clf, clean, options)
+    return DetectResult(name, asdict(options), det, round(time.perf_counter() - t0, 2), passes.images,
+                        list(targets) if targets is not None else None)
