@@ -39,8 +39,9 @@ def median_mad(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
         raise BadInput("MAD: no values to compute a median from")
     if not np.all(np.isfinite(x)):
         raise BadInput("MAD: values must be finite numbers")
-    med = float(np.median(x))
-    return med, float(np.median(np.abs(x - med)))
+    from scipy.stats import median_abs_deviation  # scipy comes with scikit-learn
+
+    return float(np.median(x)), float(median_abs_deviation(x, scale=1.0))
 
 
 def anomaly_index(values: Sequence[float] | np.ndarray, median: float, mad: float) -> np.ndarray:
