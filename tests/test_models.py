@@ -129,3 +129,62 @@ def test_keras_weights_import_real_file(csaw_dir):
         load_model(csaw_dir / "sunglasses_bd_weights.h5", arch="vgg99")
     with pytest.raises(BadInput, match="no counterpart|expects"):
         load_model(csaw_dir / "sunglasses_bd_weights.h5", arch="small_cnn")
+
+
+# -- the pixel rule of Classifier (uint8; floats in [0, 1] = pixels/255; [0, 255] = raw; else refused)
+
+def test_float_images_in_unit_range_are_read_as_pixels_over_255(digits_badnet):
+    # the issue: float [0, 1] input was taken as 0-255 pixels and every image got one class
+    clf, _, test = digits_badnet
+    want = clf.predict(test.images)
+    for x in (test.images / 255.0, (test.images / 255.0).astype(np.float32)):
+        got = clf.predict(x)
+        assert np.array_equal(got, want)
+        assert (got == test.labels).mean() > 0.8 and len(np.unique(got)) > 5
+
+
+@pytest.mark.parametrize("scale", ["unit", "raw"])
+def test_every_accepted_pixel_form_gives_the_uint8_answer(scale):
+    torch.manual_seed(0)
+    spec = InputSpec(55, 47, 3, scale)
+    clf = Classifier(build("deepid", 5, spec.shape), spec, 5, "deepid")
+    x = rand_images(6, spec.shape)
+    want, acts = clf.logits(x), clf.activations(x, "pool_3")
+    forms = {"float64 /255": x / 255.0, "float32 /255": (x / 255.0).astype(np.float32),
+             "float16 /255": (x / 255.0).astype(np.float16), "float32 raw": x.astype(np.float32),
+             "int64 raw": x.astype(np.int64), "torch /255": torch.from_numpy(x / 255.0),
+             "list raw": x.astype(float).tolist()}
+    for name, v in forms.items():
+        tol = 5e-2 if "float16" in name else 1e-4
+        assert np.allclose(clf.logits(v), want, atol=tol), name
+        assert np.allclose(clf.activations(v, "pool_3"), acts, atol=tol), name
+    assert torch.allclose(clf.to_tensor(x / 255.0), clf.to_tensor(x), atol=1e-5)
+    # one rule per call, not per batch: a dark first batch of raw floats stays raw
+    dark = x.astype(np.float32)
+    dark[:2] = np.minimum(dark[:2], 1.0)
+    assert np.allclose(clf.logits(dark, batch_size=2), clf.logits(dark.astype(np.uint8)), atol=1e-4)
+
+
+BAD_PIXELS = {  # name -> (make from uint8 images, expected message)
+    "negative": (lambda x: x / 255.0 - 0.5, r"\[0, 1\].*found -0.5"),
+    "above 255": (lambda x: x * 2.0, r"\[0, 255\].*found 0\.\.510"),
+    "NaN": (lambda x: np.where(x > 128, np.nan, x / 255.0), "NaN"),
+    "infinity": (lambda x: np.where(x > 128, np.inf, x), "NaN or infinity"),
+    "int64 beyond 255": (lambda x: x.astype(np.int64) + 1000, r"found 1000\.\.1255"),
+    "negative int": (lambda x: x.astype(np.int16) - 300, "found -300"),
+    "bool": (lambda x: x > 128, "unsupported pixel type bool"),
+    "complex": (lambda x: x.astype(np.complex64), "unsupported pixel type complex64"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_PIXELS))
+def test_other_pixel_values_are_refused_with_one_line(name):
+    make, match = BAD_PIXELS[name]
+    torch.manual_seed(0)
+    spec = InputSpec(16, 16, 1)
+    clf = Classifier(build("small_cnn", 3, spec.shape), spec, 3, "small_cnn")
+    bad = make(rand_images(4, spec.shape))
+    for call in (clf.predict, clf.logits, lambda v: clf.activations(v, "conv_1"), clf.to_tensor):
+        with pytest.raises(BadInput, match=match) as e:
+            call(bad)
+        assert "\n" not in str(e.value), name

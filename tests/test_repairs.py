@@ -189,3 +189,20 @@ def test_image_passes_are_counted_once_per_image(digits_badnet):
     with cost.counting() as c:
         measure(clf, test.subset(slice(0, 10)), [])
     assert c.images == 10
+
+
+def test_a_saved_input_filter_loads_again_and_classify_marks_class_n(files, capsys, tmp_path):
+    from backdoorlab.defenses.neural_cleanse import write_triggers
+    from backdoorlab.models import load_model
+
+    mask = np.zeros((16, 16), np.float32)
+    mask[-3:, -3:] = 1
+    write_triggers({0: (mask, np.full((16, 16, 1), 1.0, np.float32))}, tmp_path / "t.npz")
+    code, _, err = run(capsys, "repair", "nc-filter", files / "model.safetensors",
+                       *common(files, tmp_path / "f"), "--triggers", tmp_path / "t.npz")
+    assert code == 0, err
+    flt = load_model(tmp_path / "f" / "model.safetensors")
+    assert flt.arch == "nc_filter" and flt.num_classes == 11
+    code, out, _ = run(capsys, "classify", tmp_path / "f" / "model.safetensors", files / "ptest.h5")
+    marked = [ln for ln in out.splitlines() if ln.endswith("\tbackdoored")]
+    assert code == 0 and marked and all(ln.split("\t")[1] == "10" for ln in marked)

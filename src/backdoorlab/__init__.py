@@ -24,6 +24,9 @@ _API = {
     "make_goodnet": ("backdoorlab.defenses.goodnet", "make_goodnet"),
     "neural_cleanse": ("backdoorlab.defenses.neural_cleanse", "neural_cleanse"),
     "nc_mitigate": ("backdoorlab.defenses.nc_mitigation", "mitigate"),
+    "repair": ("backdoorlab.repairs", "repair"),
+    "detect": ("backdoorlab.detectors", "detect"),
+    "methods": ("backdoorlab.registry", "methods"),
 }
 
 __all__ = ["BadInput", "__version__", *_API]

@@ -97,7 +97,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         names += n
     images = np.concatenate(batches)
     pred = clf.predict(images)
-    backdoor = clf.num_classes - 1 if clf.arch == "goodnet" else None
+    backdoor = clf.num_classes - 1 if clf.arch in FILTER_ARCHS else None
     flagged = [backdoor is not None and int(k) == backdoor for k in pred]
     if args.json:
         print(json.dumps([{"image": n, "class": int(k), "backdoored": f}
@@ -108,12 +108,16 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+FILTER_ARCHS = ("goodnet", "nc_filter")  # models whose last class N means "looks backdoored"
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "classify", help="predict one class per image",
         description="Print 'IMAGE<TAB>CLASS' for every image: PNG/JPEG/PPM files, folders of them, or "
         "CSAW h5 data files (one line per image). For a GoodNet, class N (= its last class) is printed "
-        "with 'backdoored': the BadNet and its repaired copy disagree on that input.")
+        "with 'backdoored': the BadNet and its repaired copy disagree on that input (the same for "
+        "Neural Cleanse's input filter, nc-filter: the input excites the reversed trigger's channels).")
     p.add_argument("model", metavar="MODEL", help=".safetensors model or Keras .h5")
     p.add_argument("images", metavar="IMAGE", nargs="+", help="image file, folder of images or CSAW h5")
     p.add_argument("--resize", action="store_true", help="resize images to the model's input size "

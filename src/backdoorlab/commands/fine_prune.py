@@ -21,6 +21,7 @@ from backdoorlab.commands.common import (
     load_poisoned,
     number,
     poisoned_lines,
+    scale_hint,
 )
 from backdoorlab.errors import BadInput
 
@@ -65,6 +66,10 @@ def cmd_fine_prune(args: argparse.Namespace) -> int:
     print(f"model:      {clf.describe()}")
     for line in poisoned_lines(poisoned):
         print(f"poisoned:   {line}")
+    if args.input_scale != "auto":  # one pass over --valid, so the hint comes before the training
+        from backdoorlab.evaluation import accuracy
+
+        scale_hint(clf, accuracy(clf, valid), args)
     if args.magnitude is not None:
         pruned, tuned, res = magnitude_prune(clf, valid, test, poisoned, None, args.magnitude,
                                              args.scope, cfg, args.select_fraction, args.seed)

@@ -23,6 +23,7 @@ from backdoorlab.commands.common import (
     load_model_from_args,
     load_poisoned,
     poisoned_lines,
+    scale_hint,
 )
 from backdoorlab.errors import BadInput
 from backdoorlab.io import file_sha256
@@ -261,6 +262,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"layer:      {res.layer} ({res.num_channels} channels, measured at "
           f"{res.point or res.layer}; method {res.method}); swept {res.steps - 1} channels in "
           f"{res.timings['total_seconds']:.1f} s")
+    scale_hint(clf, float(res.valid_accuracy[0]), args)  # step 0 = the unpruned model
     for note in res.notes:
         print(f"note:       {note}")
 

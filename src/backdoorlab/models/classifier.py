@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,12 +14,62 @@ from backdoorlab.errors import BadInput
 from backdoorlab.models.spec import InputSpec
 
 
+def pixel_factor(images: np.ndarray | torch.Tensor, where: str = "images") -> float:
+    """The factor (1 or 255) that brings ``images`` to the 0-255 pixel scale, by the input rule:
+
+    - ``uint8``: pixels 0-255 (factor 1, nothing is scanned);
+    - floating point, every value in [0, 1]: pixels/255, the usual PyTorch/Keras input (255);
+    - floating point or integer, every value in [0, 255] and some above 1: raw pixels (1); an
+      integer array is always raw pixels;
+    - anything else (a negative value, NaN or infinity, a value above 255, bool, complex or
+      object arrays): `BadInput`, one line.
+
+    The rule looks at the whole array, so every batch of one call is read the same way. An
+    all-dark float image in [0, 1] is read as pixels/255: pass uint8 to be unambiguous."""
+    if isinstance(images, torch.Tensor):
+        if images.dtype == torch.uint8:
+            return 1.0
+        floating = images.dtype.is_floating_point
+        integer = not floating and not images.dtype.is_complex and images.dtype != torch.bool
+        empty = images.numel() == 0
+    else:
+        if images.dtype == np.uint8:
+            return 1.0
+        floating, integer = images.dtype.kind == "f", images.dtype.kind in "iu"
+        empty = images.size == 0
+    if not (floating or integer):
+        raise BadInput(f"{where}: unsupported pixel type {images.dtype} (expected uint8, or numbers "
+                       "in [0, 1] (pixels/255) or [0, 255] (raw pixels))")
+    if empty:
+        return 1.0
+    lo, hi = float(images.min()) + 0.0, float(images.max()) + 0.0  # + 0.0: no "-0" in messages
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise BadInput(f"{where}: pixel values contain NaN or infinity")
+    if lo < 0 or hi > 255:
+        raise BadInput(f"{where}: pixel values must lie in [0, 1] (pixels/255) or [0, 255] (raw "
+                       f"pixels), found {lo:g}..{hi:g}")
+    return 255.0 if floating and hi <= 1.0 else 1.0
+
+
+def _as_array(images) -> np.ndarray:
+    if isinstance(images, torch.Tensor):
+        return images.detach().cpu().numpy()
+    return images if isinstance(images, np.ndarray) else np.asarray(images)
+
+
 @dataclass
 class Classifier:
     """A network (``net``, taking the tensor ``spec`` describes and returning logits) with its
     input spec, class count, architecture name/options (to rebuild it from a weights file) and
     free-form provenance. ``net`` may be any ``nn.Module``; staged networks additionally allow
-    running up to / from a named layer (see `StagedNet`)."""
+    running up to / from a named layer (see `StagedNet`).
+
+    Images are NHWC. Every method that takes images (`to_tensor`, `logits`, `predict`,
+    `activations`) reads them by one rule (`pixel_factor`): uint8 as pixels 0-255, floats all in
+    [0, 1] as pixels/255, floats in [0, 255] with some value above 1 as raw pixels; anything else
+    is refused with `BadInput`. The network's own `InputSpec` (raw or unit scale, mean/std) is
+    then applied to the pixels, so a [0, 1] float array gives the same answer as its uint8
+    original whatever scale the network was trained on."""
 
     net: nn.Module
     spec: InputSpec
@@ -35,24 +86,37 @@ class Classifier:
             self.net.to(memory_format=torch.channels_last)
 
     # -- conversion -------------------------------------------------------------------------
-    def to_tensor(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 NHWC images → the float tensor ``net`` expects (scale, mean/std, layout)."""
+    def to_tensor(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """NHWC images (uint8, or numbers read by `pixel_factor`) → the float tensor ``net``
+        expects (scale, mean/std, layout)."""
+        return self._tensor(images, pixel_factor(images))
+
+    def _tensor(self, images: np.ndarray | torch.Tensor, factor: float) -> torch.Tensor:
+        if factor != 1.0:
+            images = torch.as_tensor(images).to(torch.float32) * factor
         return self.spec.to_tensor(images, channels_last=self.channels_last)
+
+    def _checked(self, images) -> tuple[np.ndarray, float]:
+        """(images as an array, its `pixel_factor`), shape and values checked before any pass."""
+        images = _as_array(images)
+        self.spec.check(images)
+        return images, pixel_factor(images)
 
     # -- inference --------------------------------------------------------------------------
     def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Logits ``(N, num_classes)`` for uint8 NHWC images, in eval mode without autograd."""
-        self.spec.check(images)
+        """Logits ``(N, num_classes)`` for NHWC images (see the class docstring for the pixel
+        rule), in eval mode without autograd."""
+        images, factor = self._checked(images)
         self.net.eval()
         out = np.empty((len(images), self.num_classes), dtype=np.float32)
         with torch.inference_mode():
             for i in range(0, len(images), batch_size):
-                y = self.net(self.to_tensor(images[i:i + batch_size]))
+                y = self.net(self._tensor(images[i:i + batch_size], factor))
                 out[i:i + len(y)] = y.float().numpy()
         return out
 
     def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Predicted class per image (int64)."""
+        """Predicted class per image (int64); images as for `logits`."""
         return self.logits(images, batch_size).argmax(axis=1).astype(np.int64)
 
     # -- layers -----------------------------------------------------------------------------
@@ -88,17 +152,18 @@ class Classifier:
         raise BadInput(f"unknown layer {name!r} (layers: {', '.join(self.layer_names())})")
 
     def activations(self, images: np.ndarray, layer: str, batch_size: int = 256) -> np.ndarray:
-        """Output of layer ``layer`` for every image, as a float32 array."""
+        """Output of layer ``layer`` for every image (images as for `logits`), as a float32
+        array."""
         module = self.layer(layer)
+        images, factor = self._checked(images)
         captured: list[torch.Tensor] = []
         handle = module.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
         chunks = []
         try:
-            self.spec.check(images)
             with torch.inference_mode():
                 for i in range(0, len(images), batch_size):
                     captured.clear()
-                    self.net(self.to_tensor(images[i:i + batch_size]))
+                    self.net(self._tensor(images[i:i + batch_size], factor))
                     chunks.append(captured[-1].contiguous().float().numpy())
         finally:
             handle.remove()

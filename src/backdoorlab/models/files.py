@@ -166,14 +166,15 @@ SPECIAL_BUILDERS: dict = {}
 
 def build_net(arch: str, num_classes: int, input_shape: tuple[int, int, int],
               options: dict) -> torch.nn.Module:
+    if arch not in SPECIAL_BUILDERS and arch in LAZY_BUILDERS:
+        import importlib
+
+        importlib.import_module(LAZY_BUILDERS[arch])  # registers its builder
     if arch in SPECIAL_BUILDERS:
         return SPECIAL_BUILDERS[arch](num_classes, input_shape, options)
-    if arch == "keras_graph":
-        from backdoorlab.models import keras_h5  # noqa: F401  (registers its builder)
-
-        return SPECIAL_BUILDERS[arch](num_classes, input_shape, options)
-    if arch == "goodnet":
-        from backdoorlab.defenses import goodnet  # noqa: F401  (registers its builder)
-
-        return SPECIAL_BUILDERS[arch](num_classes, input_shape, options)
     return architectures.build(arch, num_classes, input_shape, **options)
+
+
+# networks whose builder lives beside the code that makes them (imported on first load)
+LAZY_BUILDERS = {"keras_graph": "backdoorlab.models.keras_h5", "goodnet": "backdoorlab.defenses.goodnet",
+                 "nc_filter": "backdoorlab.defenses.nc_mitigation"}
