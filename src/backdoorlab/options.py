@@ -95,8 +95,9 @@ def number(low: float | None = None, high: float | None = None, *, low_open: boo
     return parse
 
 
-def parse_labels(text: str | None, num_classes: int) -> list[int] | None:
-    """``all`` / None → None (every label); ``0,3,5`` and ranges ``10-19`` → sorted labels."""
+def parse_labels(text: str | None, num_classes: int, opt: str = "--labels") -> list[int] | None:
+    """``all`` / None → None (every label); ``0,3,5`` and ranges ``10-19`` → sorted labels
+    (``opt`` names the option in messages)."""
     if text is None or text.strip().lower() == "all":
         return None
     out: set[int] = set()
@@ -111,13 +112,13 @@ def parse_labels(text: str | None, num_classes: int) -> list[int] | None:
             else:
                 out.add(int(part))
         except ValueError:
-            raise BadInput(f"--labels: {part!r} is not a label, a range A-B or 'all'") from None
+            raise BadInput(f"{opt}: {part!r} is not a label, a range A-B or 'all'") from None
     bad = sorted(y for y in out if not 0 <= y < num_classes)
     if bad:
-        raise BadInput(f"--labels: {bad[:5]} out of range for a model with {num_classes} classes "
+        raise BadInput(f"{opt}: {bad[:5]} out of range for a model with {num_classes} classes "
                        f"(0..{num_classes - 1})")
     if not out:
-        raise BadInput("--labels: no label given")
+        raise BadInput(f"{opt}: no label given")
     return sorted(out)
 
 

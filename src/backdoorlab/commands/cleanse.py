@@ -118,6 +118,9 @@ def write_outputs(result, out: Path) -> list[str]:
 
 def cmd_cleanse(args: argparse.Namespace) -> int:
     check_out(args, "cleanse", in_place=True, resume=True)  # before any work
+    for text, opt in ((args.labels, "--labels"), (args.mitigate_labels, "--mitigate-labels")):
+        parse_labels(text, 2**31, opt)  # the syntax now; the range once the model is loaded
+    mitigation_methods(args)
     from backdoorlab.defenses.neural_cleanse import NCConfig, neural_cleanse
     from backdoorlab.defenses.outliers import null_note
     from backdoorlab.evaluation import check_compatible
@@ -174,23 +177,33 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
     return 0
 
 
+def mitigation_methods(args: argparse.Namespace) -> tuple[str, ...]:
+    """The ``--mitigate`` methods, the options that go with them checked (no model needed)."""
+    if not args.mitigate:
+        for opt in ("test", "poisoned", "mitigate_labels"):
+            if getattr(args, opt):
+                raise BadInput(f"--{opt.replace('_', '-')} is for --mitigate: give --mitigate too")
+        return ()
+    methods = tuple(m.strip() for m in args.mitigate.split(",") if m.strip())
+    unknown = sorted(set(methods) - set(MITIGATIONS))
+    if unknown or not methods:
+        raise BadInput(f"--mitigate: unknown method(s) {unknown} (choose from {', '.join(MITIGATIONS)})")
+    if not args.test:
+        raise BadInput("--mitigate needs --test (clean test data to report on)")
+    return methods
+
+
 def prepare_mitigation(args: argparse.Namespace, clf, clean) -> dict | None:
     """Check every ``--mitigate`` option and load its data, before the scan starts."""
     from backdoorlab.evaluation import check_compatible
     from backdoorlab.train import TrainConfig
 
-    if not args.mitigate:
-        for opt in ("test", "poisoned", "mitigate_labels"):
-            if getattr(args, opt):
-                raise BadInput(f"--{opt.replace('_', '-')} is for --mitigate: give --mitigate too")
+    methods = mitigation_methods(args)
+    if not methods:
         return None
-    methods = tuple(m.strip() for m in args.mitigate.split(",") if m.strip())
-    unknown = sorted(set(methods) - set(MITIGATIONS))
-    if unknown or not methods:
-        raise BadInput(f"--mitigate: unknown method(s) {unknown} (choose from {', '.join(MITIGATIONS)})")
     labels = None
     if args.mitigate_labels:
-        labels = parse_labels(args.mitigate_labels, clf.num_classes)
+        labels = parse_labels(args.mitigate_labels, clf.num_classes, "--mitigate-labels")
         scanned = parse_labels(args.labels, clf.num_classes)
         if scanned is not None and set(labels) - set(scanned):
             raise BadInput(f"--mitigate-labels {sorted(set(labels) - set(scanned))}: not among the "

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from backdoorlab.data.imageset import ImageSet
-from backdoorlab.models.classifier import Classifier
+if TYPE_CHECKING:  # the CLI builds its parser from the registry without importing torch
+    from backdoorlab.data.imageset import ImageSet
+    from backdoorlab.models.classifier import Classifier
+
+
 
 
 @dataclass

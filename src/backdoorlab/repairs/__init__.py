@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from backdoorlab.data.imageset import ImageSet
 from backdoorlab.errors import BadInput
-from backdoorlab.models.classifier import Classifier
-from backdoorlab.poisoned import PoisonedSet
+
+if TYPE_CHECKING:  # the CLI builds its parser from the registry without importing torch
+    from backdoorlab.data.imageset import ImageSet
+    from backdoorlab.models.classifier import Classifier
+    from backdoorlab.poisoned import PoisonedSet
+
 
 
 @dataclass
