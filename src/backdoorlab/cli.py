@@ -16,6 +16,7 @@ import errno
 import importlib
 import os
 import pkgutil
+import re
 import signal
 import sys
 import threading
@@ -28,6 +29,10 @@ ORDER = ["core"]  # modules registered first (help lists commands in registratio
 EXIT_BAD_INPUT, EXIT_IO, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 74, 130, 143
 DISK_FULL = {getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG") if hasattr(errno, n)}
 CANNOT_WRITE = {getattr(errno, n) for n in ("EROFS", "EACCES", "EPERM") if hasattr(errno, n)}
+BAD_PATH = {getattr(errno, n) for n in ("ENAMETOOLONG", "ELOOP", "ENOTDIR", "EISDIR", "EINVAL", "ENOENT",
+                                        "EXDEV", "ENXIO", "ENODEV") if hasattr(errno, n)}
+# errors of libraries that write files (safetensors, HDF5) carry only the OS message: read its number
+_OS_ERROR = re.compile(r"\(os error (\d+)\)|errno = (\d+)")
 
 
 def build_parser() -> Parser:
@@ -98,14 +103,33 @@ def main(argv: list[str] | None = None) -> int:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
         except OSError as e:
-            if e.errno in DISK_FULL:
-                return _fail(f"error: disk full{_where(e, ' while writing')} ({e.strerror}); nothing "
-                             "half-written was kept: free some space and run again", EXIT_IO)
-            if e.errno in CANNOT_WRITE:
-                return _fail(f"error: cannot access{_where(e)} ({e.strerror})", EXIT_BAD_INPUT)
-            if e.errno == errno.EIO:
-                return _fail(f"error: input/output error{_where(e)}", EXIT_IO)
-            raise
+            code = _os_failure(e.errno, e.strerror, _where(e))
+            if code is None:
+                raise
+            return code
+        except Exception as e:  # noqa: BLE001  (a library's wrapped OS error, else re-raised)
+            m = _OS_ERROR.search(str(e))
+            no = int(m.group(1) or m.group(2)) if m else None
+            code = _os_failure(no, os.strerror(no) if no else "", "") if no else None
+            if isinstance(e, RuntimeError) and "Symlink loop" in str(e):
+                return _fail(f"error: {e} (a symbolic link that points to itself)", EXIT_BAD_INPUT)
+            if code is None:
+                raise
+            return code
+
+
+def _os_failure(no: int | None, strerror: str | None, where: str) -> int | None:
+    """One line and an exit status for an expected OS failure, or None (a bug: re-raise)."""
+    if no in DISK_FULL:
+        return _fail(f"error: disk full{' while writing' + where if where else ''} ({strerror}); nothing "
+                     "half-written was kept: free some space and run again", EXIT_IO)
+    if no in CANNOT_WRITE:
+        return _fail(f"error: cannot access{where} ({strerror})", EXIT_BAD_INPUT)
+    if no == errno.EIO:
+        return _fail(f"error: input/output error{where}", EXIT_IO)
+    if no in BAD_PATH:
+        return _fail(f"error: cannot use{where or ' a path'} ({strerror})", EXIT_BAD_INPUT)
+    return None
 
 
 def _where(e: OSError, verb: str = "") -> str:
@@ -113,5 +137,6 @@ def _where(e: OSError, verb: str = "") -> str:
 
 
 def _fail(line: str, code: int) -> int:
-    print(line, file=sys.stderr)
+    """Print the one line (line breaks in names shown as \\n) and return ``code``."""
+    print(line.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
     return code

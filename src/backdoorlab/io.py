@@ -33,9 +33,11 @@ class _Scope:
     command: str | None = None
     claims: list[Path] = field(default_factory=list)
     resumable: Path | None = None
+    replace: list[Path] = field(default_factory=list)  # claimed folders to empty at the first write
 
 
 _scope = _Scope()
+CLAIMED_ENV = "BACKDOORLAB_CLAIMED"  # folders an enclosing command writes in (nested commands, workers)
 
 
 @contextlib.contextmanager
@@ -43,10 +45,27 @@ def output_scope() -> Iterator[_Scope]:
     """A fresh `_Scope` for one command (the CLI wraps every command; nested calls restore)."""
     global _scope
     saved, _scope = _scope, _Scope()
+    env = os.environ.get(CLAIMED_ENV)
     try:
         yield _scope
     finally:
         _scope = saved
+        if env is None:
+            os.environ.pop(CLAIMED_ENV, None)
+        else:
+            os.environ[CLAIMED_ENV] = env
+
+
+def claim(folder: Path) -> None:
+    """The running command writes into ``folder`` in place: nested commands and worker processes
+    may write outputs inside it (`check_out_dir`)."""
+    folder = Path(os.path.abspath(folder))
+    _scope.claims.append(folder)
+    os.environ[CLAIMED_ENV] = os.pathsep.join(filter(None, [os.environ.get(CLAIMED_ENV), str(folder)]))
+
+
+def _claimed_by_enclosing(folder: Path) -> bool:
+    return str(folder) in os.environ.get(CLAIMED_ENV, "").split(os.pathsep)
 
 
 def read_marker(folder: str | os.PathLike) -> dict | None:
@@ -75,13 +94,25 @@ def write_marker(folder: str | os.PathLike, command: str | None = None) -> None:
 
 
 def _mark_claimed(parent: Path) -> None:
-    """Before a write into ``parent``: mark the claimed folder that holds it, if not yet marked."""
+    """Before a write into ``parent``: the claimed folder that holds it is emptied first when
+    ``--overwrite`` asked for it (only now, so a command refused before its first write keeps the
+    earlier output), created, and marked."""
     if not _scope.claims:
         return
     parent = Path(os.path.abspath(parent))
     for c in _scope.claims:
-        if (c == parent or c in parent.parents) and c.is_dir():
+        if c == parent or c in parent.parents:
+            if c in _scope.replace:
+                _scope.replace.remove(c)
+                if c.is_dir():
+                    _remove_marked(c)
+            c.mkdir(parents=True, exist_ok=True)
             write_marker(c)
+
+
+def claim_now(folder: str | os.PathLike) -> None:
+    """Write the marker of a claimed folder now (`_mark_claimed`)."""
+    _mark_claimed(Path(folder))
 
 
 def _has_files(p: Path) -> bool:
@@ -137,14 +168,23 @@ def _remove(q: Path) -> None:
             q.unlink()
 
 
-def _input_paths(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+def _resolved(p: Path, opt: str) -> Path:
+    try:
+        return p.resolve()
+    except (RuntimeError, OSError) as e:  # a symlink loop, a name too long …
+        raise BadInput(f"{opt} {p}: cannot be used as a path ({e})") from None
+
+
+def _input_paths(inputs: Sequence[str | os.PathLike], opt: str = "input") -> list[Path]:
     """Resolved paths of input sources (``FORMAT:PATH`` too)."""
     out = []
     for s in inputs:
         s = str(s)
-        out.append(Path(s).resolve())
+        with contextlib.suppress(BadInput):
+            out.append(_resolved(Path(s), opt))
         if ":" in s:
-            out.append(Path(s.partition(":")[2]).resolve())
+            with contextlib.suppress(BadInput):
+                out.append(_resolved(Path(s.partition(":")[2]), opt))
     return out
 
 
@@ -162,7 +202,10 @@ def check_out_dir(path: str | os.PathLike, overwrite: bool = False, command: str
     ``overwrite`` an earlier backdoorlab folder is deleted here, and the folder gets the marker at
     the command's first write. Returns the path."""
     p = Path(path)
-    real, cwd = p.resolve(), Path.cwd().resolve()
+    real, cwd = _resolved(p, opt), Path.cwd().resolve()
+    if p.is_symlink():
+        raise BadInput(f"{opt} {path}: is a symbolic link; name a real folder (a link's target is "
+                       "never replaced)")
     if real == cwd or real in cwd.parents:
         where = "the current folder" if real == cwd else "a parent of the current folder"
         raise BadInput(f"{opt} {path}: is {where}; name a new folder for the outputs")
@@ -171,6 +214,11 @@ def check_out_dir(path: str | os.PathLike, overwrite: bool = False, command: str
         raise BadInput(f"{opt} {path}: is {what}; name a new folder for the outputs")
     if p.exists() and not p.is_dir():
         raise BadInput(f"{opt} {path}: exists and is not a folder; name a new folder")
+    outer = next((a for a in real.parents if read_marker(a) is not None), None)
+    if outer is not None and not _claimed_by_enclosing(outer):
+        what = f"backdoorlab {read_marker(outer).get('command') or ''}".rstrip()
+        raise BadInput(f"{opt} {path}: is inside {outer}, the output of an earlier {what} run; name a "
+                       "folder outside it")
     marker = read_marker(p) if p.is_dir() else None
     if marker is None and p.is_dir() and _has_files(p):
         raise BadInput(f"{opt} {path}: folder holds files and is not an earlier {command or 'backdoorlab'} "
@@ -181,17 +229,17 @@ def check_out_dir(path: str | os.PathLike, overwrite: bool = False, command: str
         what = f"backdoorlab {marker.get('command') or ''}".rstrip()
         raise BadInput(f"{opt} {path}: holds an earlier {what} run; pass --overwrite to replace it")
     if marker is not None and overwrite:
-        for q in _input_paths(inputs):
+        for q in _input_paths(inputs, opt):
             if q == real or real in q.parents:
                 raise BadInput(f"{opt} {path}: holds the input {q}; --overwrite would delete it, so "
                                "write the outputs elsewhere")
     _check_writable(p, opt, into=in_place and p.is_dir())
     _clean_own_parts(p)
-    if marker is not None and overwrite and in_place:
-        _remove_marked(p)
     _scope.command = command or _scope.command
     if in_place:
-        _scope.claims.append(Path(os.path.abspath(p)))
+        claim(p)
+        if marker is not None and overwrite:
+            _scope.replace.append(Path(os.path.abspath(p)))  # emptied at the first write
     if resume:
         _scope.resumable = p
         n = clean_stale_parts(p) if resuming else 0
@@ -207,9 +255,15 @@ def check_out_file(path: str | os.PathLike | None, overwrite: bool = False, *, o
     if path is None:
         return None
     p = Path(path)
-    real = p.resolve()
-    if real in _input_paths(inputs):
-        raise BadInput(f"{opt} {path} is the input file; write the output elsewhere")
+    real = _resolved(p, opt)
+    if p.is_symlink():
+        raise BadInput(f"{opt} {path}: is a symbolic link; name a real file (a link's target is never "
+                       "replaced)")
+    for q in _input_paths(inputs, opt):
+        if q == real or (p.exists() and q.exists() and os.path.samefile(p, q)):
+            raise BadInput(f"{opt} {path} is the input file; write the output elsewhere")
+        if q.is_dir() and q in real.parents:
+            raise BadInput(f"{opt} {path} is inside the input folder {q}; write the output elsewhere")
     if p.is_dir():
         raise BadInput(f"{opt} {path} is a folder; expected a file name")
     if p.exists() and not overwrite:
@@ -235,8 +289,8 @@ def clean_stale_parts(root: str | os.PathLike) -> int:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     _mark_claimed(path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -257,8 +311,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     (`BadInput` otherwise, checked before the work and again before the swap)."""
     path = Path(path)
     _check_replaceable(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     _mark_claimed(path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from backdoorlab.commands.common import (
+    EPOCHS,
     FRACTION,
     LABEL,
     LEARNING_RATE,
@@ -132,7 +133,7 @@ def register(sub) -> None:
                    "channels until validation accuracy drops by this many points (default 4)")
     p.add_argument("--pa-dormant-shift", type=number(), default=0.0, help="pruning-aware: lower the "
                    "reinstated channels' bias by this much so they stay dormant (default 0)")
-    p.add_argument("--epochs", type=POSITIVE, default=10)
+    p.add_argument("--epochs", type=EPOCHS, default=10)
     p.add_argument("--batch-size", type=POSITIVE, default=128)
     p.add_argument("--lr", type=LEARNING_RATE, default=1e-3)
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")

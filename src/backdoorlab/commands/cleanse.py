@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from backdoorlab.commands.common import (
+    EPOCHS,
     NONNEGATIVE,
     POSITIVE,
     SEED,
@@ -153,6 +154,9 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
         print(f"warning: only {used} clean images: each label's trigger is optimised and its ASR "
               f"measured on them (ASR in steps of {1 / used:.1%}); Neural Cleanse's norms and anomaly "
               f"index are unreliable below about {MIN_IMAGES} images", file=sys.stderr)
+    from backdoorlab.io import claim_now
+
+    claim_now(out)  # everything is checked: marked (with --overwrite: emptied) before the scan
     res = neural_cleanse(clf, clean, cfg, state_dir=out / "state")
     write_outputs(res, out)
     full = res.full_labels()
@@ -301,7 +305,7 @@ def register(sub) -> None:
     p.add_argument("--mitigate", metavar="METHODS", help="after detection, repair with the reversed "
                    "triggers of the flagged labels: comma list of unlearn, prune, filter")
     p.add_argument("--mitigate-labels", help="labels whose reversed triggers to use (default: flagged)")
-    p.add_argument("--mitigate-epochs", type=POSITIVE, default=5, help="unlearning epochs (default 5)")
+    p.add_argument("--mitigate-epochs", type=EPOCHS, default=5, help="unlearning epochs (default 5)")
     p.add_argument("--test", metavar="DATA", help="clean test data for the mitigation figures")
     add_poisoned_options(p, "poisoned test data for the mitigation figures")
     add_model_options(p)

@@ -16,6 +16,7 @@ class Parser(argparse.ArgumentParser):
 
 
 POSITIVE = integer(1)
+EPOCHS = integer(1, 100_000)
 NONNEGATIVE = integer(0)
 LABEL = integer(0)
 SEED = integer(0, 2**32 - 1)
@@ -45,6 +46,17 @@ INPUT_OPTIONS = ("model", "data", "test_data", "clean", "valid", "test", "guide"
                  "poisoned")
 
 
+def trigger_files(specs: list[str]) -> list[str]:
+    """Picture files named by trigger specs (``image:glasses.png,…``, ``blend:kitty.png,…``)."""
+    out = []
+    for spec in specs:
+        kind, _, rest = str(spec).partition(":")
+        first = rest.split(",", 1)[0]
+        if kind in ("image", "blend") and first and "=" not in first:
+            out.append(first)
+    return out
+
+
 def check_out(args: argparse.Namespace, command: str, **kw) -> None:
     """Check ``--out`` (and ``--overwrite``) first in a command, before any import or work: see
     `backdoorlab.io.check_out_dir`. The command's input files are passed along so that
@@ -55,6 +67,7 @@ def check_out(args: argparse.Namespace, command: str, **kw) -> None:
     for name in INPUT_OPTIONS:
         v = getattr(args, name, None)
         inputs += [str(x) for x in (v if isinstance(v, list) else [v]) if x]
+    inputs += trigger_files(getattr(args, "trigger", None) or [])
     check_out_dir(args.out, args.overwrite, command, inputs=inputs, **kw)
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from backdoorlab.commands.common import (
     LEARNING_RATE,
-    NONNEGATIVE,
     POSITIVE,
     SEED,
     add_data_options,
@@ -16,6 +15,7 @@ from backdoorlab.commands.common import (
     add_out_option,
     add_poisoned_options,
     check_out,
+    integer,
     load_data,
     load_model_from_args,
     load_poisoned,
@@ -131,7 +131,7 @@ def register(sub) -> None:
                    "to this sparsity (e.g. 0.8) instead of channel pruning")
     p.add_argument("--scope", choices=["global", "layer"], default="global", help="magnitude pruning: "
                    "one threshold for all layers or per layer")
-    p.add_argument("--epochs", type=NONNEGATIVE, default=5)
+    p.add_argument("--epochs", type=integer(0, 100_000), default=5)
     p.add_argument("--lr", type=LEARNING_RATE, default=1e-4)
     p.add_argument("--batch-size", type=POSITIVE, default=64)
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")

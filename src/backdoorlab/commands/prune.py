@@ -34,7 +34,9 @@ DROP_HEADER = {"points": "drop (points)", "relative": "drop (% rel.)"}
 def _parse_drops(text: str) -> tuple[float, ...]:
     from backdoorlab.defenses.pruning import parse_drops
 
-    parts = [p.strip() for p in text.split(",") if p.strip()]
+    parts = [p.strip() for p in text.split(",")]
+    if not all(parts):
+        raise BadInput(f"--drops: an empty value in {text!r} (e.g. 2,4,10,30)")
     try:
         return parse_drops([float(p) for p in parts])
     except ValueError:

@@ -303,8 +303,17 @@ def load_triggers(path: str | os.PathLike) -> dict[int, tuple[np.ndarray, np.nda
     """Read a file written by `save_triggers`: label → (mask, pattern)."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {int(y): (z["masks"][i], z["patterns"][i]) for i, y in enumerate(z["labels"])}
-    except (OSError, KeyError, ValueError) as e:
+            labels, masks, patterns = z["labels"], z["masks"], z["patterns"]
+            ok = (labels.ndim == 1 and masks.ndim == 3 and patterns.ndim == 4
+                  and len(labels) == len(masks) == len(patterns) and masks.shape[1:] == patterns.shape[1:3]
+                  and labels.dtype.kind in "iu" and masks.dtype.kind == "f" and patterns.dtype.kind == "f")
+            if not ok:
+                raise ValueError("labels (L,), masks (L, H, W) and patterns (L, H, W, C) do not fit")
+            for what, a in (("masks", masks), ("patterns", patterns)):
+                if not np.all(np.isfinite(a)) or a.min(initial=0) < 0 or a.max(initial=0) > 1:
+                    raise ValueError(f"{what} must be finite values in [0, 1]")
+            return {int(y): (masks[i], patterns[i]) for i, y in enumerate(labels)}
+    except (OSError, KeyError, ValueError, EOFError) as e:
         raise BadInput(f"{path}: not a reversed-trigger file ({e})") from None
 
 

@@ -194,8 +194,9 @@ def parse_drops(drops) -> tuple[float, ...]:
         vals = [float(v) for v in drops]
     except (TypeError, ValueError):
         raise BadInput(f"drops must be numbers, got {drops!r}") from None
-    if not vals or any(not np.isfinite(v) or v <= 0 for v in vals):
-        raise BadInput(f"drops must be positive numbers, got {drops!r}")
+    if not vals or any(not np.isfinite(v) or v <= 0 or v > 100 for v in vals):
+        raise BadInput(f"drops must be numbers in (0, 100] (an accuracy drop in points or % of the "
+                       f"unpruned accuracy), got {drops!r}")
     return tuple(sorted(set(vals)))
 
 

@@ -20,7 +20,7 @@ from backdoorlab.experiment.summary import (
     markdown_table,
     summary_rows,
 )
-from backdoorlab.io import atomic_path, check_out_dir, write_json, write_marker
+from backdoorlab.io import atomic_path, check_out_dir, claim_now, write_json
 
 
 def estimate_left(kinds_left: list[str], seconds_by_kind: dict[str, list[float]],
@@ -49,7 +49,7 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
     check_options(cells)
     jobs, threads = default_jobs_threads(jobs, threads)
     if not dry_run:  # the config is valid: check the folder before any work
-        check_out_dir(root, overwrite, "run", in_place=True, resume=True)
+        check_out_dir(root, overwrite, "run", in_place=True, resume=True, inputs=[config])
     n_att = sum(c.kind == "attack" for c in cells)
     n_given = sum(c.kind == "given" for c in cells)
     print(f"experiment {exp.name!r}: {len(exp.attacks)} attack(s) × {len(exp.defenses)} defense(s) × "
@@ -63,8 +63,7 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
             state = "cached" if finished(root, c) else "to run"
             print(f"  {c.label:40s} {c.key[:12]}  {state}")
         return {}
-    root.mkdir(parents=True, exist_ok=True)
-    write_marker(root, "run")
+    claim_now(root)  # marked (and, with --overwrite, emptied) now that everything is checked
     if Path(config).resolve() != (root / "experiment.toml").resolve():
         with atomic_path(root / "experiment.toml") as tmp:
             shutil.copyfile(config, tmp)

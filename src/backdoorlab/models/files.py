@@ -79,7 +79,24 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, input_scale:
         clf = _load_native(p)
     if input_scale in ("raw", "unit") and clf.spec.scale != input_scale:
         clf = clf.with_scale(input_scale)
+    _probe(clf, p)
     return clf
+
+
+def _probe(clf: Classifier, p: Path) -> None:
+    """One image through the network: a file whose network cannot take the input it declares
+    (layout, channels, size) is refused here, not in the middle of a job."""
+    import numpy as np
+
+    try:
+        out = clf.logits(np.zeros((1, *clf.spec.shape), np.uint8))
+    except RuntimeError as e:
+        first = (str(e).splitlines() or ["error"])[0]
+        raise BadInput(f"{p}: the network does not run on its declared input "
+                       f"{'x'.join(map(str, clf.spec.shape))} ({first})") from None
+    if out.shape != (1, clf.num_classes):
+        raise BadInput(f"{p}: the network gives {out.shape[1]} outputs, its file declares "
+                       f"{clf.num_classes} classes")
 
 
 def _load_native(p: Path) -> Classifier:

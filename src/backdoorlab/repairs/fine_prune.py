@@ -21,7 +21,7 @@ class Options:
                          choices=("points", "relative"))
     layer: str | None = opt(None, "layer to prune (default: the last conv layer)")
     order: str = opt("increasing", "channel order", choices=("increasing", "decreasing", "abs", "random"))
-    epochs: int = opt(5, "fine-tuning epochs", low=0)
+    epochs: int = opt(5, "fine-tuning epochs", low=0, high=100_000)
     lr: float = opt(1e-4, "fine-tuning learning rate", low=0, high=10, low_open=True)
     batch_size: int = opt(64, "fine-tuning batch size", low=1)
     optimizer: str = opt("adam", "optimizer", choices=("adam", "sgd"))

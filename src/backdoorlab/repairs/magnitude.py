@@ -18,7 +18,7 @@ class Options:
                           high_open=True)
     scope: str = opt("global", "one magnitude threshold for all layers, or one per layer",
                      choices=("global", "layer"))
-    epochs: int = opt(5, "fine-tuning epochs", low=0)
+    epochs: int = opt(5, "fine-tuning epochs", low=0, high=100_000)
     lr: float = opt(1e-4, "fine-tuning learning rate", low=0, high=10, low_open=True)
     batch_size: int = opt(64, "fine-tuning batch size", low=1)
     optimizer: str = opt("adam", "optimizer", choices=("adam", "sgd"))

@@ -15,7 +15,7 @@ from backdoorlab.repairs import DefenderData, Repaired
 class Options:
     share: float = opt(0.2, "share of the tuning images stamped with a reversed trigger (paper: 20 %)",
                        low=0, high=1, low_open=True)
-    epochs: int = opt(5, "unlearning epochs", low=1)
+    epochs: int = opt(5, "unlearning epochs", low=1, high=100_000)
     lr: float = opt(1e-4, "learning rate", low=0, high=10, low_open=True)
     batch_size: int = opt(64, "batch size", low=1)
     seed: int = opt(0, "seed", low=0)

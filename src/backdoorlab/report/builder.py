@@ -35,8 +35,11 @@ class Section:
         self.blocks.append(("table", head, [[("—" if c is None else str(c)) for c in r] for r in rows]))
 
     def img(self, path: Path, caption: str) -> None:
-        if path.is_file():
-            self.blocks.append(("img", path, caption))
+        """A PNG backdoorlab wrote: a regular file (not a link) that starts like a PNG."""
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as f:
+                if f.read(8) == b"\x89PNG\r\n\x1a\n":
+                    self.blocks.append(("img", path, caption))
 
 
 def pct(v) -> str:
@@ -58,10 +61,12 @@ def find_runs(root: Path) -> list[tuple[str, Path, dict]]:
     for f in sorted([root / "results.json", *root.glob("*/results.json"), *root.glob("*/*/results.json")]):
         if not f.is_file():
             continue
+        if f.is_symlink() or f.stat().st_size > 64 << 20:
+            raise BadInput(f"{f}: not a results file backdoorlab wrote (a link, or over 64 MB)")
         try:
             res = json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadInput(f"{f}: not valid JSON ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise BadInput(f"{f}: not valid JSON ({type(e).__name__})") from None
         kind = kind_of(res) if isinstance(res, dict) else None
         if kind:
             runs.append((kind, f.parent, res))
@@ -251,41 +256,51 @@ def experiment_section(d: Path, r: dict) -> Section:
 
 
 def sections_for(root: Path) -> list[Section]:
-    out = []
+    out: list[Section] = []
     for kind, d, r in find_runs(root):
-        name = str(d.relative_to(root)) if d != root else root.name
-        if kind == "attack":
-            out.append(attack_section(name, d, r))
-        elif kind == "prune":
-            out.append(prune_section(name, d, r))
-        elif kind == "fine-prune":
-            out.append(stages_section(f"Fine-Pruning: {name}", r,
-                                      f"Pruned {len(r['pruned_channels'])} of {r['num_channels']} channels "
-                                      f"of {r['layer']}, then fine-tuned on clean validation data "
-                                      f"({r['settings']['train']['epochs']} epochs)."))
-        elif kind == "magnitude-prune":
-            out.append(stages_section(f"Magnitude pruning: {name}", r,
-                                      f"{r['pruned_weights']:,} of {r['total_weights']:,} kernel weights "
-                                      f"zeroed ({r['sparsity']:.0%}, {r['scope']}), then fine-tuned."))
-        elif kind == "detect":
-            out.append(detect_section(name, d, r))
-        elif kind == "repair":
-            out.append(repair_section(name, d, r))
-        elif kind == "cleanse":
-            out.append(cleanse_section(name, d, r))
-            mit = d / "mitigation" / "results.json"
-            if mit.is_file():
-                try:
-                    out.append(mitigate_section(name, mit.parent, json.loads(mit.read_text())))
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise BadInput(f"{mit}: not valid JSON ({e})") from None
-        elif kind == "mitigate":
-            out.append(mitigate_section(name, d, r))
-        elif kind == "demo":
-            out.append(demo_section(d, r))
-        elif kind == "experiment":
-            out.append(experiment_section(d, r))
+        n = len(out)
+        try:
+            _add_sections(out, kind, d, r, root)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            del out[n:]
+            raise BadInput(f"{d / 'results.json'}: not a {kind} results file this version can read "
+                           f"({type(e).__name__}: {e})") from None
     return out
+
+
+def _add_sections(out: list[Section], kind: str, d: Path, r: dict, root: Path) -> None:
+    name = str(d.relative_to(root)) if d != root else root.name
+    if kind == "attack":
+        out.append(attack_section(name, d, r))
+    elif kind == "prune":
+        out.append(prune_section(name, d, r))
+    elif kind == "fine-prune":
+        out.append(stages_section(f"Fine-Pruning: {name}", r,
+                                  f"Pruned {len(r['pruned_channels'])} of {r['num_channels']} channels "
+                                  f"of {r['layer']}, then fine-tuned on clean validation data "
+                                  f"({r['settings']['train']['epochs']} epochs)."))
+    elif kind == "magnitude-prune":
+        out.append(stages_section(f"Magnitude pruning: {name}", r,
+                                  f"{r['pruned_weights']:,} of {r['total_weights']:,} kernel weights "
+                                  f"zeroed ({r['sparsity']:.0%}, {r['scope']}), then fine-tuned."))
+    elif kind == "detect":
+        out.append(detect_section(name, d, r))
+    elif kind == "repair":
+        out.append(repair_section(name, d, r))
+    elif kind == "cleanse":
+        out.append(cleanse_section(name, d, r))
+        mit = d / "mitigation" / "results.json"
+        if mit.is_file():
+            try:
+                out.append(mitigate_section(name, mit.parent, json.loads(mit.read_text())))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise BadInput(f"{mit}: not valid JSON ({e})") from None
+    elif kind == "mitigate":
+        out.append(mitigate_section(name, d, r))
+    elif kind == "demo":
+        out.append(demo_section(d, r))
+    elif kind == "experiment":
+        out.append(experiment_section(d, r))
 
 
 def provenance(root: Path) -> Section:
