@@ -12,15 +12,11 @@ import numpy as np
 from backdoorlab.options import opt
 from backdoorlab.registry import register
 from backdoorlab.repairs import DefenderData, Repaired
+from backdoorlab.repairs._options import DropOptions
 
 
 @dataclass
-class Options:
-    drop: float = opt(4.0, "prune until clean validation accuracy drops this much", low=0, high=100,
-                      low_open=True)
-    drop_unit: str = opt("points", "points below the unpruned accuracy, or relative %",
-                         choices=("points", "relative"))
-    layer: str | None = opt(None, "layer to prune (default: the last conv layer)")
+class Options(DropOptions):
     batch_size: int = opt(64, "images per forward batch", low=1)
 
 

@@ -11,17 +11,13 @@ import numpy as np
 from backdoorlab.options import opt
 from backdoorlab.registry import register
 from backdoorlab.repairs import DefenderData, Repaired
+from backdoorlab.repairs._options import DropOptions
 
 ORDERS = ("increasing", "decreasing", "abs", "random")
 
 
 @dataclass
-class Options:
-    drop: float = opt(4.0, "prune until clean validation accuracy drops this much", low=0, high=100,
-                      low_open=True)
-    drop_unit: str = opt("points", "points below the unpruned accuracy, or relative %",
-                         choices=("points", "relative"))
-    layer: str | None = opt(None, "layer to prune (default: the last conv layer)")
+class Options(DropOptions):
     order: str = opt("increasing", "channel order: mean clean activation increasing (the paper) …",
                      choices=ORDERS)
     seed: int = opt(0, "seed (random order)", low=0)
