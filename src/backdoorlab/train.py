@@ -46,7 +46,7 @@ class TrainConfig:
 class TrainLog:
     epochs: list[dict] = field(default_factory=list)
     best_epoch: int = -1
-    best_valid_accuracy: float = float("nan")
+    best_valid_accuracy: float = float("nan")  # or the best ``score`` when `train` was given one
     seconds: float = 0.0
     config: dict = field(default_factory=dict)
 
@@ -76,12 +76,15 @@ def _lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
 def train(clf: Classifier, data: ImageSet, valid: ImageSet | None = None,
           cfg: TrainConfig | None = None, desc: str = "train",
           params: list[nn.Parameter] | None = None,
-          after_step: Callable[[], None] | None = None) -> TrainLog:
+          after_step: Callable[[], None] | None = None,
+          score: Callable[[], tuple[float, dict]] | None = None) -> TrainLog:
     """Train ``clf.net`` in place on ``data``; keep the best weights on ``valid``.
 
     ``params`` restricts which parameters are updated (default: all); ``after_step`` runs after
-    every optimiser step (e.g. to re-apply a sparsity mask). Returns a `TrainLog`
-    with per-epoch loss, training and validation accuracy.
+    every optimiser step (e.g. to re-apply a sparsity mask). ``score`` replaces validation accuracy
+    as what picks the epoch to keep: called in eval mode before training (epoch 0, the model as
+    given, which may be kept) and after every epoch, it returns (score, figures to log); the highest
+    score wins. Returns a `TrainLog` with per-epoch loss, training and validation accuracy.
     """
     cfg = cfg or TrainConfig()
     y_all = data.require_labels()
@@ -103,6 +106,12 @@ def train(clf: Classifier, data: ImageSet, valid: ImageSet | None = None,
     log = TrainLog(config=asdict(cfg))
     best_state = None
     start = time.perf_counter()
+    if score is not None and cfg.keep_best:
+        net.eval()
+        s0, info = score()
+        log.epochs.append({"epoch": 0, "score": s0, **info})
+        log.best_valid_accuracy, log.best_epoch = s0, 0
+        best_state = copy.deepcopy(net.state_dict())
     for epoch in range(cfg.epochs):
         for g, base in zip(opt.param_groups, base_lrs, strict=True):
             g["lr"] = base * _lr_factor(cfg, epoch, cfg.epochs)
@@ -127,12 +136,17 @@ def train(clf: Classifier, data: ImageSet, valid: ImageSet | None = None,
         net.eval()
         entry = {"epoch": epoch + 1, "loss": total_loss / n, "train_accuracy": correct / n,
                  "lr": opt.param_groups[0]["lr"]}
-        if valid is not None and len(valid):
+        if score is not None:
+            va, info = score()
+            entry.update(score=va, **info)
+        elif valid is not None and len(valid):
             va = accuracy(clf, valid)
             entry["valid_accuracy"] = va
-            if cfg.keep_best and (best_state is None or va > log.best_valid_accuracy):
-                log.best_valid_accuracy, log.best_epoch = va, epoch + 1
-                best_state = copy.deepcopy(net.state_dict())
+        else:
+            va = None
+        if va is not None and cfg.keep_best and (best_state is None or va > log.best_valid_accuracy):
+            log.best_valid_accuracy, log.best_epoch = va, epoch + 1
+            best_state = copy.deepcopy(net.state_dict())
         log.epochs.append(entry)
     if best_state is not None:
         net.load_state_dict(best_state)

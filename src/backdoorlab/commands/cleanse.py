@@ -221,7 +221,11 @@ def prepare_mitigation(args: argparse.Namespace, clf, clean) -> dict | None:
     test = load_data(args.test, args)
     check_compatible(clf, test, "test data")
     test.require_labels()
-    cfg = TrainConfig(epochs=args.mitigate_epochs, lr=1e-4, batch_size=64, schedule="none", seed=args.seed)
+    from backdoorlab.repairs.nc_unlearn import Options as Unlearn  # the same defaults as the repair
+
+    u = Unlearn()
+    cfg = TrainConfig(epochs=args.mitigate_epochs, lr=u.lr, batch_size=u.batch_size, schedule="none",
+                      seed=args.seed)
     return {"methods": methods, "labels": labels, "test": test, "poisoned": load_poisoned(args, clf),
             "cfg": cfg}
 
@@ -305,7 +309,8 @@ def register(sub) -> None:
     p.add_argument("--mitigate", metavar="METHODS", help="after detection, repair with the reversed "
                    "triggers of the flagged labels: comma list of unlearn, prune, filter")
     p.add_argument("--mitigate-labels", help="labels whose reversed triggers to use (default: flagged)")
-    p.add_argument("--mitigate-epochs", type=EPOCHS, default=5, help="unlearning epochs (default 5)")
+    p.add_argument("--mitigate-epochs", type=EPOCHS, default=10,
+                   help="unlearning epochs, the best on held-back clean data kept (default 10)")
     p.add_argument("--test", metavar="DATA", help="clean test data for the mitigation figures")
     add_poisoned_options(p, "poisoned test data for the mitigation figures")
     add_model_options(p)

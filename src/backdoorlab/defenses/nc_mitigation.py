@@ -81,21 +81,50 @@ def stamped(data: ImageSet, triggers: dict[int, tuple[np.ndarray, np.ndarray]],
 
 
 def unlearn(clf: Classifier, valid: ImageSet, triggers: dict, labels: list[int], share: float = 0.2,
-            cfg: TrainConfig | None = None, seed: int = 0) -> Classifier:
-    """Fine-tune a copy on validation data with ``share`` of the images carrying a reversed trigger
-    (true labels kept)."""
-    cfg = cfg or TrainConfig(epochs=5, lr=1e-4, batch_size=64, schedule="none", seed=seed)
-    tune, select = finetune_split(valid, 0.2, seed)
+            cfg: TrainConfig | None = None, seed: int = 0, select_fraction: float = 0.2,
+            max_drop: float = 2.0) -> tuple[Classifier, dict]:
+    """Fine-tune a copy on the clean data with ``share`` of the images carrying a reversed trigger
+    (true labels kept; the stamped images are split evenly between the ``labels``' triggers).
+
+    A seeded ``select_fraction`` of ``valid`` is held back and picks the epoch to keep (the given
+    model, epoch 0, included): the lowest reversed-trigger success on the held-back images stamped
+    with the triggers, among the epochs whose held-back clean accuracy is at most ``max_drop``
+    points below the given model's; when none is, the most accurate epoch. Unlearning moves clean
+    accuracy by several points from one epoch to the next, so the last epoch is no safe choice.
+    Returns (model, {"epochs": per-epoch held-back figures, "best_epoch": ...})."""
+    cfg = cfg or TrainConfig(epochs=5, lr=5e-4, batch_size=64, schedule="none", seed=seed)
+    tune, select = finetune_split(valid, select_fraction, seed)
     rng = np.random.default_rng(seed)
     x = tune.images.copy()
     pick = rng.choice(len(x), size=int(round(share * len(x))), replace=False)
     for i, chunk in enumerate(np.array_split(pick, len(labels))):
         mask, pattern = triggers[labels[i]]
         x[chunk] = apply_trigger(x[chunk], mask, pattern)
+    check, targets = stamped(select, triggers, labels)
+    y_select = select.require_labels()
     tuned = clf.copy()
-    train(tuned, ImageSet(x, tune.labels, tune.num_classes, "unlearning"), select, cfg, desc="unlearn")
-    tuned.provenance["nc_unlearning"] = {"labels": labels, "share": share, "epochs": cfg.epochs}
-    return tuned
+    base: list[float] = []
+
+    def score() -> tuple[float, dict]:
+        acc = float((tuned.predict(select.images) == y_select).mean())
+        asr = float((tuned.predict(check.images) == targets).mean())
+        if not base:  # the first call scores the model as given
+            base.append(acc)
+        ok = (base[0] - acc) * 100 <= max_drop
+        # inside the accuracy budget: lower trigger success first, then accuracy; outside: accuracy
+        return (2.0 - asr + 1e-3 * acc if ok else acc - 1.0), {"select_accuracy": acc,
+                                                                   "select_trigger_asr": asr}
+
+    log = train(tuned, ImageSet(x, tune.labels, tune.num_classes, "unlearning"), None, cfg,
+                desc="unlearn", score=score)
+    kept = log.epochs[log.best_epoch] if log.best_epoch >= 0 else log.epochs[-1]
+    info = {"labels": labels, "share": share, "epochs": cfg.epochs, "lr": cfg.lr,
+            "tune_images": len(tune), "select_images": len(select), "best_epoch": log.best_epoch,
+            "select_accuracy": kept["select_accuracy"], "select_trigger_asr": kept["select_trigger_asr"],
+            "per_epoch": [{k: e[k] for k in ("epoch", "select_accuracy", "select_trigger_asr")}
+                          for e in log.epochs]}
+    tuned.provenance["nc_unlearning"] = {k: info[k] for k in ("labels", "share", "epochs", "best_epoch")}
+    return tuned, info
 
 
 def prune_by_trigger(clf: Classifier, valid: ImageSet, triggers: dict, labels: list[int],
@@ -199,9 +228,9 @@ def mitigate(clf: Classifier, valid: ImageSet, test: ImageSet, triggers: dict, l
     out = [MethodResult("none (the model as given)", accuracy(clf, test), *_asr(clf, sets))]
     models: dict[str, Classifier] = {}
     if "unlearn" in methods:
-        m = unlearn(clf, valid, triggers, labels, cfg=cfg, seed=seed)
+        m, info = unlearn(clf, valid, triggers, labels, cfg=cfg, seed=seed)
         models["unlearn"] = m
-        out.append(MethodResult("unlearning", accuracy(m, test), *_asr(m, sets)))
+        out.append(MethodResult("unlearning", accuracy(m, test), *_asr(m, sets), details=info))
     if "prune" in methods:
         m, info = prune_by_trigger(clf, valid, triggers, labels)
         models["prune"] = m
