@@ -206,3 +206,25 @@ def test_a_saved_input_filter_loads_again_and_classify_marks_class_n(files, caps
     code, out, _ = run(capsys, "classify", tmp_path / "f" / "model.safetensors", files / "ptest.h5")
     marked = [ln for ln in out.splitlines() if ln.endswith("\tbackdoored")]
     assert code == 0 and marked and all(ln.split("\t")[1] == "10" for ln in marked)
+
+
+def test_a_keras_model_is_repaired_into_keras_weights_too(csaw_dir, tmp_path, capsys):
+    """A CSAW BadNet (Keras weights file) comes out of `repair` as safetensors and as Keras weights
+    in the file's own layout, which load back to the same predictions."""
+    import h5py
+
+    from backdoorlab.models import load_model
+
+    bd = csaw_dir / "sunglasses_bd_weights.h5"
+    rng = np.random.default_rng(0)
+    clean = ImageSet(rng.integers(0, 256, (40, 55, 47, 3), dtype=np.uint8), rng.integers(0, 1283, 40), 1283)
+    write_csaw_h5(clean, tmp_path / "valid.h5")
+    code, out, err = run(capsys, "repair", "magnitude", bd, "--arch", "deepid",
+                         "--valid", tmp_path / "valid.h5", "--epochs", "0", "--out", tmp_path / "r")
+    assert code == 0, err
+    assert "model.h5 (Keras weights)" in out
+    with h5py.File(tmp_path / "r" / "model.h5") as f, h5py.File(bd) as g:
+        assert list(f.attrs["layer_names"]) == list(g.attrs["layer_names"])
+    a = load_model(tmp_path / "r" / "model.safetensors")
+    b = load_model(tmp_path / "r" / "model.h5", arch="deepid")
+    assert np.array_equal(a.predict(clean.images), b.predict(clean.images))

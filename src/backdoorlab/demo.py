@@ -5,8 +5,10 @@
 2. attacks: a clean reference model, BadNets (4×4 white patch → label 0, 10 % poisoned) and
    FTrojan (chroma DCT trigger → label 0, 10 %), each a small CNN;
 3. defenses: Neural Cleanse on the clean and BadNets models (the clean one should raise no flag);
-   on each backdoored model the pruning sweep with GoodNets and Fine-Pruning; and guided pruning
-   of the BadNets model with the trigger Neural Cleanse reverse-engineered for the flagged label;
+   on each backdoored model the pruning sweep with GoodNets and Fine-Pruning; then every repair of
+   ``REPAIRS`` on the BadNets model (`backdoorlab repair`, each at its own defaults), those that
+   need a trigger given the one Neural Cleanse reverse-engineered for the flagged label(s); the
+   second table marks each repair as removing the backdoor (ASR ≤ 2 % at ≤ 2 points) or weak;
 4. report: ``report.html`` (self-contained), ``report.md`` and ``results.json`` in the output
    folder, plus every run's own folder (models, h5 data, tables, plots).
 
@@ -19,6 +21,7 @@ import json
 import time
 from pathlib import Path
 
+from backdoorlab import registry
 from backdoorlab.attacks.runner import AttackPlan, train_attack, write_attack_outputs
 from backdoorlab.data.digits import load_digits
 from backdoorlab.errors import BadInput
@@ -30,6 +33,10 @@ ATTACKS = {
     "badnets": AttackPlan(triggers=["patch:size=4"], targets=[0], rate=0.10),
     "ftrojan": AttackPlan(triggers=["ftrojan:preset=gtsrb"], targets=[0], rate=0.10),
 }
+
+
+# the repairs run on the BadNets model, each with its own defaults (none tuned to the digits)
+REPAIRS = ("guided-prune", "nc-unlearn", "nc-prune")
 
 
 def _run_cli(args: list[str]) -> None:
@@ -51,7 +58,7 @@ def run_demo(out: Path | None = None, quick: bool = False, seed: int = 0) -> dic
     out = Path(out or "backdoorlab-demo")
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out}: exists and is not a folder")
-    steps = len(ATTACKS) + 2 + 2 * 2 + 1 + 1
+    steps = len(ATTACKS) + 2 + 2 * 2 + len(REPAIRS) + 1
     step = iter(range(1, steps + 1))
 
     def say(msg: str) -> None:
@@ -87,22 +94,29 @@ def run_demo(out: Path | None = None, quick: bool = False, seed: int = 0) -> dic
         _run_cli(["fine-prune", str(run / "model.safetensors"), *data_args, "--drop", "4", "--epochs",
                   "5" if quick else "10", "--lr", "5e-4", "--out", str(out / f"fine-prune-{name}")])
     flagged = _load(out / "cleanse-badnets")["flagged"]
-    if flagged:
-        run = out / "attack-badnets"
-        say(f"guided pruning of the badnets model with the reversed trigger of label {flagged[0]}")
-        _run_cli(["prune", str(run / "model.safetensors"), "--valid", str(run / "clean_valid.h5"),
+    run = out / "attack-badnets"
+    repairs = []
+    for method in REPAIRS:
+        needs = registry.get(method, "repair").needs
+        if ("triggers" in needs or "backdoored" in needs) and not flagged:
+            say(f"{method} skipped: Neural Cleanse flagged no label on the badnets model")
+            repairs.append([method, "—", "—", "—", "—", "skipped: Neural Cleanse flagged no label"])
+            continue
+        say(f"repair {method} of the badnets model")
+        extra = (["--triggers", str(out / "cleanse-badnets" / "triggers.npz"), "--trigger-labels",
+                  ",".join(map(str, flagged))] if "triggers" in needs or "backdoored" in needs else [])
+        _run_cli(["repair", method, str(run / "model.safetensors"), "--valid", str(run / "clean_valid.h5"),
                   "--test", str(run / "clean_test.h5"), "--poisoned", str(run / "poisoned_test.h5"),
-                  "--order", "guided", "--guide-triggers", str(out / "cleanse-badnets" / "triggers.npz"),
-                  "--guide-labels", str(flagged[0]), "--out", str(out / "guided-prune-badnets")])
-    else:
-        say("guided pruning skipped: Neural Cleanse flagged no label on the badnets model")
+                  *extra, "--out", str(out / f"repair-{method}")])
+        repairs.append(_repair_row(method, _load(out / f"repair-{method}")))
     # summary table
     head = ["model", "clean acc", "ASR", "Neural Cleanse flags", "pruned (4-pt drop): acc / ASR",
-            "GoodNet detection", "fine-pruned: acc / ASR", "guided by NC trigger (4-pt drop): acc / ASR"]
+            "GoodNet detection", "fine-pruned: acc / ASR"]
     rows = []
     for name in ATTACKS:
         s = summary[name]
-        row = [name, _pct(s["clean_accuracy"]), _pct(s["asr"])]
+        asr = _pct(s["asr"]) + (" (not implanted)" if s["asr"] is not None and s["asr"] < 0.5 else "")
+        row = [name, _pct(s["clean_accuracy"]), asr]
         if (out / f"cleanse-{name}").exists():
             row.append(", ".join(map(str, _load(out / f"cleanse-{name}")["flagged"])) or "none")
         else:
@@ -113,8 +127,8 @@ def run_demo(out: Path | None = None, quick: bool = False, seed: int = 0) -> dic
             row.append(f"{_pct(fp['test_accuracy'])} / {_pct(fp['asr'])}")
         else:
             row.append("—")
-        row += _prune_cells(out / f"guided-prune-{name}", goodnet=False)
         rows.append(row)
+    repair_head = ["repair of the badnets model", "clean acc", "ASR", "DER", "time", "verdict"]
     seconds = time.perf_counter() - t0
     say("writing the report")
     results = {
@@ -124,13 +138,17 @@ def run_demo(out: Path | None = None, quick: bool = False, seed: int = 0) -> dic
                     "ASR on test images of other labels carrying the trigger. Drops are in percentage "
                     "points of clean validation accuracy." + _notes(summary)),
         "table": {"head": head, "rows": rows}, "models": summary,
+        "tables": [{"title": "Repairs of the BadNets model (defaults of each method; the defender holds "
+                             "only the clean validation split, and Neural Cleanse's reversed trigger "
+                             "where a method needs one)", "head": repair_head, "rows": repairs}],
     }
     write_json(out / "results.json", results)
     md, hp = build_report(out, "backdoorlab demo: attack, detect, repair")
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    print()
-    for r in [head, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
+    for h, rs in ((head, rows), (repair_head, repairs)):
+        widths = [max(len(str(r[i])) for r in [h, *rs]) for i in range(len(h))]
+        print()
+        for r in [h, *rs]:
+            print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
     print(f"\nreport: {hp.resolve()}  (also {md.name}, results.json; runs in {out}/)")
     return results
 
@@ -143,6 +161,24 @@ def _prune_cells(d: Path, goodnet: bool) -> list[str]:
     if goodnet:
         cells.append(_pct((th.get("goodnet") or {}).get("detection_rate")))
     return cells
+
+
+def _repair_row(method: str, res: dict) -> list[str]:
+    """One row of the repairs table; the verdict uses the issue's bar: the backdoor is removed when
+    ASR ≤ 2 % at a clean-accuracy cost of at most 2 points."""
+    before, after = res["before"], res["after"]
+    asr = after["sets"][0]["asr"] if after["sets"] else None
+    drop = 100 * (before["clean_accuracy"] - after["clean_accuracy"])
+    if asr is None:
+        verdict = "—"
+    elif asr <= 0.02 and drop <= 2:
+        verdict = "removes the backdoor"
+    elif asr <= 0.02:
+        verdict = f"removes it, at {drop:.1f} pts of accuracy"
+    else:
+        verdict = f"weak: the backdoor stays (ASR {_pct(asr)})"
+    der = "—" if res.get("der") is None else f"{res['der']:.3f}"
+    return [method, _pct(after["clean_accuracy"]), _pct(asr), der, f"{res['cost']['seconds']:.0f} s", verdict]
 
 
 def _notes(summary: dict) -> str:

@@ -41,10 +41,12 @@ class Method:
     paper: str               # citation: authors, venue, year
     needs: tuple[str, ...]   # keys of NEEDS
     summary: str             # one line for `list` and --help
+    paper_setting: str = ""  # the schedule and data of the paper's own experiments, for comparison
 
     def describe(self) -> dict:
         return {"name": self.name, "family": self.family, "summary": self.summary, "paper": self.paper,
-                "needs": list(self.needs), "options": describe(self.options)}
+                "paper_setting": self.paper_setting, "needs": list(self.needs),
+                "options": describe(self.options)}
 
 
 _METHODS: dict[str, Method] = {}
@@ -52,8 +54,9 @@ _loaded: set[str] = set()
 
 
 def register(name: str, family: str, options: type, paper: str, summary: str,
-             needs: tuple[str, ...] = ("clean",)) -> Callable[[Callable], Callable]:
-    """Decorator: register ``fn`` as method ``name`` of ``family``."""
+             needs: tuple[str, ...] = ("clean",), paper_setting: str = "") -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as method ``name`` of ``family``. ``paper_setting``: the
+    schedule and defender data of the paper's experiments (shown next to our defaults)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}")
     bad = set(needs) - set(NEEDS)
@@ -63,7 +66,7 @@ def register(name: str, family: str, options: type, paper: str, summary: str,
     def deco(fn: Callable) -> Callable:
         if name in _METHODS and _METHODS[name].run is not fn:
             raise ValueError(f"method {name!r} registered twice")
-        _METHODS[name] = Method(name, family, options, fn, paper, tuple(needs), summary)
+        _METHODS[name] = Method(name, family, options, fn, paper, tuple(needs), summary, paper_setting)
         return fn
 
     return deco

@@ -22,6 +22,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"  {m.name:14s} {m.summary}")
             print(f"  {'':14s} {m.paper}; needs {', '.join(m.needs)}")
             if args.verbose:
+                if m.paper_setting:
+                    print(f"  {'':14s} paper's setting: {m.paper_setting}")
                 for o in m.describe()["options"]:
                     rng = f" [{o['range']}]" if o["range"] else ""
                     print(f"  {'':16s}--{o['name'].replace('_', '-')} ({o['type']}, default "

@@ -112,8 +112,14 @@ def cmd_repair(args: argparse.Namespace) -> int:
     model, res = repair(method.name, clf, data, test, poisoned, opts)
     table = repair_table(res)
     out = Path(args.out)
+    written = ["model.safetensors"]
     with atomic_dir(out) as tmp:
         save_model(model, tmp / "model.safetensors")
+        if Path(args.model).suffix.lower() in (".h5", ".hdf5") and model.num_classes == clf.num_classes:
+            from backdoorlab.models.keras_h5 import save_keras_weights
+
+            save_keras_weights(model, tmp / "model.h5")  # the Keras layout it came in, for Keras users
+            written.append("model.h5 (Keras weights)")
         (tmp / "table.md").write_text(f"{method.name}: {method.summary} ({method.paper}).\n\n" + table)
         write_json(tmp / "results.json", {**res.to_dict(), "paper": method.paper,
                                           "poisoned_sets": [ps.describe() for ps in poisoned],
@@ -123,7 +129,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     print(table, end="")
     for note in res.notes:
         print(f"note: {note}")
-    print(f"wrote {out}/ (model.safetensors, table.md, results.json)")
+    print(f"wrote {out}/ ({', '.join(written)}, table.md, results.json)")
     return 0
 
 

@@ -89,10 +89,11 @@ def unlearn(clf: Classifier, valid: ImageSet, triggers: dict, labels: list[int],
     A seeded ``select_fraction`` of ``valid`` is held back and picks the epoch to keep (the given
     model, epoch 0, included): the lowest reversed-trigger success on the held-back images stamped
     with the triggers, among the epochs whose held-back clean accuracy is at most ``max_drop``
-    points below the given model's; when none is, the most accurate epoch. Unlearning moves clean
-    accuracy by several points from one epoch to the next, so the last epoch is no safe choice.
-    Returns (model, {"epochs": per-epoch held-back figures, "best_epoch": ...})."""
-    cfg = cfg or TrainConfig(epochs=5, lr=5e-4, batch_size=64, schedule="none", seed=seed)
+    points (plus one held-back image, the resolution of a small set) below the given model's (the
+    given model always qualifies, so a repair that only costs accuracy is not kept). Unlearning
+    moves clean accuracy by several points from one epoch to the next, so the last epoch is no
+    safe choice. Returns (model, details: per-epoch held-back figures, the kept epoch, sizes)."""
+    cfg = cfg or TrainConfig(epochs=10, lr=5e-4, batch_size=64, schedule="none", seed=seed)
     tune, select = finetune_split(valid, select_fraction, seed)
     rng = np.random.default_rng(seed)
     x = tune.images.copy()
@@ -110,7 +111,7 @@ def unlearn(clf: Classifier, valid: ImageSet, triggers: dict, labels: list[int],
         asr = float((tuned.predict(check.images) == targets).mean())
         if not base:  # the first call scores the model as given
             base.append(acc)
-        ok = (base[0] - acc) * 100 <= max_drop
+        ok = base[0] - acc <= max_drop / 100 + 1 / len(y_select) + 1e-9  # one image is never a drop
         # inside the accuracy budget: lower trigger success first, then accuracy; outside: accuracy
         return (2.0 - asr + 1e-3 * acc if ok else acc - 1.0), {"select_accuracy": acc,
                                                                    "select_trigger_asr": asr}

@@ -22,7 +22,9 @@ class Options(TuneOptions, DropOptions):
 
 
 @register("fine-prune", "repair", Options, paper="Liu et al., Fine-Pruning, RAID 2018",
-          summary="prune dormant channels, then fine-tune on clean data")
+          summary="prune dormant channels, then fine-tune on clean data",
+          paper_setting=("prune the last conv layer until validation accuracy drops 4 %, then fine-tune on "
+                         "the clean validation data until accuracy stops improving (Liu et al. 2018)"))
 def run(clf, data: DefenderData, o: Options) -> Repaired:
     from backdoorlab.defenses.fine_pruning import fine_prune
     from backdoorlab.errors import BadInput

@@ -24,7 +24,9 @@ class Options:
 @register("nc-filter", "repair", Options,
           paper="Wang et al., Neural Cleanse, IEEE S&P 2019 (input filter, Section VI.A)",
           summary="answer class N for inputs that excite the reversed trigger's channels",
-          needs=("clean", "triggers"))
+          needs=("clean", "triggers"),
+          paper_setting=("flag inputs whose top 1 % trigger-sensitive neurons fire above a threshold set at "
+                         "5 % false positives on clean data (Wang et al. 2019, Section VI.A)"))
 def run(clf, data: DefenderData, o: Options) -> Repaired:
     from backdoorlab.defenses.nc_mitigation import make_filter
 

@@ -24,7 +24,9 @@ class Options:
 @register("nc-prune", "repair", Options,
           paper="Wang et al., Neural Cleanse, IEEE S&P 2019 (neuron pruning, Section VI.B)",
           summary="prune the channels reversed triggers excite until the trigger stops working",
-          needs=("clean", "triggers"))
+          needs=("clean", "triggers"),
+          paper_setting=("prune second-to-last-layer neurons ranked by activation on reversed-trigger images"
+                         " until the trigger stops working (Wang et al. 2019, Section VI.B)"))
 def run(clf, data: DefenderData, o: Options) -> Repaired:
     from backdoorlab.defenses.nc_mitigation import prune_by_trigger
 

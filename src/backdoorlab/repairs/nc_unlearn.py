@@ -35,7 +35,9 @@ class Options:
 @register("nc-unlearn", "repair", Options,
           paper="Wang et al., Neural Cleanse, IEEE S&P 2019 (unlearning, Section VI.C)",
           summary="fine-tune with reversed triggers stamped on clean images, true labels kept",
-          needs=("clean", "triggers"))
+          needs=("clean", "triggers"),
+          paper_setting=("1 epoch on 10 % of the training data, 20 % of it stamped with the reversed "
+                         "trigger, true labels kept"))
 def run(clf, data: DefenderData, o: Options) -> Repaired:
     from backdoorlab.defenses.nc_mitigation import unlearn
     from backdoorlab.train import TrainConfig

@@ -25,7 +25,9 @@ class Options(DropOptions):
 
 
 @register("prune", "repair", Options, paper="Liu et al., Fine-Pruning, RAID 2018 (pruning defense)",
-          summary="prune dormant channels of the last conv layer to a clean-accuracy drop")
+          summary="prune dormant channels of the last conv layer to a clean-accuracy drop",
+          paper_setting=("last conv layer of DeepID / VGG / AlexNet, pruned in increasing mean activation on"
+                         " clean validation data (Liu et al. 2018, Section 4.1)"))
 def run(clf, data: DefenderData, o: Options) -> Repaired:
     from backdoorlab.defenses.masking import apply_channel_mask, mask_from_channels
     from backdoorlab.defenses.pruning import prune_sweep

@@ -236,6 +236,9 @@ def demo_section(d: Path, r: dict) -> Section:
     s.p(r.get("summary", ""))
     if r.get("table"):
         s.table(r["table"]["head"], r["table"]["rows"])
+    for t in r.get("tables", []):
+        s.p(t["title"])
+        s.table(t["head"], t["rows"])
     return s
 
 
