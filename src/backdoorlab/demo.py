@@ -95,7 +95,8 @@ def run_demo(out: Path | None = None, quick: bool = False, seed: int = 0) -> dic
                   "5" if quick else "10", "--lr", "5e-4", "--out", str(out / f"fine-prune-{name}")])
     flagged = _load(out / "cleanse-badnets")["flagged"]
     run = out / "attack-badnets"
-    repairs = []
+    repairs: list[list[str]] = []
+    repair_results: dict[str, dict] = {}
     for method in REPAIRS:
         needs = registry.get(method, "repair").needs
         if ("triggers" in needs or "backdoored" in needs) and not flagged:
@@ -108,7 +109,8 @@ def run_demo(out: Path | None = None, quick: bool = False, seed: int = 0) -> dic
         _run_cli(["repair", method, str(run / "model.safetensors"), "--valid", str(run / "clean_valid.h5"),
                   "--test", str(run / "clean_test.h5"), "--poisoned", str(run / "poisoned_test.h5"),
                   *extra, "--out", str(out / f"repair-{method}")])
-        repairs.append(_repair_row(method, _load(out / f"repair-{method}")))
+        repair_results[method] = _load(out / f"repair-{method}")
+        repairs.append(_repair_row(method, repair_results[method]))
     # summary table
     head = ["model", "clean acc", "ASR", "Neural Cleanse flags", "pruned (4-pt drop): acc / ASR",
             "GoodNet detection", "fine-pruned: acc / ASR"]
@@ -118,7 +120,7 @@ def run_demo(out: Path | None = None, quick: bool = False, seed: int = 0) -> dic
         asr = _pct(s["asr"]) + (" (not implanted)" if s["asr"] is not None and s["asr"] < 0.5 else "")
         row = [name, _pct(s["clean_accuracy"]), asr]
         if (out / f"cleanse-{name}").exists():
-            row.append(", ".join(map(str, _load(out / f"cleanse-{name}")["flagged"])) or "none")
+            row.append(_labels(_load(out / f"cleanse-{name}")["flagged"]))
         else:
             row.append("—")
         row += _prune_cells(out / f"prune-{name}", goodnet=True)
@@ -129,6 +131,8 @@ def run_demo(out: Path | None = None, quick: bool = False, seed: int = 0) -> dic
             row.append("—")
         rows.append(row)
     repair_head = ["repair of the badnets model", "clean acc", "ASR", "DER", "time", "verdict"]
+    verdicts = _verdicts(summary, {n: _load(out / f"cleanse-{n}")["flagged"] for n in ("clean", "badnets")},
+                         repair_results)
     seconds = time.perf_counter() - t0
     say("writing the report")
     results = {
@@ -137,7 +141,7 @@ def run_demo(out: Path | None = None, quick: bool = False, seed: int = 0) -> dic
                     f"label 0. Whole demo: {seconds:.0f} s on this machine. Accuracy on the clean test set, "
                     "ASR on test images of other labels carrying the trigger. Drops are in percentage "
                     "points of clean validation accuracy." + _notes(summary)),
-        "table": {"head": head, "rows": rows}, "models": summary,
+        "table": {"head": head, "rows": rows}, "models": summary, "verdicts": verdicts,
         "tables": [{"title": "Repairs of the BadNets model (defaults of each method; the defender holds "
                              "only the clean validation split, and Neural Cleanse's reversed trigger "
                              "where a method needs one)", "head": repair_head, "rows": repairs}],
@@ -149,6 +153,9 @@ def run_demo(out: Path | None = None, quick: bool = False, seed: int = 0) -> dic
         print()
         for r in [h, *rs]:
             print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
+    print()
+    for v in verdicts:
+        print(f"- {v}")
     print(f"\nreport: {hp.resolve()}  (also {md.name}, results.json; runs in {out}/)")
     return results
 
@@ -161,6 +168,42 @@ def _prune_cells(d: Path, goodnet: bool) -> list[str]:
     if goodnet:
         cells.append(_pct((th.get("goodnet") or {}).get("detection_rate")))
     return cells
+
+
+def _labels(flagged: list[int]) -> str:
+    if not flagged:
+        return "none"
+    return ("label " if len(flagged) == 1 else "labels ") + ", ".join(map(str, flagged))
+
+
+def _verdicts(summary: dict, flagged: dict[str, list[int]], repairs: dict[str, dict]) -> list[str]:
+    """The demo's conclusion in words, one sentence per model, from the figures above."""
+    out = []
+    fl = flagged["clean"]
+    out.append("clean: Neural Cleanse flagged no label (no false alarm)." if not fl else
+               f"clean: Neural Cleanse flagged {_labels(fl)} on a model without a backdoor (a false alarm).")
+    fl = flagged["badnets"]
+    found = ("found by Neural Cleanse (" + _labels(fl) + (", the attack's target" if 0 in fl else
+             ", not the attack's target 0") + ")") if fl else "missed by Neural Cleanse"
+    good, weak = [], []
+    for method, res in repairs.items():
+        asr = res["after"]["sets"][0]["asr"]
+        drop = 100 * (res["before"]["clean_accuracy"] - res["after"]["clean_accuracy"])
+        (good if asr <= 0.02 and drop <= 2 else weak).append((asr, method, drop, res["cost"]["seconds"]))
+    if good:
+        asr, method, drop, sec = min(good)
+        fixed = (f"removed by {', '.join(m for _, m, _, _ in sorted(good))} (best: {method}, ASR "
+                 f"{_pct(asr)} at {-drop:+.1f} pts of clean accuracy, {sec:.0f} s)")
+    elif weak:
+        asr, method, drop, sec = min(weak)
+        fixed = f"not removed by any repair (lowest ASR: {method}, {_pct(asr)} at {-drop:+.1f} pts)"
+    else:
+        fixed = "no repair ran"
+    out.append(f"badnets: the backdoor (ASR {_pct(summary['badnets']['asr'])}) was {found}; {fixed}.")
+    a = summary["ftrojan"]["asr"]
+    out.append(f"ftrojan: not implanted (ASR {_pct(a)}): nothing to find or remove here." if a is not None
+               and a < 0.5 else f"ftrojan: implanted (ASR {_pct(a)}); see the tables for the defenses.")
+    return out
 
 
 def _repair_row(method: str, res: dict) -> list[str]:

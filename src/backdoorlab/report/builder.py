@@ -239,6 +239,8 @@ def demo_section(d: Path, r: dict) -> Section:
     for t in r.get("tables", []):
         s.p(t["title"])
         s.table(t["head"], t["rows"])
+    for v in r.get("verdicts", []):
+        s.p(v)
     return s
 
 
