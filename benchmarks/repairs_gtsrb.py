@@ -26,12 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- repairs-gtsrb:begin -->", "<!-- repairs-gtsrb:end -->"
 
 
-def ms(values: list[float], scale: float = 100.0) -> str:
+def ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     v = [x for x in values if x is not None]
     if not v:
         return "—"
     m = scale * statistics.fmean(v)
-    return f"{m:.1f}" + (f" ± {scale * statistics.stdev(v):.1f}" if len(v) > 1 else "")
+    return f"{m:.{digits}f}" + (f" ± {scale * statistics.stdev(v):.{digits}f}" if len(v) > 1 else "")
 
 
 def collect(out: Path) -> tuple[dict, dict]:
@@ -39,7 +39,7 @@ def collect(out: Path) -> tuple[dict, dict]:
     attacks: dict = defaultdict(dict)
     repairs: dict = defaultdict(list)
     for cj in sorted((out / "cells").glob("*/cell.json")):
-        cell = json.loads(cj.read_text())
+        cell = json.loads(cj.read_text())["cell"]
         res_p = cj.parent / "results.json"
         if not res_p.exists():
             continue
@@ -80,8 +80,8 @@ def table(attack: str, seeds: dict, rows: list) -> str:
             setting = "—"
         lines.append(
             f"| {defense} | {len(recs)} | {ms([a['clean_accuracy'] for a in after])} | {ms(asr)} | "
-            f"{ms(rob)} | {ms([r['der'] for _, r in recs], 1.0)[:13]} | {removed}/{len(recs)} | "
-            f"{ms([r['cost']['seconds'] for _, r in recs], 1.0)} | {schedule(recs[0][1])} | {setting} |")
+            f"{ms(rob)} | {ms([r['der'] for _, r in recs], 1.0, 3)} | {removed}/{len(recs)} | "
+            f"{ms([r['cost']['seconds'] for _, r in recs], 1.0, 0)} | {schedule(recs[0][1])} | {setting} |")
     return "\n".join(lines)
 
 

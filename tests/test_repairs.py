@@ -17,7 +17,8 @@ from backdoorlab.options import from_mapping
 from backdoorlab.poisoned import poisoned_set
 from backdoorlab.repairs import DefenderData, der, measure, repair
 
-REPAIRS = ["fine-prune", "guided-prune", "magnitude", "nc-filter", "nc-prune", "nc-unlearn", "prune"]
+REPAIRS = ["anp", "clp", "fine-prune", "ft-sam", "guided-prune", "i-bau", "magnitude", "nad", "nc-filter",
+           "nc-prune", "nc-unlearn", "prune"]
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +70,8 @@ def test_registry_lists_every_repair_with_paper_needs_and_helped_options(capsys)
 def test_unknown_method_and_bad_toml_options_are_one_line():
     from backdoorlab.errors import BadInput
 
-    with pytest.raises(BadInput, match="known: fine-prune"):
-        registry.get("anp", "repair")
+    with pytest.raises(BadInput, match="known: anp, clp, fine-prune"):
+        registry.get("bogus", "repair")
     opts = registry.get("fine-prune").options
     assert from_mapping(opts, {"epochs": 2, "lr": 1e-3}, "t").epochs == 2
     for bad, words in [({"epochs": -1}, "out of range"), ({"epohcs": 2}, "unknown option"),

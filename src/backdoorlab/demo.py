@@ -36,7 +36,7 @@ ATTACKS = {
 
 
 # the repairs run on the BadNets model, each with its own defaults (none tuned to the digits)
-REPAIRS = ("guided-prune", "nc-unlearn", "nc-prune")
+REPAIRS = ("guided-prune", "nc-unlearn", "nc-prune", "anp", "clp", "i-bau", "nad", "ft-sam")
 
 
 def _run_cli(args: list[str]) -> None:

@@ -59,6 +59,24 @@ class DefenderData:
         return list(self.trigger_labels) if self.trigger_labels else sorted(self.triggers)
 
 
+def tuning_split(clf: Classifier, data: DefenderData, select_fraction: float, seed: int,
+                 name: str) -> tuple[ImageSet, ImageSet]:
+    """The defender's clean data split (seeded) into a tuning part and a held-back part that picks
+    or measures the epochs, both non-empty, labels checked against ``clf``'s classes."""
+    from backdoorlab.defenses.fine_pruning import finetune_split
+
+    tune, select = finetune_split(data.clean, select_fraction, seed)
+    if len(tune) == 0 or len(select) == 0:
+        raise BadInput(f"{name}: {len(data.clean)} clean images are too few to hold back "
+                       f"{select_fraction:g} of them")
+    clf.spec.check(tune.images, f"{name} clean data")
+    y = tune.require_labels()
+    if y.min() < 0 or y.max() >= clf.num_classes:
+        raise BadInput(f"{name}: clean labels must lie in 0..{clf.num_classes - 1}, found "
+                       f"{int(y.min())}..{int(y.max())}")
+    return tune, select
+
+
 @dataclass
 class Repaired:
     """A repair's output: the repaired model, method details (JSON-able) and notes."""

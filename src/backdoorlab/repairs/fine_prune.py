@@ -14,11 +14,17 @@ from backdoorlab.repairs._options import DropOptions, TuneOptions
 
 @dataclass
 class Options(TuneOptions, DropOptions):
-    drop: float | None = opt(4.0, "prune until clean validation accuracy drops this much", low=0,
-                             high=100, low_open=True)
+    drop: float | None = opt(None, "prune until clean validation accuracy drops this much (default 4 "
+                             "when fraction is not given)", low=0, high=100, low_open=True)
     fraction: float | None = opt(None, "prune this share of the channels instead of to a drop", low=0,
                                  high=1, low_open=True)
     order: str = opt("increasing", "channel order", choices=("increasing", "decreasing", "abs", "random"))
+
+    def __post_init__(self) -> None:  # runs when the options are read, before any work
+        from backdoorlab.errors import BadInput
+
+        if self.drop is not None and self.fraction is not None:
+            raise BadInput("fine-prune: give drop or fraction, not both")
 
 
 @register("fine-prune", "repair", Options, paper="Liu et al., Fine-Pruning, RAID 2018",
@@ -27,11 +33,8 @@ class Options(TuneOptions, DropOptions):
                          "the clean validation data until accuracy stops improving (Liu et al. 2018)"))
 def run(clf, data: DefenderData, o: Options) -> Repaired:
     from backdoorlab.defenses.fine_pruning import fine_prune
-    from backdoorlab.errors import BadInput
 
-    drop = None if o.fraction is not None else o.drop
-    if drop is None and o.fraction is None:
-        raise BadInput("fine-prune: give drop or fraction")
+    drop = None if o.fraction is not None else (4.0 if o.drop is None else o.drop)
     cfg = o.train_config()
     _, tuned, res = fine_prune(clf, data.clean, layer=o.layer, drop=drop, fraction=o.fraction,
                                drop_unit=o.drop_unit, order=o.order, cfg=cfg,
