@@ -324,12 +324,14 @@ def test_option_typos_are_caught_before_any_training(tmp_path, capsys):
     assert not (tmp_path / "o" / "cells").exists()
 
 
-def test_a_failing_cell_is_reported_and_the_rest_continue(tmp_path, capsys):
-    cfg = write(tmp_path, GRID.replace('kind = "fine-prune"\ndrop = 4', 'kind = "fine-prune"\ndrop = 4\n'
-                                       'layer = "conv_9"'))
+def test_a_failing_cell_is_reported_and_the_rest_continue(boom, tmp_path, capsys):
+    """A cell that fails only while it runs (every input was checked up front) is reported; the
+    other cells finish."""
+    cfg = write(tmp_path, GRID.replace('name = "fp"\nkind = "fine-prune"\ndrop = 4\nepochs = 1',
+                                       'name = "fp"\nkind = "boom"'))
     res = run_experiment(cfg, tmp_path / "out", jobs=2, threads=1, report=False)
     assert len(res["errors"]) == 1 and "badnets-fp-s0" in res["errors"][0]
-    assert "conv_9" in res["errors"][0] and "repair fine-prune failed" in res["errors"][0]
+    assert "failed while running" in res["errors"][0] and "repair boom failed" in res["errors"][0]
     rows = {r[1]: r for r in res["table"]["rows"]}
     assert rows["fp"][-1] == "failed" and rows["nc"][2] == "1"
 
@@ -393,3 +395,220 @@ kind = "prune"
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Detect neural-cleanse: cells/" in md and "heatmap_asr.png" in md
     assert "## Model detectors" in (tmp_path / "out" / "summary.md").read_text()
+
+
+# -- every input checked before a cell runs or the output folder is touched (issue #17) ---------
+
+TINY = """
+seeds = [0]
+[data]
+source = "digits"
+[model]
+arch = "small_cnn"
+[train]
+epochs = 1
+[[attack]]
+name = "badnets"
+trigger = "patch:size=4"
+target = 0
+rate = 0.1
+[[defense]]
+name = "pruning"
+kind = "prune"
+"""
+
+GIVEN = """
+[[attack]]
+name = "handed"
+model = "{d}/model.safetensors"
+valid = "{d}/clean_valid.h5"
+test = "{d}/clean_test.h5"
+poisoned = "{d}/poisoned_test.h5"
+[[defense]]
+name = "pruning"
+kind = "prune"
+"""
+
+
+@pytest.fixture(scope="module")
+def handed(tmp_path_factory):
+    """An untrained small_cnn on 16x16 digits with clean and poisoned data files (a model handed
+    over), a 32x32 data file and a corrupt one."""
+    import numpy as np
+    import torch
+
+    from backdoorlab.data import ImageSet, load_dataset
+    from backdoorlab.data.csaw import write_csaw_h5
+    from backdoorlab.models import Classifier, InputSpec, build, save_model
+
+    d = tmp_path_factory.mktemp("handed")
+    torch.manual_seed(0)
+    save_model(Classifier(build("small_cnn", 10, (16, 16, 1)), InputSpec(16, 16, 1), 10, "small_cnn"),
+               d / "model.safetensors")
+    digits = load_dataset("digits")
+    write_csaw_h5(digits.take(100, seed=0), d / "clean_valid.h5")
+    write_csaw_h5(digits.take(100, seed=1), d / "clean_test.h5")
+    poisoned = digits.take(100, seed=2)
+    write_csaw_h5(poisoned, d / "untargeted.h5")  # true labels, no per-image targets
+    poisoned.meta["targets"] = np.zeros(len(poisoned), np.int64)
+    write_csaw_h5(poisoned, d / "poisoned_test.h5")
+    write_csaw_h5(ImageSet(np.zeros((20, 32, 32, 1), np.uint8), np.arange(20) % 10, 10), d / "x32.h5")
+    (d / "bad.h5").write_bytes(np.random.default_rng(0).bytes(3000))
+    (d / "bad.safetensors").write_bytes(np.random.default_rng(1).bytes(3000))
+    (d / "bad.json").write_bytes((d / "model.json").read_bytes())
+    return d
+
+
+PREFLIGHT = [  # (experiment text builder key, old, new, words of the one error line)
+    ("tiny", 'trigger = "patch:size=4"', 'trigger = "bogus"', "unknown kind 'bogus'"),
+    ("tiny", 'trigger = "patch:size=4"', 'trigger = "patch:size=0"', "size must be at least 1"),
+    ("tiny", 'trigger = "patch:size=4"', 'trigger = 5', "trigger must be a string"),
+    ("tiny", 'trigger = "patch:size=4"', 'trigger = "image:nope.png"', "nope.png"),
+    ("tiny", "target = 0", "target = 99", "target label 99 out of range for 10 classes"),
+    ("tiny", "target = 0", 'target = "zero"', "target must be a label"),
+    ("tiny", "target = 0", "target = [0, 1]", "1 trigger(s) but 2 target(s)"),
+    ("tiny", "rate = 0.1", 'rate = 0.1\nmode = "all2all"', "all-to-all attacks have no target"),
+    ("tiny", "epochs = 1", "epochs = false", "epochs takes a value, not false"),
+    ("tiny", "epochs = 1", "epochs = [1, 2]", "epochs takes one value"),
+    ("tiny", "epochs = 1", 'epochs = 1\naugment = "bogus"', "unknown augmentation(s) bogus"),
+    ("tiny", 'source = "digits"', 'source = "{d}/bad.h5"', "unrecognised data format"),
+    ("tiny", 'source = "digits"', 'source = "digits"\ntest = "{d}/x32.h5"',
+     "training images are (16, 16, 1) but test images (32, 32, 1)"),
+    ("tiny", 'arch = "small_cnn"', 'arch = "bogus"', "unknown architecture 'bogus'"),
+    ("tiny", 'arch = "small_cnn"', "arch = 5", "arch must be a string"),
+    ("tiny", 'arch = "small_cnn"', 'arch = "deepid"', "needs inputs of at least 31x31"),
+    ("tiny", 'kind = "prune"', 'kind = "prune"\nlayer = "bogus"', "unknown layer 'bogus'"),
+    ("tiny", 'kind = "prune"', 'kind = "fine-prune"\ndrop = 4\nfraction = 0.5',
+     "drop and fraction are alternatives"),
+    ("tiny", 'kind = "prune"', 'kind = "cleanse"\nthreshold = nan', "--threshold: nan is out of range"),
+    ("tiny", 'kind = "prune"', 'kind = "cleanse"\ncheck_every = 0', "--check-every: 0 is out of range"),
+    ("tiny", 'kind = "prune"', 'kind = "cleanse"\nlabels = "99"', "[99] out of range"),
+    ("tiny", 'trigger = "patch:size=4"\ntarget = 0\n', "", "guide = \"poisoned\" needs the attack's"),
+    ("given", 'model = "{d}/model.safetensors"', 'model = "{d}/bad.safetensors"', "corrupt safetensors"),
+    ("given", 'valid = "{d}/clean_valid.h5"', 'valid = "{d}/x32.h5"', "the model expects images of shape"),
+    ("given", 'poisoned = "{d}/poisoned_test.h5"', 'poisoned = "{d}/poisoned_test.h5"\ntarget = 99',
+     "target label 99 out of range"),
+    ("given", 'poisoned = "{d}/poisoned_test.h5"', 'poisoned = "{d}/poisoned_test.h5"\ntarget = "zero"',
+     "target must be a label"),
+    ("given", 'poisoned = "{d}/poisoned_test.h5"', 'poisoned = "{d}/untargeted.h5"',
+     "give the attack's target (the file has no per-image targets)"),
+    ("given", 'poisoned = "{d}/poisoned_test.h5"', 'poisoned = "{d}/poisoned_test.h5"\narch = "bogus"',
+     "unknown architecture 'bogus'"),
+    ("given", 'poisoned = "{d}/poisoned_test.h5"', 'poisoned = "{d}/poisoned_test.h5"\ninput_scale = "bogus"',
+     "input_scale must be raw or unit"),
+]
+
+
+@pytest.mark.parametrize(("base", "old", "new", "words"), PREFLIGHT,
+                         ids=[f"{b}:{n.splitlines()[-1] if n else 'no trigger'}" for b, _, n, _ in PREFLIGHT])
+def test_bad_inputs_are_refused_before_any_cell_and_before_the_folder(handed, tmp_path, capsys, base, old,
+                                                                    new, words):
+    text = TINY if base == "tiny" else GIVEN
+    if base == "tiny" and new == "":  # a clean model with a repair guided by its poisoned images
+        text = text.replace('kind = "prune"', 'kind = "guided-prune"')
+    assert old in text
+    cfg = write(tmp_path, text.replace(old, new).replace("{d}", str(handed)))
+    out = tmp_path / "r"
+    capsys.readouterr()
+    code = main(["run", str(cfg), "--out", str(out), "--jobs", "1"])
+    err = capsys.readouterr()
+    lines = err.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err.err
+    assert words in lines[0]
+    assert "submitted" not in err.out and not out.exists()
+
+
+def test_the_keras_model_handed_over_must_fit_the_data(handed, csaw_dir, tmp_path, capsys):
+    text = GIVEN.replace('model = "{d}/model.safetensors"',
+                         f'model = "{csaw_dir / "sunglasses_bd_weights.h5"}"\narch = "deepid"')
+    cfg = write(tmp_path, text.replace("{d}", str(handed)))
+    assert main(["run", str(cfg), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "(55, 47, 3), got (16, 16, 1)" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_ray_missing_is_refused_before_the_folder(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ray" else real(name, *a))
+    assert main(["run", str(write(tmp_path, TINY)), "--out", str(tmp_path / "r"), "--executor", "ray"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs Ray" in err[0] and not (tmp_path / "r").exists()
+
+
+def _earlier_run(root: Path) -> Path:
+    root.mkdir()
+    (root / ".backdoorlab").write_text('{"tool": "backdoorlab", "version": "x", "command": "run"}')
+    return root
+
+
+def test_overwrite_never_deletes_an_input_of_the_experiment(handed, tmp_path, capsys):
+    """--overwrite refuses an earlier run folder that holds the data, a handed-over model or a
+    trigger picture the experiment reads (replacing the folder would delete them)."""
+    import numpy as np
+    from PIL import Image
+
+    r = _earlier_run(tmp_path / "r")
+    shutil.copy(handed / "clean_valid.h5", r / "train.h5")
+    shutil.copytree(handed, r / "atk")
+    Image.fromarray(np.full((3, 3, 4), 255, np.uint8)).save(r / "trig.png")
+    cases = [TINY.replace('source = "digits"', f'source = "{r / "train.h5"}"'),
+             TINY.replace('source = "digits"', f'source = "csaw:{r / "train.h5"}"'),
+             GIVEN.replace("{d}", str(r / "atk")),
+             TINY.replace('trigger = "patch:size=4"', f'trigger = "image:{r / "trig.png"}"')]
+    before = sorted((p.relative_to(r).as_posix(), p.stat().st_size) for p in r.rglob("*"))
+    for i, text in enumerate(cases):
+        cfg = write(tmp_path, text, f"exp{i}.toml")
+        assert main(["run", str(cfg), "--out", str(r), "--overwrite", "--jobs", "1"]) == 2, text
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds the input" in err[0], err
+        assert sorted((p.relative_to(r).as_posix(), p.stat().st_size) for p in r.rglob("*")) == before
+
+
+BOOM = '''
+from dataclasses import dataclass
+import errno
+
+from backdoorlab.errors import BadInput
+from backdoorlab.options import opt
+from backdoorlab.registry import register
+
+
+@dataclass
+class Options:
+    disk_full: bool = opt(False, "fail as on a full disk")
+
+
+@register("boom", "repair", Options, paper="a test", summary="fails when it runs")
+def run(clf, data, o):
+    if o.disk_full:
+        raise OSError(errno.ENOSPC, "No space left on device", "somewhere/model.safetensors")
+    raise BadInput("boom: failed while running")
+'''
+
+
+@pytest.fixture
+def boom(tmp_path, monkeypatch):
+    """A repair that fails only once it runs (a plugin: worker processes load it too)."""
+    from backdoorlab import registry
+
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    (plugin / "boom.py").write_text(BOOM)
+    monkeypatch.setenv(registry.PLUGINS_ENV, str(plugin))
+    monkeypatch.setattr(registry, "_loaded", set())
+    yield
+    registry._METHODS.pop("boom", None)
+    import sys
+
+    sys.modules.pop("backdoorlab_methods.boom", None)
+
+
+def test_a_full_disk_stops_the_grid_with_one_line(boom, handed, tmp_path, capsys):
+    text = GIVEN.replace("{d}", str(handed)) + '\n[[defense]]\nname = "b"\nkind = "boom"\ndisk_full = true\n'
+    assert main(["run", str(write(tmp_path, text)), "--out", str(tmp_path / "r"), "--jobs", "1"]) == 74
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: disk full"), err

@@ -224,6 +224,16 @@ case("csaw_string_dtype", "dtype")(lambda r: _csaw(r, data=np.full((2, 1, 4, 4),
 case("csaw_complex_dtype", "dtype")(lambda r: _csaw(r, data=np.zeros((2, 1, 4, 4), np.complex64)))
 case("csaw_zero_images", "no images")(lambda r: _csaw(r, data=np.zeros((0, 1, 4, 4), np.uint8)))
 case("csaw_scalar", "shape|4-D")(lambda r: _csaw(r, data=np.uint8(3)))
+case("csaw_zero_height", "0x16 pixels")(lambda r: _csaw(r, data=np.zeros((5, 1, 0, 16), np.uint8)))
+case("csaw_zero_width_nhwc", "16x0 pixels")(lambda r: _csaw(r, data=np.zeros((5, 16, 0, 3), np.uint8)))
+
+
+@case("csaw_label_above_the_largest_class_count", "largest class count")
+def _(root):
+    args = _csaw(root, data=np.zeros((2, 1, 4, 4), np.uint8))
+    with h5py.File(root / "d.h5", "a") as f:
+        f["label"] = np.array([0, 5_000_000], np.int64)
+    return args
 
 
 @case("csaw_external_storage", "other files")
@@ -464,6 +474,7 @@ case("st_std_zero", "std")(lambda r: _native(r, sidecar=lambda m: m["input_spec"
 case("st_arch_options", "unknown option")(
     lambda r: _native(r, sidecar=lambda m: m.__setitem__("arch_options", {"width": 10**9})))
 case("st_arch_not_a_name", "arch")(lambda r: _native(r, sidecar=lambda m: m.__setitem__("arch", 5)))
+case("st_arch_option_unknown", "unknown architecture 'bogus'")(lambda r: [*_native(r), "--arch", "bogus"])
 case("st_spec_not_a_dict", "input spec")(
     lambda r: _native(r, sidecar=lambda m: m.__setitem__("input_spec", 7)))
 

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,16 +128,37 @@ def test_empty_user_folder_is_used(files, capsys, tmp_path):
 def test_earlier_output_needs_overwrite_and_then_is_replaced(files, capsys, tmp_path):
     out = tmp_path / "p"
     assert run(capsys, *prune_args(files, out))[0] == 0
-    assert io.read_marker(out) == {"tool": "backdoorlab", "version": io.read_marker(out)["version"],
-                                   "command": "prune"}
-    (out / "stray.txt").write_text("x")  # a file in our folder: gone after --overwrite
+    marker = io.read_marker(out)
+    assert {k: marker[k] for k in ("tool", "command")} == {"tool": "backdoorlab", "command": "prune"}
+    assert "results.json" in marker["files"]  # what the command wrote, listed when it was complete
+    first = (out / "results.json").read_bytes()
     before = snapshot(tmp_path)
     assert "--overwrite" in refused(capsys, *prune_args(files, out))
     assert snapshot(tmp_path) == before
     code, _, err = run(capsys, *prune_args(files, out, "--overwrite"))
     assert code == 0, err
-    assert not (out / "stray.txt").exists() and (out / "results.json").is_file()
+    assert (out / "results.json").is_file() and (out / "results.json").read_bytes() != first
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no .old / .part left
+
+
+@pytest.mark.parametrize("where", ["notes.txt", "sub/notes.txt"])
+def test_overwrite_never_deletes_a_users_file_put_in_an_earlier_output(files, capsys, tmp_path, where):
+    """A file the user put into an earlier output folder is not backdoorlab's: --overwrite is
+    refused (before any work) rather than deleting it; backdoorlab's own later additions (report
+    pages) do not count."""
+    out = tmp_path / "p"
+    assert run(capsys, *prune_args(files, out))[0] == 0
+    assert run(capsys, "report", out)[0] == 0  # report.md / report.html written into the output
+    assert run(capsys, *prune_args(files, out, "--overwrite"))[0] == 0
+    (out / where).parent.mkdir(exist_ok=True)
+    (out / where).write_text("my notes")
+    before = snapshot(tmp_path)
+    line = refused(capsys, *prune_args(files, out, "--overwrite"))
+    assert where in line and "did not write" in line
+    assert snapshot(tmp_path) == before
+    with pytest.raises(BadInput, match="did not write"), io.output_scope(), io.atomic_dir(out) as tmp:
+        (tmp / "x.txt").write_text("ours")  # the swap at the end checks again
+    assert (out / where).read_text() == "my notes"
 
 
 def test_overwrite_never_deletes_an_input(files, capsys, tmp_path):
@@ -193,6 +215,50 @@ def test_poison_refuses_existing_file_and_its_input(capsys, tmp_path):
     assert mine.read_bytes() != b"user bytes"
 
 
+def test_poison_preview_never_replaces_an_input_and_outputs_come_together(capsys, tmp_path):
+    from PIL import Image
+
+    cf = tmp_path / "cf"
+    for c in range(3):
+        (cf / str(c)).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((16, 16), 40 * c + i, np.uint8)).save(cf / str(c) / f"img{i}.png")
+    trig = tmp_path / "trig.png"
+    Image.fromarray(np.full((3, 3, 4), 255, np.uint8)).save(trig)
+    before = snapshot(tmp_path)
+    argv = ["poison", f"folder:{cf}", "--trigger", "patch", "--target", "0", "--all",
+            "--out", tmp_path / "p.h5"]
+    inside = cf / "1" / "img0.png"
+    assert "inside the input folder" in refused(capsys, *argv, "--preview", inside, "--overwrite")
+    assert "input file" in refused(capsys, "poison", f"folder:{cf}", "--trigger", f"image:{trig}", "--all",
+                                   "--out", tmp_path / "p.h5", "--preview", trig, "--overwrite")
+    assert snapshot(tmp_path) == before
+    if sys.platform == "linux":  # /proc takes no new file: the preview fails, so --out is not kept
+        code, _, err = run(capsys, *argv, "--preview", "/proc/backdoorlab-test.png")
+        assert code == 2 and "/proc/backdoorlab-test.png" in err and len(err.strip().splitlines()) == 1
+        assert snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE")
+def test_poison_on_a_full_disk_is_one_line_and_no_file(tmp_path):
+    """HDF5 failing inside its own writes could crash the interpreter: the file is built in memory
+    and written with one plain write, so a full disk (here: a file-size limit) is exit 74."""
+    import resource
+
+    data = tmp_path / "d.h5"
+    write_csaw_h5(load_dataset("digits").take(300, seed=0), data)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+    p = subprocess.run([sys.executable, "-m", "backdoorlab", "poison", str(data), "--trigger", "patch",
+                        "--all", "--out", str(tmp_path / "p.h5")], capture_output=True, text=True,
+                       preexec_fn=limit, timeout=300)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 74 and len(lines) == 1 and "disk full while writing" in lines[0], p.stderr
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["d.h5"]
+
+
 def test_report_never_replaces_a_users_report(capsys, tmp_path):
     (tmp_path / "report.md").write_text("my report")
     before = snapshot(tmp_path)
@@ -214,6 +280,9 @@ BAD_OPTIONS = [
     ("fine-prune", ["--select-fraction", "0"]), ("fine-prune", ["--batch-size", "0"]),
     ("cleanse", ["--batch", "0"]), ("cleanse", ["--steps", "-1"]), ("cleanse", ["--images", "-5"]),
     ("cleanse", ["--suspects", "-1"]), ("cleanse", ["--top-k", "-1"]),
+    ("cleanse", ["--threshold", "nan"]), ("cleanse", ["--threshold", "-1"]),
+    ("cleanse", ["--threshold", "inf"]), ("cleanse", ["--check-every", "0"]),
+    ("cleanse", ["--check-every", "-1"]), ("attack", ["--augment", "bogus"]),
     ("cleanse", ["--mitigate", "unlearn", "--mitigate-epochs", "0"]),
     ("cleanse", ["--mitigate", "unlearn", "--mitigate-labels", "abc"]),
     ("eval", ["--num-classes", "7"]),  # the model has 10

@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         except BadInput as e:
             return _fail(f"error: {e}", EXIT_BAD_INPUT)
         except KeyboardInterrupt as e:
+            if argv is None:  # the program itself (not a nested call): it only exits now
+                _ignore_further_interrupts()
             why = str(e) or ("outputs are written whole or not at all, so nothing half-written was kept"
                              + (f"; the work saved in {scope.resumable} is kept and the same command "
                                 "resumes it" if scope.resumable else ""))
@@ -116,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
             if code is None:
                 raise
             return code
+
+
+def _ignore_further_interrupts() -> None:
+    """Once stopped, a further Ctrl-C or SIGTERM during the exit (a large library's shutdown takes
+    a moment) would kill the process by the signal instead of its exit status: ignore them."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _os_failure(no: int | None, strerror: str | None, where: str) -> int | None:

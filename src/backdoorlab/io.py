@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,9 @@ class _Scope:
     claims: list[Path] = field(default_factory=list)
     resumable: Path | None = None
     replace: list[Path] = field(default_factory=list)  # claimed folders to empty at the first write
+    # claimed folders whose marker lists what backdoorlab writes in them (`foreign_files`): the
+    # sub-folders the command fills wholesale (``cells/``); its files join as they are written
+    own: dict[Path, list[str]] = field(default_factory=dict)
 
 
 _scope = _Scope()
@@ -77,20 +80,66 @@ def read_marker(folder: str | os.PathLike) -> dict | None:
     return rec if isinstance(rec, dict) and rec.get("tool") == "backdoorlab" else None
 
 
-def write_marker(folder: str | os.PathLike, command: str | None = None) -> None:
-    """Mark ``folder`` as made by backdoorlab (atomically; no-op when already marked)."""
+def write_marker(folder: str | os.PathLike, command: str | None = None,
+                 files: list[str] | None = None) -> None:
+    """Mark ``folder`` as made by backdoorlab (atomically; no-op when already marked). ``files``:
+    start the list of what backdoorlab writes in it (see `foreign_files`)."""
     from backdoorlab import __version__
 
     folder = Path(folder)
     if read_marker(folder) is not None:
         return
+    rec = {"tool": "backdoorlab", "version": __version__, "command": command or _scope.command}
+    _write_record(folder, rec if files is None else {**rec, "files": list(files)})
+
+
+def _write_record(folder: Path, rec: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f"{MARKER}.", suffix=".part", dir=folder)
     with os.fdopen(fd, "w") as f:
-        json.dump({"tool": "backdoorlab", "version": __version__,
-                   "command": command or _scope.command}, f)
+        json.dump(rec, f)
         f.write("\n")
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, folder / MARKER)
+
+
+def _is_part(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".part")
+
+
+def _files_in(folder: Path) -> list[str]:
+    """Relative paths (``/``-separated) of every file and link under ``folder``, the marker and
+    backdoorlab's ``.part`` temporaries left out."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        for name in [*files, *links]:
+            rel = Path(os.path.relpath(os.path.join(root, name), folder)).as_posix()
+            if rel != MARKER and not _is_part(name):
+                out.append(rel)
+        dirs[:] = [d for d in dirs if d not in links and not _is_part(d)]
+    return sorted(out)
+
+
+def foreign_files(folder: str | os.PathLike) -> list[str]:
+    """Files in a backdoorlab output folder that backdoorlab did not write there: those missing
+    from the list its marker keeps (written when an `atomic_dir` output is complete; for an
+    in-place output, grown as files are written, an entry ending in ``/`` standing for a whole
+    sub-folder). Empty when the marker keeps no list (an output of an earlier version)."""
+    rec = read_marker(folder)
+    files = rec.get("files") if rec else None
+    if not isinstance(files, list):
+        return []
+    return [f for f in _files_in(Path(folder)) if not _listed(f, files)]
+
+
+def _listed(rel: str, files: list) -> bool:
+    return rel in files or any(isinstance(e, str) and e.endswith("/") and rel.startswith(e) for e in files)
+
+
+def _foreign_text(folder: Path, foreign: list[str]) -> str:
+    more = f" and {len(foreign) - 1} more file(s)" if len(foreign) > 1 else ""
+    return (f"holds {foreign[0]}{more}, which backdoorlab did not write; it is never deleted (move it "
+            f"out of {folder} or choose another folder)")
 
 
 def _mark_claimed(parent: Path) -> None:
@@ -107,7 +156,7 @@ def _mark_claimed(parent: Path) -> None:
                 if c.is_dir():
                     _remove_marked(c)
             c.mkdir(parents=True, exist_ok=True)
-            write_marker(c)
+            write_marker(c, files=_scope.own.get(c))
 
 
 def claim_now(folder: str | os.PathLike) -> None:
@@ -148,6 +197,9 @@ def _remove_marked(p: Path) -> None:
     ``.part`` that `clean_stale_parts` removes, never a half-deleted output."""
     if read_marker(p) is None:
         raise BadInput(f"{p}: not made by backdoorlab; it is never replaced")
+    foreign = foreign_files(p)
+    if foreign:
+        raise BadInput(f"{p}: {_foreign_text(p, foreign)}")
     old = Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".old.part", dir=p.parent))
     os.replace(p, old)
     shutil.rmtree(old, ignore_errors=True)
@@ -190,7 +242,7 @@ def _input_paths(inputs: Sequence[str | os.PathLike], opt: str = "input") -> lis
 
 def check_out_dir(path: str | os.PathLike, overwrite: bool = False, command: str | None = None, *,
                   in_place: bool = False, resume: bool = False, opt: str = "--out",
-                  inputs: Sequence[str | os.PathLike] = ()) -> Path:
+                  inputs: Sequence[str | os.PathLike] = (), own: Sequence[str] | None = None) -> Path:
     """Check an output folder before any work; call it first in every command that writes one.
 
     Refused (`BadInput`): a file; the current folder, one of its parents, the home or root folder;
@@ -200,7 +252,8 @@ def check_out_dir(path: str | os.PathLike, overwrite: bool = False, command: str
     ``overwrite``, a folder holding one of the ``inputs`` (replacing it would delete the input).
     ``in_place``: the command writes into the folder itself (not through `atomic_dir`), so with
     ``overwrite`` an earlier backdoorlab folder is deleted here, and the folder gets the marker at
-    the command's first write. Returns the path."""
+    the command's first write; ``own`` (in place) names the sub-folders (``"cells/"``) it fills
+    wholesale, and its marker then lists what it writes (`foreign_files`). Returns the path."""
     p = Path(path)
     real, cwd = _resolved(p, opt), Path.cwd().resolve()
     if p.is_symlink():
@@ -233,11 +286,16 @@ def check_out_dir(path: str | os.PathLike, overwrite: bool = False, command: str
             if q == real or real in q.parents:
                 raise BadInput(f"{opt} {path}: holds the input {q}; --overwrite would delete it, so "
                                "write the outputs elsewhere")
+        foreign = foreign_files(p)
+        if foreign:
+            raise BadInput(f"{opt} {path}: {_foreign_text(p, foreign)}")
     _check_writable(p, opt, into=in_place and p.is_dir())
     _clean_own_parts(p)
     _scope.command = command or _scope.command
     if in_place:
         claim(p)
+        if own is not None:
+            _scope.own[Path(os.path.abspath(p))] = [f"{d.rstrip('/')}/" for d in own]
         if marker is not None and overwrite:
             _scope.replace.append(Path(os.path.abspath(p)))  # emptied at the first write
     if resume:
@@ -291,7 +349,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     _mark_claimed(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as e:  # name the output, not the temporary (e.g. /proc refuses new files)
+        raise OSError(e.errno, e.strerror, str(path)) from None
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
@@ -302,6 +363,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+    _note_written(path)
+
+
+def _note_written(path: Path) -> None:
+    """A file written into a finished `atomic_dir` output (``report``'s pages, ``run``'s cell.json)
+    joins the list of files its marker keeps: backdoorlab wrote it."""
+    for folder in list(Path(os.path.abspath(path)).parents)[:64]:
+        rec = read_marker(folder)
+        if rec is None:
+            continue
+        if isinstance(rec.get("files"), list):
+            rel = Path(os.path.relpath(os.path.abspath(path), folder)).as_posix()
+            if not _listed(rel, rec["files"]):
+                with contextlib.suppress(OSError):
+                    _write_record(folder, {**rec, "files": sorted([*rec["files"], rel])})
+        return
 
 
 @contextlib.contextmanager
@@ -318,6 +395,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         write_marker(tmp)
         yield tmp
+        # the marker keeps the list of what was written, so that a later --overwrite can tell the
+        # user's own files apart (`foreign_files`) and never delete them
+        _write_record(tmp, {**(read_marker(tmp) or {}), "files": _files_in(tmp)})
         _check_replaceable(path)
         if path.is_dir() and read_marker(path) is not None:
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old.part", dir=path.parent))
@@ -338,6 +418,9 @@ def _check_replaceable(path: Path) -> None:
         raise BadInput(f"{path}: exists and is not a folder; it is never replaced")
     if path.is_dir() and read_marker(path) is None and _has_files(path):
         raise BadInput(f"{path}: folder holds files not made by backdoorlab; it is never replaced")
+    foreign = foreign_files(path) if path.is_dir() else []
+    if foreign:
+        raise BadInput(f"{path}: {_foreign_text(path, foreign)}")
 
 
 def file_sha256(path: str | os.PathLike) -> str | None:
@@ -352,6 +435,37 @@ def file_sha256(path: str | os.PathLike) -> str | None:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def h5_bytes(fill: Callable[[Any], None]) -> bytes:
+    """The bytes of an HDF5 file that ``fill(h5py.File)`` builds, made in memory. Written with
+    `write_bytes`, a full disk is a plain ``OSError`` (ENOSPC) of that write: HDF5 failing inside
+    its own writes can leave the library in a state that crashes the interpreter."""
+    import io as _io
+
+    import h5py
+
+    buf = _io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        fill(f)
+    return buf.getvalue()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        fill_file(tmp, data, path)
+
+
+def fill_file(tmp: str | os.PathLike, data: bytes, name: str | os.PathLike) -> None:
+    """Write ``data`` into the temporary ``tmp``; an OS error (a full disk) names ``name``."""
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(name)) from None
 
 
 def _umask() -> int:

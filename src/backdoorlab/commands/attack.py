@@ -21,6 +21,17 @@ from backdoorlab.commands.common import (
 from backdoorlab.errors import BadInput
 
 SPLIT_FORMATS = ("gtsrb", "cifar10", "mnist")
+AUGMENTATIONS = ("crop", "flip")
+
+
+def augmentations(text: str) -> str:
+    """argparse type of --augment: a comma list of crop, flip (or nothing)."""
+    names = {a.strip() for a in text.split(",") if a.strip()}
+    unknown = sorted(names - set(AUGMENTATIONS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown augmentation(s) {', '.join(unknown)} (choose from "
+                                         f"{', '.join(AUGMENTATIONS)})")
+    return text
 
 
 def load_train_test(args: argparse.Namespace):
@@ -64,10 +75,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     plan = AttackPlan(triggers=triggers, targets=targets, rate=args.rate, mode=args.mode,
                       clean_label=args.clean_label, pruning_aware=args.pruning_aware,
                       pa_max_drop=args.pa_max_drop, pa_dormant_shift=args.pa_dormant_shift)
-    augment = {a.strip() for a in (args.augment or "").split(",") if a.strip()}
-    unknown = augment - {"crop", "flip"}
-    if unknown:
-        raise BadInput(f"--augment: unknown augmentation(s) {', '.join(sorted(unknown))} (crop, flip)")
+    augment = {a.strip() for a in (args.augment or "").split(",") if a.strip()}  # checked by argparse
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       optimizer=args.optimizer, schedule=args.schedule,
                       crop_padding=args.crop_padding if "crop" in augment else 0,
@@ -138,7 +146,8 @@ def register(sub) -> None:
     p.add_argument("--lr", type=LEARNING_RATE, default=1e-3)
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     p.add_argument("--schedule", choices=["cosine", "step", "none"], default="cosine")
-    p.add_argument("--augment", default="", help="comma list: crop (random crop with padding), flip")
+    p.add_argument("--augment", type=augmentations, default="",
+                   help="comma list: crop (random crop with padding), flip")
     p.add_argument("--crop-padding", type=integer(0, 64), default=2)
     p.add_argument("--valid-fraction", type=number(0, 1, high_open=True),
                    default=0.1, help="clean validation share carved "

@@ -21,6 +21,7 @@ from backdoorlab.commands.common import (
     load_data,
     load_model_from_args,
     load_poisoned,
+    number,
     poisoned_lines,
 )
 from backdoorlab.errors import BadInput
@@ -39,13 +40,27 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
     return format(v, spec)
 
 
+_NONNEGATIVE_NUMBER = number(0)  # finite, >= 0 (nan, inf and negatives refused)
+
+
 def _threshold(text: str) -> float | str:
-    if text == "auto":
+    """argparse type of --threshold: a finite number >= 0, or 'auto'."""
+    if text.strip().lower() == "auto":
         return "auto"
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+        return _NONNEGATIVE_NUMBER(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}; or 'auto'") from None
+
+
+def _check_every(text: str) -> int | None:
+    """argparse type of --check-every: a positive integer, or 'epoch' (None: once per epoch)."""
+    if text.strip().lower() == "epoch":
+        return None
+    try:
+        return POSITIVE(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}; or 'epoch'") from None
 
 
 def write_tables(result, out: Path) -> None:
@@ -118,7 +133,8 @@ def write_outputs(result, out: Path) -> list[str]:
 
 
 def cmd_cleanse(args: argparse.Namespace) -> int:
-    check_out(args, "cleanse", in_place=True, resume=True)  # before any work
+    check_out(args, "cleanse", in_place=True, resume=True,  # before any work
+              own=("state", "masks", "mitigation"))
     for text, opt in ((args.labels, "--labels"), (args.mitigate_labels, "--mitigate-labels")):
         parse_labels(text, 2**31, opt)  # the syntax now; the range once the model is loaded
     mitigation_methods(args)
@@ -129,20 +145,13 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
     clean = load_data(args.clean, args)
     clf = load_model_from_args(args, clean if clean.labeled else None)
     check_compatible(clf, clean, "clean data")
-    if args.check_every == "epoch":
-        check_every = None
-    else:
-        try:
-            check_every = int(args.check_every)
-        except ValueError:
-            raise BadInput(f"--check-every: expected a positive integer or 'epoch', got "
-                           f"{args.check_every!r}") from None
     cfg = NCConfig(mode=args.mode, labels=parse_labels(args.labels, clf.num_classes),
                    batch_size=args.batch, max_steps=args.steps, threshold=args.threshold,
-                   seed=args.seed, num_images=args.images or None, check_every=check_every,
+                   seed=args.seed, num_images=args.images or None, check_every=args.check_every,
                    suspects=args.suspects, reference_labels=args.reference_labels,
                    screen_steps=args.screen_steps, labels_per_batch=args.labels_per_batch,
                    top_k=args.top_k)
+    cfg.validate()  # before the output folder is marked
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out}: exists and is not a folder")
@@ -293,7 +302,7 @@ def register(sub) -> None:
     p.add_argument("--threshold", type=_threshold, default=2.0,
                    help="flag labels with anomaly index above this (default 2); 'auto': the index a "
                         "network without a backdoor exceeds in only 5 %% of scans of this shape")
-    p.add_argument("--check-every", default="1", metavar="N|epoch",
+    p.add_argument("--check-every", type=_check_every, default=1, metavar="N|epoch",
                    help="mini-batch steps per cost-schedule check (default 1; 'epoch' = as the "
                         "released code)")
     p.add_argument("--suspects", type=NONNEGATIVE, default=10,

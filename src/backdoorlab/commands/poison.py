@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -74,18 +75,20 @@ def _preview(clean: np.ndarray, poisoned: np.ndarray, count: int = 8) -> np.ndar
 
 
 def cmd_poison(args: argparse.Namespace) -> int:
+    from backdoorlab.commands.common import trigger_files
     from backdoorlab.io import check_out_file
 
-    check_out_file(args.out, args.overwrite, inputs=[args.data])  # before any work
-    check_out_file(args.preview, args.overwrite, opt="--preview")
+    inputs = [args.data, *trigger_files(args.trigger or [])]  # the data and trigger pictures
+    check_out_file(args.out, args.overwrite, inputs=inputs)  # before any work
+    check_out_file(args.preview, args.overwrite, opt="--preview", inputs=inputs)
     from backdoorlab.attacks.poison import (
         make_poisoned_test_set,
         poison_training_set,
         poison_training_set_multi,
     )
     from backdoorlab.data import parse_source
-    from backdoorlab.data.csaw import write_csaw_h5
-    from backdoorlab.io import atomic_path
+    from backdoorlab.data.csaw import csaw_h5_bytes
+    from backdoorlab.io import atomic_path, fill_file
     from backdoorlab.metrics_image import image_quality
     from backdoorlab.triggers import TriggerStack, make_trigger
 
@@ -148,19 +151,16 @@ def cmd_poison(args: argparse.Namespace) -> int:
                    out=str(args.out))
     grid = _preview(clean_rows, pois_rows) if args.preview and len(rows) else None
 
-    with atomic_path(args.out) as tmp:
-        write_csaw_h5(out, tmp)
-        import h5py
+    blob = csaw_h5_bytes(out, extra={k: np.asarray(v, dtype=np.int64) for k, v in extra.items()},
+                         attrs={"backdoorlab_poison": json.dumps(summary)})  # in memory (see io.h5_bytes)
+    with contextlib.ExitStack() as files:  # both outputs written, then both renamed; else neither
+        tmp_out = files.enter_context(atomic_path(args.out))
+        tmp_preview = files.enter_context(atomic_path(args.preview)) if grid is not None else None
+        fill_file(tmp_out, blob, args.out)
+        if tmp_preview is not None:
+            from PIL import Image
 
-        with h5py.File(tmp, "a") as f:
-            for k, v in extra.items():
-                f.create_dataset(k, data=np.asarray(v, dtype=np.int64))
-            f.attrs["backdoorlab_poison"] = json.dumps(summary)
-    if grid is not None:
-        from PIL import Image
-
-        with atomic_path(args.preview) as tmp:
-            Image.fromarray(grid).save(tmp, format="PNG")
+            Image.fromarray(grid).save(tmp_preview, format="PNG")
 
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from backdoorlab.errors import BadInput
+from backdoorlab.safe_read import MAX_CLASSES
 
 # meta entries that hold one value per image (kept aligned by `ImageSet.subset`)
 PER_IMAGE_META = ("targets", "files", "source_indices")
@@ -41,8 +42,11 @@ class ImageSet:
             raise BadInput(f"{where}: images must be uint8 0-255, got {x.dtype}")
         if x.shape[3] not in (1, 3):
             raise BadInput(f"{where}: images must have 1 or 3 channels last, got shape {x.shape}")
-        if self.num_classes < 1:
-            raise BadInput(f"{where}: class count must be positive, got {self.num_classes}")
+        if x.shape[1] < 1 or x.shape[2] < 1:
+            raise BadInput(f"{where}: images of {x.shape[1]}x{x.shape[2]} pixels (shape {x.shape}); "
+                           "an image needs at least one pixel")
+        if not 1 <= self.num_classes <= MAX_CLASSES:
+            raise BadInput(f"{where}: class count must lie in 1..{MAX_CLASSES:,}, got {self.num_classes}")
         if self.labels is not None:
             y = self.labels
             if y.ndim != 1 or len(y) != len(x):

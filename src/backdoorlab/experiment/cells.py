@@ -15,6 +15,7 @@ Each cell runs the same code as the corresponding command (``attack``, ``prune``
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -246,17 +247,39 @@ def _run_cli(args: list[str], log) -> None:
     from backdoorlab.cli import main
 
     print("$ backdoorlab " + " ".join(args), file=log, flush=True)
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    saved = signal.getsignal(signal.SIGTERM) if main_thread else None
+    if main_thread:  # the command installs its own SIGTERM handler (stops like Ctrl-C) for its run
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
             rc = main(args)
         except SystemExit as e:  # argparse refusing an option
             rc = e.code if isinstance(e.code, int) else 2
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, saved)
     if rc != 0:
         log.flush()
         lines = Path(log.name).read_text(encoding="utf-8", errors="replace").splitlines()
         why = next((ln for ln in reversed(lines) if "error:" in ln), f"exit status {rc}")
+        if rc == EXIT_IO:  # a full disk (or an I/O error) stops the whole grid, not one cell
+            no = errno.ENOSPC if "disk full" in why else errno.EIO
+            raise OSError(no, os.strerror(no), _written(why))
         what = " ".join(args[:2]) if args[0] in ("repair", "detect") else args[0]
         raise BadInput(f"backdoorlab {what} failed: {why.strip()}")
+
+
+EXIT_IO = 74  # `backdoorlab.cli.EXIT_IO`
+
+
+def _written(line: str) -> str | None:
+    """The file a disk-full line of the CLI names ("disk full while writing FILE (…)"), if any."""
+    head, sep, rest = line.partition("while writing ")
+    return rest.rsplit(" (", 1)[0] if sep else None
 
 
 def check_options(cells: list[Cell]) -> None:

@@ -66,6 +66,13 @@ TOP_KEYS = {"name", "description", "seeds", "data", "model", "train", "attack", 
 # options the runner sets itself (files and output folder): not allowed in a [[defense]] table
 RESERVED = {"model", "valid", "test", "poisoned", "out", "clean", "guide_triggers", "seed", "drops",
             "mitigate_labels", "target", "triggers", "trigger_labels"}
+# switches among the [data]/[model]/[train]/[[attack]] keys (true/false); every other key takes a
+# value, never true/false (a `false` would silently drop the option and train with its default)
+BOOL_KEYS = {"clean_label", "pruning_aware"}
+LIST_KEYS = {"trigger", "target"}  # [[attack]] keys that take a list (one entry per trigger)
+# options of a method that name alternatives: at most one of each group may be set
+EXCLUSIVE = {"fine-prune": [("drop", "fraction")]}
+SCALES = ("raw", "unit")
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -141,6 +148,26 @@ def _scalar_options(table: dict, where: str) -> dict:
     return dict(table)
 
 
+def _check_values(table: dict, where: str) -> None:
+    """Value types of the keys that become `backdoorlab attack` flags (see BOOL_KEYS, LIST_KEYS)."""
+    for k, v in table.items():
+        items = v if isinstance(v, list) and k in LIST_KEYS else [v]
+        if isinstance(v, list) and k not in LIST_KEYS:
+            raise BadInput(f"{where}: {k} takes one value, got the list {v!r} (grid axes are lists of "
+                           "defense options)")
+        for item in items:
+            if k in BOOL_KEYS and not isinstance(item, bool):
+                raise BadInput(f"{where}: {k} must be true or false, got {item!r}")
+            if k not in BOOL_KEYS and isinstance(item, bool):
+                raise BadInput(f"{where}: {k} takes a value, not {str(item).lower()}")
+            if k == "target" and not isinstance(item, int):
+                raise BadInput(f"{where}: target must be a label (an integer) or a list of them, got "
+                               f"{item!r}")
+            if k in ("trigger", "arch", "input_scale", "optimizer", "schedule", "augment", "mode") \
+                    and not isinstance(item, str):
+                raise BadInput(f"{where}: {k} must be a string, got {item!r}")
+
+
 def _name_ok(name, where: str) -> str:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise BadInput(f"{where}: name {name!r} must be letters, digits, '-', '_' or '.'")
@@ -158,6 +185,7 @@ def parse_experiment(doc: dict, path: str = "<config>") -> Experiment:
             raise BadInput(f"{path}: missing [{key}] (needed to train the attack models)")
     data = dict(doc.get("data", {}))
     _check_keys(data, DATA_KEYS, f"{path} [data]")
+    _check_values(data, f"{path} [data]")
     if trains and "source" not in data:
         raise BadInput(f"{path} [data]: missing 'source' (e.g. \"gtsrb:path/to/GTSRB\" or \"digits\")")
     for k in ("source", "test"):
@@ -165,10 +193,12 @@ def parse_experiment(doc: dict, path: str = "<config>") -> Experiment:
             data[k] = expand(str(data[k]), f"{path} [data] {k}")
     model = dict(doc.get("model", {}))
     _check_keys(model, MODEL_KEYS, f"{path} [model]")
+    _check_values(model, f"{path} [model]")
     if trains and "arch" not in model:
         raise BadInput(f"{path} [model]: missing 'arch' (gtsrb_cnn, preact_resnet18, small_cnn, deepid)")
     train = dict(doc.get("train", {}))
     _check_keys(train, TRAIN_KEYS, f"{path} [train]")
+    _check_values(train, f"{path} [train]")
     seeds = doc.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise BadInput(f"{path}: seeds must be a non-empty list of integers, got {seeds!r}")
@@ -180,6 +210,14 @@ def parse_experiment(doc: dict, path: str = "<config>") -> Experiment:
         if isinstance(a, dict) and "model" in a:
             _check_keys(a, GIVEN_KEYS, where)
             given = {k: v for k, v in a.items() if k != "name"}
+            for t in as_list(given.get("target")):
+                if isinstance(t, bool) or not isinstance(t, int):
+                    raise BadInput(f"{where}: target must be a label (an integer) or a list of them, "
+                                   f"got {t!r}")
+            if "arch" in given and not isinstance(given["arch"], str):
+                raise BadInput(f"{where}: arch must name an architecture, got {given['arch']!r}")
+            if given.get("input_scale", "unit") not in SCALES:
+                raise BadInput(f"{where}: input_scale must be raw or unit, got {given['input_scale']!r}")
             for k in ("valid", "test"):
                 if k not in given:
                     raise BadInput(f"{where}: a given model needs '{k}' (clean labeled data)")
@@ -201,6 +239,7 @@ def parse_experiment(doc: dict, path: str = "<config>") -> Experiment:
         _check_keys(a, ATTACK_KEYS, where)
         name = _name_ok(a.get("name", f"attack{i + 1}"), where)
         opts = _scalar_options({k: v for k, v in a.items() if k != "name"}, where)
+        _check_values(opts, where)
         if "trigger" in opts:
             opts["trigger"] = _as_list(opts["trigger"])
         if "target" in opts:
@@ -278,6 +317,11 @@ def parse_defense(d, where: str) -> list[DefenseSpec]:
         raise BadInput(f"{where}: guide is for methods that use backdoored inputs, not {method.name}")
     if guide not in ("poisoned", "cleanse"):
         raise BadInput(f"{where}: guide must be \"poisoned\" or \"cleanse\", got {guide!r}")
+    for group in EXCLUSIVE.get(method.name, []):
+        given = [k for k in group if opts.get(k) is not None]
+        if len(given) > 1:
+            raise BadInput(f"{where}: {' and '.join(given)} are alternatives for {method.name}: set one "
+                           "of them")
     axes = {k: v for k, v in opts.items() if isinstance(v, list)}
     for k, v in axes.items():
         if not v or len(set(map(str, v))) != len(v):

@@ -13,6 +13,7 @@ Neural Cleanse scan states) stay in the output folder, and the same command resu
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
@@ -29,6 +30,13 @@ def _init_worker(threads: int) -> None:
     os.environ.setdefault("BACKDOORLAB_PROGRESS", "0")
     # Ctrl-C reaches the whole terminal process group: the parent alone decides and stops workers
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the parent stops a worker with SIGTERM: between cells it just exits (nothing to clean up, no
+    # traceback); during a cell the command's own handler stops it cleanly (`cells._run_cli`)
+    signal.signal(signal.SIGTERM, _exit_idle)
+
+
+def _exit_idle(signum, frame) -> None:
+    os._exit(128 + signum)
 
 
 def descendants(pid: int) -> list[int]:
@@ -181,6 +189,8 @@ class RayBackend:
             cause = e.as_instanceof_cause()
             if isinstance(cause, BadInput):
                 raise BadInput(str(cause).splitlines()[0]) from None
+            if isinstance(cause, OSError) and cause.errno in _STOPS_ALL:
+                raise OSError(cause.errno, cause.strerror, cause.filename) from None
             raise
 
     def close(self, cancel: bool = False, handles: list | None = None) -> None:
@@ -195,6 +205,9 @@ class RayBackend:
 
 
 Reporter = Callable[[dict, bool, int, int], None]
+# OS errors of a cell that stop the grid (every other cell would fail the same way): a full disk,
+# an over-quota or too-large file, an I/O error; the CLI reports them with exit status 74
+_STOPS_ALL = {getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG", "EIO") if hasattr(errno, n)}
 
 
 def execute(cells: list[Cell], root: Path, backend, threads: int, report: Reporter | None = None,
@@ -237,6 +250,13 @@ def execute(cells: list[Cell], root: Path, backend, threads: int, report: Report
                 c = pending.pop(h)
                 try:
                     rec = backend.result(h)
+                except OSError as e:
+                    if e.errno in _STOPS_ALL:  # a full disk fails every cell: stop, one line
+                        raise
+                    failed.add(c.key)
+                    errors.append(f"{c.label}: {type(e).__name__}: {e} (log: "
+                                  f"{root / 'logs' / (c.dirname + '.log')})")
+                    continue
                 except Exception as e:  # one failed cell does not stop the others
                     failed.add(c.key)
                     what = str(e).splitlines()[0] if isinstance(e, BadInput) else f"{type(e).__name__}: {e}"

@@ -11,6 +11,7 @@ from pathlib import Path
 from backdoorlab.experiment.cells import check_options, plan_cells
 from backdoorlab.experiment.config import load_experiment
 from backdoorlab.experiment.executors import default_jobs_threads, execute, make_backend
+from backdoorlab.experiment.preflight import experiment_inputs, preflight
 from backdoorlab.experiment.summary import (
     DETECT_HEAD,
     DETECTION_NOTE,
@@ -46,10 +47,12 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
     root = (Path(out) if out else Path("runs") / Path(config).stem).resolve()
     exp = load_experiment(config)
     cells = plan_cells(exp)
-    check_options(cells)
+    check_options(cells)  # every cell's command line
+    preflight(exp, executor)  # its data, architecture, triggers, given models, layers and labels
     jobs, threads = default_jobs_threads(jobs, threads)
     if not dry_run:  # the config is valid: check the folder before any work
-        check_out_dir(root, overwrite, "run", in_place=True, resume=True, inputs=[config])
+        check_out_dir(root, overwrite, "run", in_place=True, resume=True, inputs=experiment_inputs(exp),
+                      own=("cells", "logs"))
     n_att = sum(c.kind == "attack" for c in cells)
     n_given = sum(c.kind == "given" for c in cells)
     print(f"experiment {exp.name!r}: {len(exp.attacks)} attack(s) × {len(exp.defenses)} defense(s) × "
