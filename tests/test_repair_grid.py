@@ -23,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # keras o
 REPAIRS = [m.name for m in registry.methods("repair")]
 # the shortest schedule of each option a method may have (unknown names are left alone)
 CHEAP = {"epochs": 1, "teacher_epochs": 1, "iterations": 3, "rounds": 1, "steps": 1,
-         "fixed_point_steps": 1, "batch_size": 8, "lr_drop_epoch": 1}
+         "fixed_point_steps": 1, "batch_size": 8, "lr_drop_epoch": 1, "steps_per_round": 2}
 
 
 def cheap(name: str):
