@@ -183,8 +183,9 @@ def _verdicts(summary: dict, flagged: dict[str, list[int]], repairs: dict[str, d
     out.append("clean: Neural Cleanse flagged no label (no false alarm)." if not fl else
                f"clean: Neural Cleanse flagged {_labels(fl)} on a model without a backdoor (a false alarm).")
     fl = flagged["badnets"]
-    found = ("found by Neural Cleanse (" + _labels(fl) + (", the attack's target" if 0 in fl else
-             ", not the attack's target 0") + ")") if fl else "missed by Neural Cleanse"
+    target = ("the attack's target" if fl == [0] else "0 is the attack's target" if 0 in fl
+              else "not the attack's target 0")
+    found = f"found by Neural Cleanse ({_labels(fl)}; {target})" if fl else "missed by Neural Cleanse"
     good, weak = [], []
     for method, res in repairs.items():
         asr = res["after"]["sets"][0]["asr"]
@@ -218,6 +219,8 @@ def _repair_row(method: str, res: dict) -> list[str]:
         verdict = "removes the backdoor"
     elif asr <= 0.02:
         verdict = f"removes it, at {drop:.1f} pts of accuracy"
+    elif asr < 0.5:
+        verdict = f"weak: the backdoor partly stays (ASR {_pct(asr)})"
     else:
         verdict = f"weak: the backdoor stays (ASR {_pct(asr)})"
     der = "—" if res.get("der") is None else f"{res['der']:.3f}"
