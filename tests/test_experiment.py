@@ -612,3 +612,41 @@ def test_a_full_disk_stops_the_grid_with_one_line(boom, handed, tmp_path, capsys
     assert main(["run", str(write(tmp_path, text)), "--out", str(tmp_path / "r"), "--jobs", "1"]) == 74
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: disk full"), err
+
+
+def test_a_grid_finishes_seed_by_seed_and_defenses_before_new_trainings(tmp_path):
+    """With one worker, the cells of seed 0 (defenses of a finished model first) run before any
+    training of seed 1, whatever the order of the file; never more cells at once than workers."""
+    from backdoorlab.experiment.executors import execute
+
+    class OneWorker:
+        jobs = 1
+
+        def __init__(self):
+            self.order, self.live, self.most = [], 0, 0
+
+        def submit(self, cell, root, parent_dir, threads):
+            self.order.append(cell["label"])
+            self.live += 1
+            self.most = max(self.most, self.live)
+            return cell["label"]
+
+        def wait_any(self, handles):
+            self.live -= 1
+            return handles[:1]
+
+        def result(self, h):
+            return {"dir": h}
+
+        def close(self, cancel=False, handles=None):
+            pass
+
+    def cell(label, seed, parent=None):
+        return Cell(label, label, "attack" if parent is None else "prune", "a", None, seed, {}, parent)
+
+    cells = [cell("a-s0", 0), cell("b-s0", 0), cell("a-s1", 1), cell("a-prune-s0", 0, "a-s0"),
+             cell("b-prune-s0", 0, "b-s0"), cell("a-prune-s1", 1, "a-s1")]
+    backend = OneWorker()
+    records, errors = execute(cells, tmp_path, backend, 1)
+    assert not errors and len(records) == 6 and backend.most == 1
+    assert backend.order == ["a-s0", "a-prune-s0", "b-s0", "b-prune-s0", "a-s1", "a-prune-s1"]

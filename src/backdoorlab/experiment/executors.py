@@ -96,6 +96,7 @@ class LocalBackend:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
+        self.jobs = jobs  # cells handed to the pool at once: the rest wait, in priority order
         self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                                         initializer=_init_worker, initargs=(threads,))
 
@@ -228,7 +229,11 @@ def execute(cells: list[Cell], root: Path, backend, threads: int, report: Report
             report(rec, True, len(records), total)
     failed: set[str] = set()
     pending: dict = {}
-    waiting = list(todo)
+    # lower seeds first and, within a seed, the cells that start from a finished model before new
+    # trainings: a grid yields whole seeds early instead of training every model first
+    order = {c.key: i for i, c in enumerate(todo)}
+    waiting = sorted(todo, key=lambda c: (c.seed, c.parent is None, order[c.key]))
+    capacity = getattr(backend, "jobs", None)  # None: the backend schedules (Ray)
 
     def submit_ready() -> None:
         for c in list(waiting):
@@ -236,7 +241,7 @@ def execute(cells: list[Cell], root: Path, backend, threads: int, report: Report
                 waiting.remove(c)
                 failed.add(c.key)
                 errors.append(f"{c.label}: skipped, the cell it starts from failed")
-            elif c.parent is None or c.parent in records:
+            elif (c.parent is None or c.parent in records) and (capacity is None or len(pending) < capacity):
                 waiting.remove(c)
                 parent_dir = records[c.parent]["dir"] if c.parent else None
                 pending[backend.submit(c.to_dict(), str(root), parent_dir, threads)] = c
