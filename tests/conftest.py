@@ -50,3 +50,26 @@ def digits_badnet():
         ps, targets = art[key][0]
         ps.meta["targets"] = targets
     return clf, art, test
+
+
+@pytest.fixture(scope="session")
+def badnet(digits_badnet):
+    """The digits BadNet as a repair sees it: (clf, DefenderData of its clean validation split,
+    clean test set, [its poisoned test set]). Test files may define their own ``badnet``."""
+    from backdoorlab.poisoned import poisoned_set
+    from backdoorlab.repairs import DefenderData
+
+    clf, art, test = digits_badnet
+    ps, _ = art["poisoned_test"][0]
+    return clf, DefenderData(clean=art["valid"]), test, [poisoned_set(ps)]
+
+
+def net_state(clf) -> dict:
+    """A copy of a model's weights and buffers (to check a repair leaves the given model alone)."""
+    return {k: v.clone() for k, v in clf.net.state_dict().items()}
+
+
+def same_state(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

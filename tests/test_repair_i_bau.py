@@ -10,13 +10,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import net_state as state
+from conftest import same_state as same
 from torch import nn
 
 from backdoorlab.cli import main
 from backdoorlab.data import ImageSet
 from backdoorlab.data.csaw import write_csaw_h5
 from backdoorlab.models import Classifier, InputSpec, build, save_model
-from backdoorlab.poisoned import poisoned_set
 from backdoorlab.repairs import DefenderData, repair
 from backdoorlab.repairs.i_bau import (
     Options,
@@ -26,21 +27,6 @@ from backdoorlab.repairs.i_bau import (
     project,
     search_perturbation,
 )
-
-
-def state(clf):
-    return {k: v.clone() for k, v in clf.net.state_dict().items()}
-
-
-def same(a, b) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.fixture(scope="module")
-def badnet(digits_badnet):
-    clf, art, test = digits_badnet
-    ps, _ = art["poisoned_test"][0]
-    return clf, DefenderData(clean=art["valid"]), test, [poisoned_set(ps)]
 
 
 def test_defaults_lower_the_asr_at_small_accuracy_cost_and_keep_the_bound(badnet):
