@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -142,6 +143,28 @@ def test_keys_change_only_with_what_a_cell_depends_on():
     # seeds multiply the grid
     two = plan_cells(parse_experiment(doc(seeds=[0, 1])))
     assert len(two) == 4 and len({c.key for c in two}) == 4
+
+
+def test_data_fingerprint_follows_content_not_mtime_or_place(tmp_path):
+    from backdoorlab.experiment.cells import data_fingerprint
+
+    src = tmp_path / "a" / "G"
+    (src / "00000").mkdir(parents=True)
+    (src / "00000" / "x.ppm").write_bytes(b"P6 1 1 255 abc")
+    (src / "y.csv").write_text("f;1\n")
+    first = data_fingerprint(f"gtsrb:{src}")
+    # a copy elsewhere with fresh modification times is the same data
+    dst = tmp_path / "b" / "G"
+    shutil.copytree(src, dst)
+    os.utime(dst / "y.csv", (1, 1))
+    assert data_fingerprint(f"gtsrb:{dst}") == first
+    # one changed byte, or a renamed file, is not
+    (dst / "00000" / "x.ppm").write_bytes(b"P6 1 1 255 abd")
+    assert data_fingerprint(f"gtsrb:{dst}") != first
+    (dst / "00000" / "x.ppm").write_bytes(b"P6 1 1 255 abc")
+    assert data_fingerprint(f"gtsrb:{dst}") == first
+    (dst / "y.csv").rename(dst / "z.csv")
+    assert data_fingerprint(f"gtsrb:{dst}") != first
 
 
 def test_mean_std():
