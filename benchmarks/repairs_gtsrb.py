@@ -53,8 +53,10 @@ def collect(out: Path) -> tuple[dict, dict]:
 
 def schedule(res: dict) -> str:
     o = res.get("options", {})
-    keys = [k for k in ("epochs", "steps", "rounds", "iterations", "lr", "drop", "u") if k in o]
-    return ", ".join(f"{k} {o[k]}" for k in keys) + f"; {res['defender_data']['clean']:,} clean images"
+    keys = [k for k in ("epochs", "steps", "rounds", "iterations", "lr", "drop", "u")
+            if o.get(k) is not None]  # None: the method's own default (see `backdoorlab list -v`)
+    sched = ", ".join(f"{k} {o[k]}" for k in keys) or "defaults"
+    return f"{sched}; {res['defender_data']['clean']:,} clean images"
 
 
 def table(attack: str, seeds: dict, rows: list) -> str:

@@ -1,0 +1,134 @@
+"""`backdoorlab scan MODEL [--clean DATA]`: every registered model detector whose data needs are met,
+at its defaults, and one verdict.
+
+The rule (stated in the output): the model is reported backdoored when at least one detector
+flags a label; the suspected target is the label most detectors flag (ties: the first detector's,
+in registry order). Each detector's own verdict is printed beside it with its statistic, so a user
+sees which method says what. Data-free detectors (MM-BD) run without ``--clean``; detectors that
+need clean data run only when it is given (the output says which were skipped and why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+from backdoorlab.commands.common import (
+    LABEL,
+    add_data_options,
+    add_model_options,
+    add_out_option,
+    check_out,
+    load_data,
+    load_model_from_args,
+)
+from backdoorlab.errors import BadInput
+
+
+def combine(results: dict) -> tuple[bool, list[int]]:
+    """The scan's verdict from detector name → DetectResult: (backdoored, suspected targets, most
+    votes first)."""
+    votes: Counter[int] = Counter()
+    first: dict[int, int] = {}
+    for i, res in enumerate(results.values()):
+        for rank, y in enumerate(res.detection.flagged):
+            votes[y] += 1
+            first.setdefault(y, i * 1000 + rank)
+    order = sorted(votes, key=lambda y: (-votes[y], first[y]))
+    return bool(order), order
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    check_out(args, "scan")
+    from backdoorlab import registry
+    from backdoorlab.detectors import detect
+    from backdoorlab.evaluation import check_compatible
+    from backdoorlab.io import atomic_dir, write_json
+
+    wanted = args.detector or [m.name for m in registry.methods("model-detector")]
+    methods = [registry.get(n, "model-detector") for n in wanted]  # unknown names: exit 2 here
+    clean = load_data(args.clean, args, default_split="train") if args.clean else None
+    clf = load_model_from_args(args, clean if clean is not None and clean.labeled else None)
+    if clean is not None:
+        check_compatible(clf, clean, "clean data")
+    bad = [t for t in args.target or [] if t >= clf.num_classes]
+    if bad:
+        raise BadInput(f"--target {bad[0]}: out of range for a model with {clf.num_classes} classes")
+    runnable, skipped = [], {}
+    for m in methods:
+        if "clean" in m.needs and clean is None:
+            skipped[m.name] = "needs clean data (--clean)"
+        else:
+            runnable.append(m)
+    if not runnable:
+        raise BadInput("no detector can run on what was given: "
+                       + "; ".join(f"{k} {v}" for k, v in skipped.items()))
+    print(f"model:      {clf.describe()}")
+    given = f"{len(clean):,} clean images" if clean is not None else "none (data-free detectors only)"
+    print(f"data:       {given}")
+    results = {}
+    for m in runnable:
+        print(f"running     {m.name} ({m.paper}) …", flush=True)
+        results[m.name] = detect(m.name, clf, clean, None, args.target)
+    backdoored, targets = combine(results)
+    lines = [f"verdict:    {'BACKDOORED' if backdoored else 'no backdoor found'}"
+             + (f"; suspected target label(s) {', '.join(map(str, targets))}" if targets else ""),
+             "rule:       backdoored when any detector flags a label; the target is the label most "
+             "detectors flag"]
+    for name, res in results.items():
+        det = res.detection
+        stat = "—" if det.statistic is None else f"{det.statistic:.4g}"
+        said = "flags " + ", ".join(map(str, det.flagged)) if det.flagged else "no flag"
+        lines.append(f"  {name:<15} {said:<22} {det.statistic_name} {stat}; {res.seconds:.1f} s, "
+                     f"{res.passes:,} image passes")
+    for name, why in skipped.items():
+        lines.append(f"  {name:<15} skipped: {why}")
+    if args.target:
+        hit = bool(targets) and targets[0] in args.target
+        lines.append(f"target:     {'right' if hit else 'wrong or none'} (attack target(s) "
+                     f"{', '.join(map(str, args.target))})")
+    doc = {"kind": "scan", "backdoored": backdoored, "targets": targets,
+           "rule": "any detector flags; target by most votes",
+           "detectors": {k: v.to_dict() for k, v in results.items()}, "skipped": skipped,
+           "inputs": {"model": args.model, "clean": args.clean}}
+    out = Path(args.out)
+    with atomic_dir(out) as tmp:
+        from backdoorlab.defenses.neural_cleanse import write_triggers
+
+        for name, res in results.items():
+            if res.detection.triggers:
+                write_triggers(res.detection.triggers, tmp / f"triggers-{name}.npz")
+        (tmp / "summary.txt").write_text("\n".join(lines) + "\n")
+        write_json(tmp / "results.json", doc)
+    if args.json:
+        print(json.dumps({k: v for k, v in doc.items() if k != "detectors"}
+                         | {"detectors": {k: {"flagged": v.detection.flagged,
+                                              "statistic": v.detection.statistic,
+                                              "statistic_name": v.detection.statistic_name}
+                                          for k, v in results.items()}}, indent=2))
+    else:
+        print("\n".join(lines))
+    print(f"wrote {out}/ (results.json, summary.txt)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("scan", help="is a model backdoored? every model detector that fits the data "
+                       "given, one verdict",
+                       description="Run every registered model detector whose data needs are met "
+                       "(data-free ones without --clean) at its defaults and print one verdict, the "
+                       "suspected target label(s) and which detector says what.")
+    p.add_argument("model", metavar="MODEL", help=".safetensors model or Keras .h5")
+    p.add_argument("--clean", metavar="DATA", help="clean data the defender holds (optional: without "
+                   "it only data-free detectors run)")
+    p.add_argument("--detector", action="append", metavar="NAME",
+                   help="run only this detector (repeatable; default: all; see 'backdoorlab list')")
+    p.add_argument("--target", action="append", type=LABEL, metavar="LABEL",
+                   help="the attack's target, if known (only scores the answer; repeatable)")
+    p.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    add_out_option(p)
+    add_model_options(p)
+    add_data_options(p)
+    p.set_defaults(func=cmd_scan)
