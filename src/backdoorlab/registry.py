@@ -21,14 +21,20 @@ FAMILIES = {
               "method assumes them) → repaired model",
     "model-detector": "model + the defender's clean data → backdoored or not, suspected target "
                       "label(s), the method's statistic",
+    "input-detector": "model + the defender's clean data → a suspicion score per input; the threshold "
+                      "is set on clean data at a requested false-alarm rate (usable as a class-N filter)",
+    "data-inspector": "a labelled training set that may be poisoned + a model trained on it → a "
+                      "suspicion score per sample and the flagged samples",
 }
-PACKAGES = {"repair": "backdoorlab.repairs", "model-detector": "backdoorlab.detectors"}
+PACKAGES = {"repair": "backdoorlab.repairs", "model-detector": "backdoorlab.detectors",
+            "input-detector": "backdoorlab.input_detectors", "data-inspector": "backdoorlab.inspectors"}
 # what a method may need besides the model
 NEEDS = {
     "clean": "clean labelled data the defender holds",
     "poisoned": "backdoored inputs the defender holds",
     "backdoored": "backdoored inputs the defender holds, or reversed triggers stamped on clean images",
     "triggers": "reversed triggers (triggers.npz of `backdoorlab cleanse`) and the labels to use",
+    "training-set": "the labelled training set the model was trained on (possibly poisoned)",
 }
 
 
