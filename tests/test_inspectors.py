@@ -103,22 +103,25 @@ def test_activation_clustering_on_a_poisoned_training_set(poisoned):
     from backdoorlab.inspectors import inspect
 
     clf, data, truth, _ = poisoned
-    res = inspect("ac", clf, data, truth=truth)  # paper defaults: FastICA 10, 2-means, <= 0.35
+    res = inspect("ac", clf, data, truth=truth)  # PCA to 10, 2-means, relative size <= 0.35
     pc = res.inspection.per_class[TARGET]
     flagged0, hits0 = _in_target(res, data, truth)
-    # measured: label 0 split 47 / 154 (relative size 0.234), all 47 poisoned; recall 0.70,
-    # precision 0.31 (small clusters of clean labels 1, 5, 7 are flagged too)
-    assert pc["poisoned"] and pc["relative_size"] <= 0.35 and pc["ica_converged"]
+    # measured: label 0 split 44 / 157 (relative size 0.219), all 44 poisoned; recall 0.657,
+    # precision 0.253 (small clusters of the clean labels 1, 2, 4, 9 are flagged too)
+    assert pc["poisoned"] and pc["relative_size"] <= 0.35 and "ica_converged" not in pc
     assert TARGET in res.inspection.details["poisoned_labels"]
     assert hits0 >= 0.9 * flagged0 and flagged0 == pc["flagged"]
-    assert res.recall >= 0.6 and res.precision >= 0.2
+    assert res.recall >= 0.55 and res.precision >= 0.18
     assert -1.0 <= pc["silhouette"] <= 1.0
     s = res.inspection.scores
     assert np.all(s[res.inspection.flagged] >= 1 - 0.35) and s.min() >= 0 and s.max() < 1
-    pca = inspect("ac", clf, data, {"reduce": "pca"}, truth=truth)
-    # measured: 44 of label 0 flagged, all poisoned; recall 0.66
-    assert pca.inspection.per_class[TARGET]["poisoned"] and pca.recall >= 0.55
-    assert "ica_converged" not in pca.inspection.per_class[TARGET]
+    ica = inspect("ac", clf, data, {"reduce": "ica"}, truth=truth)  # the paper's FastICA, seed 0
+    pc = ica.inspection.per_class[TARGET]
+    flagged0, hits0 = _in_target(ica, data, truth)
+    # measured: 47 of label 0 flagged (relative size 0.234), all poisoned; recall 0.70, precision
+    # 0.31 (other ICA seeds: labels judged poisoned 1 to 5, precision 0.22 to 1.0)
+    assert pc["poisoned"] and pc["ica_converged"] and hits0 >= 0.9 * flagged0
+    assert ica.recall >= 0.6 and ica.precision >= 0.15
 
 
 # -- the family's helpers ---------------------------------------------------------------------------

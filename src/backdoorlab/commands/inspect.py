@@ -100,7 +100,8 @@ def _per_class_lines(res, labels: np.ndarray, truth: np.ndarray | None) -> list[
         n = ins.per_class.get(y, {}).get("n", int((labels == y).sum()))
         text = f"  label {y}: {counts[y]:,} of {n:,} flagged"
         if poisoned is not None:
-            text += f" ({hit[y]:,} of them poisoned; the class holds {poisoned[y]:,} poisoned)"
+            text += f" ({hit[y]:,} of them poisoned" + (f"; the class holds {poisoned[y]:,} poisoned)"
+                                                       if poisoned[y] else ")")
         if figures:
             text += "; " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                      for k, v in figures.items())
