@@ -190,3 +190,27 @@ def test_too_few_classes_refused():
                      channels_last=False)
     with pytest.raises(BadInput, match="at least 4 classes"):
         detect("mm-bd", clf, None)
+
+
+def test_list_says_it_needs_no_data(capsys):
+    assert main(["list", "--family", "model-detector"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    i = next(k for k, ln in enumerate(lines) if ln.strip().startswith("mm-bd "))
+    assert lines[i + 1].rstrip().endswith("needs no data (the model alone)")
+
+
+def test_run_cell_passes_no_clean_data_to_a_data_free_detector():
+    from pathlib import Path
+
+    from backdoorlab.experiment.cells import Cell, detect_args
+
+    files = {"model": "m.safetensors", "clean_valid": "v.h5"}
+    pres = {"files": files, "target": [0]}
+    args = {}
+    for method in ("mm-bd", "neural-cleanse"):
+        cell = Cell("k" * 16, f"x-{method}", "detect", "a", method, 0,
+                    {"method": method, "options": {}, "family": "model-detector"}, "p")
+        args[method] = detect_args(cell, Path("parent"), Path("out"), pres)
+    assert "--clean" not in args["mm-bd"]
+    assert args["neural-cleanse"][args["neural-cleanse"].index("--clean") + 1] == str(
+        Path("parent") / "v.h5")

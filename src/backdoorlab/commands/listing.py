@@ -20,7 +20,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{family}: {registry.FAMILIES[family]}")
         for m in group:
             print(f"  {m.name:14s} {m.summary}")
-            print(f"  {'':14s} {m.paper}; needs {', '.join(m.needs)}")
+            print(f"  {'':14s} {m.paper}; needs {', '.join(m.needs) or 'no data (the model alone)'}")
             if args.verbose:
                 if m.paper_setting:
                     print(f"  {'':14s} paper's setting: {m.paper_setting}")

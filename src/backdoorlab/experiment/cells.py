@@ -206,9 +206,9 @@ def detect_args(cell: Cell, model_dir: Path, out: Path, pres: dict) -> list[str]
     if "seed" in {i.name for i in infos(method.options)}:
         opts["seed"] = cell.seed
     targets = [x for t in attack_targets(pres) for x in ("--target", str(t))]
-    return ["detect", method.name, str(model_dir / files["model"]), "--clean",
-            str(model_dir / files["clean_valid"]), *targets, *to_flags(method.options, opts),
-            "--out", str(out)]
+    clean = ["--clean", str(model_dir / files["clean_valid"])] if "clean" in method.needs else []
+    return ["detect", method.name, str(model_dir / files["model"]), *clean, *targets,
+            *to_flags(method.options, opts), "--out", str(out)]
 
 
 def repair_args(cell: Cell, model_dir: Path, out: Path, pres: dict, scan_dir: Path | None = None
