@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from backdoorlab.defenses.nc_mitigation import make_filter, mitigate, stamped
+from backdoorlab.defenses.nc_mitigation import make_filter, mitigate, stamped, within_drop
 from backdoorlab.errors import BadInput
 from backdoorlab.models import load_model, save_model
 from backdoorlab.train import TrainConfig
@@ -82,3 +82,17 @@ def test_cleanse_cli_mitigate(tmp_path, setup, capsys):
     assert res["kind"] == "mitigate" and [m["method"] for m in res["methods"]][1:] == ["neuron pruning",
                                                                                        "input filter"]
     assert (out / "mitigation" / "filter.safetensors").is_file()
+
+
+def test_within_drop_judges_the_budget_by_evidence():
+    # 30 held-back images, all right before unlearning, a 2-point budget: under Binomial(30, 0.98)
+    # P(X <= 28) = 0.12 (no evidence of a larger drop) and P(X <= 27) = 0.022 (evidence)
+    assert within_drop(1.0, 1.0, 30, 2.0)
+    assert within_drop(28 / 30, 1.0, 30, 2.0)
+    assert not within_drop(27 / 30, 1.0, 30, 2.0)
+    # on 10,000 images the test approaches the plain cut-off at max_drop points
+    assert within_drop(0.975, 0.99, 10_000, 2.0)
+    assert not within_drop(0.96, 0.99, 10_000, 2.0)
+    # a rise is always within budget; a zero budget still tolerates no evident drop
+    assert within_drop(0.99, 0.9, 50, 0.0)
+    assert not within_drop(0.5, 1.0, 50, 0.0)

@@ -80,6 +80,19 @@ def stamped(data: ImageSet, triggers: dict[int, tuple[np.ndarray, np.ndarray]],
             np.concatenate(ts))
 
 
+def within_drop(acc: float, base: float, n: int, max_drop: float, alpha: float = 0.05) -> bool:
+    """Whether an accuracy ``acc`` measured on ``n`` images is consistent with a drop of at most
+    ``max_drop`` points from ``base``: False only when P(X <= correct) < ``alpha`` for X ~
+    Binomial(n, base - max_drop / 100), i.e. when the images give evidence of a larger drop.
+    Sampling noise of ``base`` itself is ignored (it is measured on the same images)."""
+    from scipy.stats import binom
+
+    if acc >= base - max_drop / 100 - 1e-12:
+        return True
+    p0 = min(max(base - max_drop / 100, 0.0), 1.0)
+    return bool(binom.cdf(int(round(acc * n)), n, p0) >= alpha)
+
+
 def unlearn(clf: Classifier, valid: ImageSet, triggers: dict, labels: list[int], share: float = 0.2,
             cfg: TrainConfig | None = None, seed: int = 0, select_fraction: float = 0.2,
             max_drop: float = 2.0) -> tuple[Classifier, dict]:
@@ -88,9 +101,11 @@ def unlearn(clf: Classifier, valid: ImageSet, triggers: dict, labels: list[int],
 
     A seeded ``select_fraction`` of ``valid`` is held back and picks the epoch to keep (the given
     model, epoch 0, included): the lowest reversed-trigger success on the held-back images stamped
-    with the triggers, among the epochs whose held-back clean accuracy is at most ``max_drop``
-    points (plus one held-back image, the resolution of a small set) below the given model's (the
-    given model always qualifies, so a repair that only costs accuracy is not kept). Unlearning
+    with the triggers, among the epochs whose held-back clean accuracy is not significantly below
+    the given model's minus ``max_drop`` points (`within_drop`: a one-sided binomial test at 5 %,
+    so that on a few dozen held-back images, where one image is several points, the budget is
+    judged by evidence rather than by one or two images; on thousands it is about ``max_drop``).
+    The given model always qualifies, so a repair that only costs accuracy is not kept. Unlearning
     moves clean accuracy by several points from one epoch to the next, so the last epoch is no
     safe choice. Returns (model, details: per-epoch held-back figures, the kept epoch, sizes)."""
     cfg = cfg or TrainConfig(epochs=10, lr=5e-4, batch_size=64, schedule="none", seed=seed)
@@ -111,7 +126,7 @@ def unlearn(clf: Classifier, valid: ImageSet, triggers: dict, labels: list[int],
         asr = float((tuned.predict(check.images) == targets).mean())
         if not base:  # the first call scores the model as given
             base.append(acc)
-        ok = base[0] - acc <= max_drop / 100 + 1 / len(y_select) + 1e-9  # one image is never a drop
+        ok = within_drop(acc, base[0], len(y_select), max_drop)
         # inside the accuracy budget: lower trigger success first, then accuracy; outside: accuracy
         return (2.0 - asr + 1e-3 * acc if ok else acc - 1.0), {"select_accuracy": acc,
                                                                    "select_trigger_asr": asr}

@@ -6,8 +6,10 @@ The paper stamps 20 % of its fine-tuning images and tunes one epoch on 10 % of t
 with the few thousand images a defender usually holds, one epoch moves little, and clean accuracy
 swings by several points between epochs. So this runs up to ``epochs`` epochs and keeps the one
 (the given model included) with the lowest reversed-trigger success on a held-back share of the
-clean data, among those within ``max_drop`` points of the given model's held-back accuracy. The
-test data are never looked at."""
+clean data, among those whose held-back accuracy is not significantly (one-sided binomial test,
+5 %) below the given model's minus ``max_drop`` points — on the few dozen images a small
+defender holds back, one image is several points, so a fixed cut-off would judge by one image.
+The test data are never looked at."""
 
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ class Options:
     batch_size: int = opt(64, "batch size", low=1)
     select_fraction: float = opt(0.2, "share of the clean data held back to pick the epoch", low=0,
                                  high=1, low_open=True, high_open=True)
-    max_drop: float = opt(2.0, "keep only epochs within this many points of the given model's held-back "
-                          "accuracy", low=0, high=100)
+    max_drop: float = opt(2.0, "keep only epochs not significantly more than this many points below the "
+                          "given model's held-back accuracy", low=0, high=100)
     seed: int = opt(0, "seed", low=0)
 
 
