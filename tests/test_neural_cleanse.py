@@ -258,13 +258,19 @@ def test_the_registered_detector_gives_the_scans_numbers(backdoored, scan_full, 
 
     clf, clean = backdoored
     assert registry.get("neural-cleanse").family == "model-detector"
-    res = detect("neural-cleanse", clf, clean, {"mode": "full", "images": 256, "steps": 100, "batch": 32},
-                 targets=[TARGET])
+    opts = {"mode": "full", "images": 256, "steps": 100, "batch": 32}
+    # the paper's rule (a fixed index of 2) gives the scan's own flags
+    paper = detect("neural-cleanse", clf, clean, {**opts, "threshold": 2.0}).detection
+    assert paper.flagged == scan_full.flagged and paper.backdoored == bool(scan_full.flagged)
+    assert paper.statistic == max(paper.scores.values())
+    # the default verdict is the model-level p-value of the top index at alpha 0.05
+    res = detect("neural-cleanse", clf, clean, opts, targets=[TARGET])
     det = res.detection
-    assert det.flagged == scan_full.flagged
     assert det.scores == {r.label: r.anomaly_index for r in scan_full.labels}
-    assert det.backdoored == bool(scan_full.flagged) and det.statistic == max(det.scores.values())
-    assert res.right_target == (bool(scan_full.flagged) and scan_full.flagged[0] == TARGET)
+    assert det.p_value == det.statistic == scan_full.p_value == min(scan_full.label_p_values.values())
+    assert det.flagged == [y for y in scan_full.flagged if scan_full.label_p_values[y] < 0.05]
+    assert det.backdoored == (scan_full.p_value < 0.05)
+    assert res.right_target == (bool(det.flagged) and det.flagged[0] == TARGET)
     assert res.passes > 0 and sorted(det.triggers) == sorted(scan_full.triggers)
     save_model(clf, tmp_path / "m.safetensors")
     write_csaw_h5(clean, tmp_path / "clean.h5")
@@ -274,7 +280,7 @@ def test_the_registered_detector_gives_the_scans_numbers(backdoored, scan_full, 
     assert main([*argv, "--out", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
     r = json.loads((tmp_path / "d" / "results.json").read_text())
-    assert r["kind"] == "detect" and r["flagged"] == scan_full.flagged and "verdict:" in out
+    assert r["kind"] == "detect" and r["flagged"] == det.flagged and "verdict:" in out
     assert main(["repair", "nc-unlearn", model, "--valid", data,
                  "--triggers", str(tmp_path / "d" / "triggers.npz"), "--trigger-labels", "0",
                  "--epochs", "1", "--out", str(tmp_path / "r")]) == 0

@@ -117,3 +117,22 @@ def test_null_flag_rate_bad_sizes():
         null_flag_rate(0)
     with pytest.raises(BadInput):
         null_flag_rate(10, n_reference=11)
+
+
+def test_null_p_value_is_calibrated_on_backdoor_free_scans():
+    from backdoorlab.defenses.outliers import null_flag_rate, null_p_value
+
+    thr5 = null_flag_rate(43, None).threshold_5pct
+    assert abs(null_p_value(thr5, 43) - 0.05) < 0.002
+    ps = null_p_value([1.0, 2.0, 3.0, 5.0, math.inf], 43)
+    assert ps == sorted(ps, reverse=True) and ps[-1] == 1 / 20001 and null_p_value(-1.0, 43) == 1.0
+    # scans of backdoor-free networks drawn independently of the null's own simulation: about 5 %
+    # of their model-level p-values fall below 0.05
+    rng = np.random.default_rng(123)
+    tops = []
+    for _ in range(2000):
+        x = rng.normal(50, 8, 43)
+        r = detect_outliers(dict(enumerate(x)))
+        tops.append(max(r.index))
+    rate = np.mean(np.asarray(null_p_value(tops, 43)) < 0.05)
+    assert 0.035 < rate < 0.065

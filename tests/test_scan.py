@@ -5,20 +5,33 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from backdoorlab.cli import main
-from backdoorlab.commands.scan import combine
+from backdoorlab.detectors import verdict
 
 
-def _res(flagged):
-    return SimpleNamespace(detection=SimpleNamespace(flagged=flagged))
+def _res(flagged, p=None, backdoored=None):
+    return SimpleNamespace(detection=SimpleNamespace(
+        flagged=flagged, p_value=p, backdoored=bool(flagged) if backdoored is None else backdoored))
 
 
-def test_combine_votes_then_detector_order():
-    assert combine({"a": _res([]), "b": _res([])}) == (False, [])
-    assert combine({"a": _res([3]), "b": _res([])}) == (True, [3])
-    # label 5 is flagged by both detectors: it leads; then a's own order
-    assert combine({"a": _res([2, 5]), "b": _res([5])}) == (True, [5, 2])
+def test_verdict_votes_then_detector_order():
+    v = verdict({"a": _res([], 0.5), "b": _res([], 0.3)})
+    assert (v.backdoored, v.targets, v.significant) == (False, [], [])
+    assert verdict({"a": _res([3], 0.001), "b": _res([], 0.4)}).targets == [3]
+    # label 5 is flagged by both significant detectors: it leads; then a's own order
+    assert verdict({"a": _res([2, 5], 0.001), "b": _res([5], 0.002)}).targets == [5, 2]
     # a tie in votes goes to the first detector's first flag
-    assert combine({"a": _res([7]), "b": _res([1])}) == (True, [7, 1])
+    assert verdict({"a": _res([7], 0.001), "b": _res([1], 0.001)}).targets == [7, 1]
+
+
+def test_verdict_is_bonferroni_over_the_detectors_run():
+    # p = 0.03 is significant alone (0.05) but not beside a second detector (0.025)
+    assert verdict({"a": _res([4], 0.03)}).backdoored
+    two = verdict({"a": _res([4], 0.03), "b": _res([], 0.9)})
+    assert not two.backdoored and two.targets == [] and two.level == 0.025
+    assert "0.025" in two.rule
+    # a detector without a p-value counts by its own verdict
+    assert verdict({"a": _res([6], None), "b": _res([], 0.9)}).targets == [6]
+    assert not verdict({"a": _res([], None, False)}).backdoored
 
 
 def test_scan_refuses_before_any_work(tmp_path, capsys, digits_badnet):

@@ -101,7 +101,8 @@ def write_tables(result, out: Path) -> None:
                   + ", ".join(f"{r.label} ({r.screen_norm:.1f})" for r in screened[:10]) + "."]
     lines += ["", f"Flagged labels: {', '.join(map(str, result.flagged)) or 'none'}.", ""]
     if result.null_flag_rate is not None:
-        lines += [null_note(result.null_flag_rate, result.null_threshold_5pct, result.threshold), ""]
+        lines += [null_note(result.null_flag_rate, result.null_threshold_5pct, result.threshold,
+                            result.p_value), ""]
     with atomic_path(out / "table.md") as tmp:
         tmp.write_text("\n".join(lines))
 
@@ -182,7 +183,7 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
     else:
         print(f"no label flagged (anomaly index > {res.threshold:.3g})")
     if res.null_flag_rate is not None:
-        print(null_note(res.null_flag_rate, res.null_threshold_5pct, res.threshold))
+        print(null_note(res.null_flag_rate, res.null_threshold_5pct, res.threshold, res.p_value))
     print(f"outputs: {out}/ (table.md, table.csv, norms.png, smallest.png, masks/, triggers.npz, "
           "results.json, state/)")
     if plan is not None:

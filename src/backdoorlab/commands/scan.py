@@ -1,9 +1,11 @@
 """`backdoorlab scan MODEL [--clean DATA]`: every registered model detector whose data needs are met,
 at its defaults, and one verdict.
 
-The rule (stated in the output): the model is reported backdoored when at least one detector
-flags a label; the suspected target is the label most detectors flag (ties: the first detector's,
-in registry order). Each detector's own verdict is printed beside it with its statistic, so a user
+The rule (stated in the output, `backdoorlab.detectors.verdict`): the model is reported backdoored
+when at least one detector's model-level p-value is below 0.05 divided by the number of detectors
+run (Bonferroni: at most 5 % false alarms on backdoor-free models when the p-values are valid);
+the suspected target is the label most of those detectors flag (ties: the first detector's, in
+registry order). Each detector's own verdict is printed beside it with its statistic, so a user
 sees which method says what. Data-free detectors (MM-BD) run without ``--clean``; detectors that
 need clean data run only when it is given (the output says which were skipped and why).
 """
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 from pathlib import Path
 
 from backdoorlab.commands.common import (
@@ -27,23 +28,10 @@ from backdoorlab.commands.common import (
 from backdoorlab.errors import BadInput
 
 
-def combine(results: dict) -> tuple[bool, list[int]]:
-    """The scan's verdict from detector name → DetectResult: (backdoored, suspected targets, most
-    votes first)."""
-    votes: Counter[int] = Counter()
-    first: dict[int, int] = {}
-    for i, res in enumerate(results.values()):
-        for rank, y in enumerate(res.detection.flagged):
-            votes[y] += 1
-            first.setdefault(y, i * 1000 + rank)
-    order = sorted(votes, key=lambda y: (-votes[y], first[y]))
-    return bool(order), order
-
-
 def cmd_scan(args: argparse.Namespace) -> int:
     check_out(args, "scan")
     from backdoorlab import registry
-    from backdoorlab.detectors import detect
+    from backdoorlab.detectors import detect, verdict
     from backdoorlab.evaluation import check_compatible
     from backdoorlab.io import atomic_dir, write_json
 
@@ -72,25 +60,27 @@ def cmd_scan(args: argparse.Namespace) -> int:
     for m in runnable:
         print(f"running     {m.name} ({m.paper}) …", flush=True)
         results[m.name] = detect(m.name, clf, clean, None, args.target)
-    backdoored, targets = combine(results)
+    ver = verdict(results)
+    backdoored, targets = ver.backdoored, ver.targets
     lines = [f"verdict:    {'BACKDOORED' if backdoored else 'no backdoor found'}"
              + (f"; suspected target label(s) {', '.join(map(str, targets))}" if targets else ""),
-             "rule:       backdoored when any detector flags a label; the target is the label most "
-             "detectors flag"]
+             f"rule:       {ver.rule}"]
     for name, res in results.items():
         det = res.detection
         stat = "—" if det.statistic is None else f"{det.statistic:.4g}"
-        said = "flags " + ", ".join(map(str, det.flagged)) if det.flagged else "no flag"
-        lines.append(f"  {name:<15} {said:<22} {det.statistic_name} {stat}; {res.seconds:.1f} s, "
-                     f"{res.passes:,} image passes")
+        said = ("label " if len(det.flagged) == 1 else "labels ") + ", ".join(map(str, det.flagged)) \
+            if det.flagged else "no label"
+        sig = "significant" if name in ver.significant else "not significant"
+        lines.append(f"  {name:<15} flags {said:<16} {det.statistic_name} {stat} ({sig}); "
+                     f"{res.seconds:.1f} s, {res.passes:,} image passes")
     for name, why in skipped.items():
         lines.append(f"  {name:<15} skipped: {why}")
     if args.target:
         hit = bool(targets) and targets[0] in args.target
         lines.append(f"target:     {'right' if hit else 'wrong or none'} (attack target(s) "
                      f"{', '.join(map(str, args.target))})")
-    doc = {"kind": "scan", "backdoored": backdoored, "targets": targets,
-           "rule": "any detector flags; target by most votes",
+    doc = {"kind": "scan", "backdoored": backdoored, "targets": targets, "rule": ver.rule,
+           "alpha": ver.alpha, "level": ver.level, "significant": ver.significant,
            "detectors": {k: v.to_dict() for k, v in results.items()}, "skipped": skipped,
            "inputs": {"model": args.model, "clean": args.clean}}
     out = Path(args.out)
@@ -106,7 +96,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in doc.items() if k != "detectors"}
                          | {"detectors": {k: {"flagged": v.detection.flagged,
                                               "statistic": v.detection.statistic,
-                                              "statistic_name": v.detection.statistic_name}
+                                              "statistic_name": v.detection.statistic_name,
+                                              "p_value": v.detection.p_value}
                                           for k, v in results.items()}}, indent=2))
     else:
         print("\n".join(lines))

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from backdoorlab.data.imageset import ImageSet
-from backdoorlab.defenses.outliers import detect_outliers, null_flag_rate
+from backdoorlab.defenses.outliers import detect_outliers, null_flag_rate, null_p_value
 from backdoorlab.errors import BadInput
 from backdoorlab.io import atomic_path, write_json
 from backdoorlab.models.classifier import Classifier
@@ -214,7 +214,10 @@ class CleanseResult:
     one flagged label in a scan of this shape (number of labels, reference sample, suspects,
     threshold), under normally distributed norms; ``null_threshold_5pct``: the anomaly index that
     such a network's most anomalous label exceeds only 5 % of the time (see
-    `backdoorlab.defenses.outliers.null_flag_rate`). ``triggers``: label → (mask H×W, pattern
+    `backdoorlab.defenses.outliers.null_flag_rate`). ``p_value``: the model-level p-value, the
+    chance that such a network's most anomalous label reaches this scan's top anomaly index
+    (`backdoorlab.defenses.outliers.null_p_value`); ``label_p_values``: the same for each fully
+    optimised label's own index. ``triggers``: label → (mask H×W, pattern
     H×W×C), float32 in [0, 1], for every fully optimised label (not in the JSON; see
     `save_triggers`).
     """
@@ -238,6 +241,8 @@ class CleanseResult:
     model: str = ""
     null_flag_rate: float | None = None
     null_threshold_5pct: float | None = None
+    p_value: float | None = None
+    label_p_values: dict[int, float] = field(default_factory=dict)
     triggers: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def label(self, y: int) -> LabelResult:
@@ -755,15 +760,14 @@ def neural_cleanse(clf: Classifier, clean: ImageSet, config: NCConfig | None = N
     # ---- detection ----
     screened = cfg.mode == "fast" and bool(suspects)  # median/MAD from the random reference only
     asked = None if cfg.threshold == "auto" else float(cfg.threshold)
-    if screened:
-        null = null_flag_rate(len(labels), asked, len(reference), len(suspects), seed=cfg.seed)
-    else:
-        null = null_flag_rate(len(full_labels), asked, seed=cfg.seed)
+    shape = (len(labels), len(reference), len(suspects)) if screened else (len(full_labels), None, 0)
+    null = null_flag_rate(shape[0], asked, shape[1], shape[2], seed=cfg.seed)
     norms = {y: results[y].norm for y in full_labels}
     out = detect_outliers(norms, null.threshold, cfg.top_k, reference=reference if screened else None)
     for y, ix in zip(out.keys, out.index, strict=True):
         results[y].anomaly_index = ix
         results[y].flagged = ix > null.threshold
+    label_p = dict(zip(out.keys, null_p_value(out.index, *shape, seed=cfg.seed), strict=True))
     total = passes_before + scanner.passes
     return CleanseResult(
         mode=cfg.mode, labels=[results[y] for y in sorted(results)], flagged=out.flagged,
@@ -772,7 +776,7 @@ def neural_cleanse(clf: Classifier, clean: ImageSet, config: NCConfig | None = N
         passes_this_run=scanner.passes, eval_passes=scanner.eval_passes,
         seconds=time.perf_counter() - t0, num_images=n, input_scale=clf.spec.scale,
         model=clf.describe(), null_flag_rate=null.rate, null_threshold_5pct=null.threshold_5pct,
-        triggers=triggers)
+        p_value=min(label_p.values()) if label_p else None, label_p_values=label_p, triggers=triggers)
 
 
 def _store_full(results: dict[int, LabelResult], y: int, rec: dict, resumed: bool) -> None:

@@ -129,18 +129,9 @@ class NullFlagRate:
     draws: int
 
 
-def null_flag_rate(n_labels: int, threshold: float | None = 2.0, n_reference: int | None = None,
-                   n_suspects: int = 0, draws: int = 20000, seed: int = 0) -> NullFlagRate:
-    """Chance that the MAD test flags at least one of ``n_labels`` labels when none is a backdoor.
-
-    Model: the labels' mask norms are independent normal draws (the natural spread of a clean
-    network's norms; on our clean GTSRB model a Shapiro-Wilk test does not reject normality). The
-    median and MAD come from ``n_reference`` of them (None: all ``n_labels``, as in full mode).
-    With ``n_suspects > 0`` (Neural Cleanse's fast mode) the labels outside the reference sample
-    are screened and the most suspicious ones tested too; the simulation assumes the screen finds
-    the smallest of them, which can only raise the rate. Deterministic for a given ``seed``.
-    ``threshold=None`` uses ``threshold_5pct`` itself as the threshold (rate ≈ 0.05).
-    """
+def _null_tops(n_labels: int, n_reference: int | None, n_suspects: int, draws: int,
+               seed: int) -> np.ndarray:
+    """Simulated anomaly index of the most anomalous label in ``draws`` backdoor-free scans."""
     n_ref = n_labels if n_reference is None else n_reference
     if n_labels < 1 or not 1 <= n_ref <= n_labels or n_suspects < 0 or draws < 1:
         raise BadInput(f"null_flag_rate: bad sizes (labels {n_labels}, reference {n_ref}, "
@@ -158,16 +149,51 @@ def null_flag_rate(n_labels: int, threshold: float | None = 2.0, n_reference: in
         other_min = torch.special.ndtri(torch.from_numpy(p)).numpy()
         lowest = np.minimum(lowest, other_min)
     with np.errstate(divide="ignore", invalid="ignore"):
-        top = np.where(mad > 0, (med - lowest) / (CONSISTENCY * mad),
-                       np.where(med > lowest, math.inf, 0.0))
+        return np.where(mad > 0, (med - lowest) / (CONSISTENCY * mad),
+                        np.where(med > lowest, math.inf, 0.0))
+
+
+def null_flag_rate(n_labels: int, threshold: float | None = 2.0, n_reference: int | None = None,
+                   n_suspects: int = 0, draws: int = 20000, seed: int = 0) -> NullFlagRate:
+    """Chance that the MAD test flags at least one of ``n_labels`` labels when none is a backdoor.
+
+    Model: the labels' mask norms are independent normal draws (the natural spread of a clean
+    network's norms; on our clean GTSRB model a Shapiro-Wilk test does not reject normality). The
+    median and MAD come from ``n_reference`` of them (None: all ``n_labels``, as in full mode).
+    With ``n_suspects > 0`` (Neural Cleanse's fast mode) the labels outside the reference sample
+    are screened and the most suspicious ones tested too; the simulation assumes the screen finds
+    the smallest of them, which can only raise the rate. Deterministic for a given ``seed``.
+    ``threshold=None`` uses ``threshold_5pct`` itself as the threshold (rate ≈ 0.05).
+    """
+    top = _null_tops(n_labels, n_reference, n_suspects, draws, seed)
     thr5 = float(np.quantile(top, 0.95))
     thr = thr5 if threshold is None else float(threshold)
     return NullFlagRate(rate=float(np.mean(top > thr)), threshold=thr, threshold_5pct=thr5,
                         draws=int(draws))
 
 
-def null_note(rate: float, thr5: float, threshold: float) -> str:
-    """One sentence on how often a backdoor-free network would show a flag in this scan."""
-    return (f"Chance of at least one flag on a network without a backdoor (scan of this shape, "
+def null_p_value(top_index, n_labels: int, n_reference: int | None = None, n_suspects: int = 0,
+                 draws: int = 20000, seed: int = 0):
+    """Model-level p-value of a scan: the chance that the most anomalous label of a backdoor-free
+    network (the Gaussian null of `null_flag_rate`, same scan shape) has an anomaly index of at
+    least ``top_index``. Monte Carlo with the add-one rule, so it is never below 1 / (draws + 1).
+    A small value says the label is too anomalous to be the extreme of ``n_labels`` ordinary
+    labels — the question the per-label threshold of 2 does not answer. ``top_index`` may be a
+    sequence (one p-value each, from the same simulated scans)."""
+    x = np.asarray(top_index, dtype=np.float64)
+    top = np.sort(_null_tops(n_labels, n_reference, n_suspects, draws, seed))
+    exceed = top.size - np.searchsorted(top, np.nan_to_num(x, nan=-math.inf), side="left")
+    p = (1 + exceed) / (draws + 1)
+    return float(p) if p.ndim == 0 else p.tolist()
+
+
+def null_note(rate: float, thr5: float, threshold: float, p_value: float | None = None) -> str:
+    """One sentence on how often a backdoor-free network would show a flag in this scan (and, given
+    ``p_value``, how likely its top index is for such a network)."""
+    text = (f"Chance of at least one flag on a network without a backdoor (scan of this shape, "
             f"normally distributed norms): {rate:.0%} at threshold {threshold:.3g}; an index above "
             f"{thr5:.2f} happens by chance in 5 % of such networks.")
+    if p_value is not None:
+        text += (f" This scan's most anomalous label: p = {p_value:.3g} (model-level; below 0.05 "
+                 "= a backdoor at the 5 % level).")
+    return text

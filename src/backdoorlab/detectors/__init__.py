@@ -25,8 +25,11 @@ if TYPE_CHECKING:  # the CLI builds its parser from the registry without importi
 class Detection:
     """A detector's answer. ``scores``: one per label, larger = more suspicious (Neural Cleanse:
     the anomaly index). ``flagged``: suspected target labels, most suspicious first; ``backdoored``
-    the model-level verdict, with ``statistic`` (named by ``statistic_name``). ``triggers``: label
-    → (mask H×W, pattern H×W×C) in [0, 1], for methods that reverse-engineer triggers."""
+    the model-level verdict, with ``statistic`` (named by ``statistic_name``); ``p_value``: the
+    verdict's p-value where the method has one (the chance of a statistic at least this extreme on
+    a backdoor-free model, under the method's null), which `scan` combines across detectors.
+    ``triggers``: label → (mask H×W, pattern H×W×C) in [0, 1], for methods that reverse-engineer
+    triggers."""
 
     scores: dict[int, float]
     flagged: list[int]
@@ -36,6 +39,7 @@ class Detection:
     triggers: dict = field(default_factory=dict, repr=False)
     details: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    p_value: float | None = None
 
 
 @dataclass
@@ -79,3 +83,43 @@ def detect(name: str, clf: Classifier, clean: ImageSet, options: Any = None,
         det = method.run(clf, clean, options)
     return DetectResult(name, asdict(options), det, round(time.perf_counter() - t0, 2), passes.images,
                         list(targets) if targets is not None else None)
+
+
+@dataclass
+class Verdict:
+    """`scan`'s one answer from several detectors. ``backdoored`` when at least one detector is
+    significant at ``alpha / len(detectors)`` (Bonferroni, so a backdoor-free model is reported
+    backdoored with probability at most ``alpha`` when each detector's p-value is valid); a detector
+    without a p-value counts by its own verdict. ``targets``: the labels the significant detectors
+    flag, most votes first (ties: the first detector's order). ``significant``: detector names."""
+
+    backdoored: bool
+    targets: list[int]
+    alpha: float
+    level: float
+    significant: list[str]
+    rule: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def verdict(results: dict[str, DetectResult], alpha: float = 0.05) -> Verdict:
+    """Combine detector name → `DetectResult` into one `Verdict` (see there for the rule)."""
+    from collections import Counter
+
+    level = alpha / max(1, len(results))
+    significant = [name for name, r in results.items()
+                   if (r.detection.p_value < level if r.detection.p_value is not None
+                       else r.detection.backdoored)]
+    votes: Counter[int] = Counter()
+    first: dict[int, int] = {}
+    for i, name in enumerate(significant):
+        for rank, y in enumerate(results[name].detection.flagged):
+            votes[y] += 1
+            first.setdefault(y, i * 100_000 + rank)
+    targets = sorted(votes, key=lambda y: (-votes[y], first[y]))
+    rule = (f"backdoored when a detector's model-level p-value is below {alpha:g} / "
+            f"{max(1, len(results))} detector(s) = {level:.3g} (Bonferroni: at most {alpha:.0%} false "
+            "alarms on backdoor-free models); the target is the label most significant detectors flag")
+    return Verdict(bool(significant), targets, alpha, level, significant, rule)

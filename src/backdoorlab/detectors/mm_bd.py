@@ -129,7 +129,8 @@ def run(clf, clean, o: Options) -> Detection:
                "exponent": k - 1, "top": [int(i) for i in order[:10]],
                "sequential_p_values": sequential_p_values(margins, 5), **sched}
     return Detection({i: float(m) for i, m in enumerate(margins)}, flagged, bool(flagged),
-                     float(res["p_value"]), STATISTIC_NAME, {}, details, notes)
+                     float(res["p_value"]), STATISTIC_NAME, {}, details, notes,
+                     p_value=float(res["p_value"]))
 
 
 # -- step 1: the maximum margin of every class ------------------------------------------------------

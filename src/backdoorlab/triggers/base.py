@@ -155,7 +155,11 @@ def parse_position(raw: str, where: str) -> str | tuple[int, int]:
     raw = raw.strip().lower()
     if raw in ("br", "bl", "tr", "tl"):
         return raw
-    x, y = parse_ints(raw, "pos", where, count=2)
+    try:
+        x, y = parse_ints(raw, "pos", where, count=2)
+    except BadInput:
+        raise BadInput(f"{where}: pos must be a corner (br, bl, tr, tl) or x;y (column;row of the "
+                       f"top-left pixel), got {raw!r}") from None
     return (x, y)
 
 
