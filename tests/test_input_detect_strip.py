@@ -109,6 +109,11 @@ def test_batched_scores_equal_the_one_input_loop(digits_badnet):
         np.testing.assert_allclose(s, ref, rtol=0, atol=1e-5)
     # float input in [0, 1] is read as pixels/255: the same scores
     np.testing.assert_allclose(score(x.astype(np.float32) / 255.0), ref, rtol=0, atol=1e-5)
+    # the authors' superimposition (add, clip at 255): batched = loop, and not the mix's scores
+    add = m.run(clf, art["valid"], m.options(superimpose="add", batch=250)).score
+    ref_add = loop_scores(clf, x, add.pool, add.draws(len(x)), mode="add")
+    np.testing.assert_allclose(add(x), ref_add, rtol=0, atol=1e-5)
+    assert np.abs(ref_add - ref).max() > 1e-2
 
 
 @pytest.fixture(scope="module")

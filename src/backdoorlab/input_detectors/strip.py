@@ -22,11 +22,12 @@ What the numbers mean: the score is −H̄ with H̄ in [0, log2(classes)] bits; 
 sits well above 0 bits, a trojaned one near 0. The detection rate is the share of poisoned inputs
 scoring above the threshold set at the requested false-alarm rate (the paper's FRR) on clean data.
 
-Where we differ from the paper: (1) the blend weights — the paper says "linear blend" of the
-input and a clean image without giving weights; we use equal weights, ``(1 - alpha)·x +
+Where we differ from the paper: (1) the blend — the paper says "linear blend" of the input and a
+clean image without giving weights. ``superimpose = "mix"`` (the default) uses ``(1 - alpha)·x +
 alpha·overlay`` with ``alpha = 0.5``, in pixel space (0-255, then the network's own input
-mapping). Public re-implementations that follow the authors' code instead add the two images with
-weight 1 each and clip, which keeps a bright patch trigger at full strength; ours halves it.
+mapping); ``superimpose = "add"`` follows the authors' released code (OpenCV ``addWeighted`` with
+weights 1 and 1: ``min(x + overlay, 255)``), which keeps a bright trigger at full strength where
+the mix halves it, but saturates bright images.
 (2) The threshold: the paper fits a normal distribution to the clean entropies and takes its
 FRR percentile; the family uses the empirical quantile of clean scores on a held-back part of the
 clean data. (3) The paper draws the overlays from held-out test images; here they come from the
@@ -61,6 +62,8 @@ class Options:
                       low=1, high=10_000)
     alpha: float = opt(0.5, "weight of the clean overlay in the linear blend (0.5 = equal weights)",
                        low=0, high=1, low_open=True, high_open=True)
+    superimpose: str = opt("mix", "mix = (1 - alpha)·input + alpha·overlay; add = input + overlay "
+                           "clipped at 255, as the authors' code (alpha unused)", choices=("mix", "add"))
     overlays: int = opt(0, "clean images kept as the overlay pool (a seeded sample; 0 = all given)",
                         low=0)
     batch: int = opt(2000, "superimposed images per network batch (bounds memory)", low=1)
@@ -94,10 +97,11 @@ def _checked(clf: Classifier, images: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def mean_entropy(clf: Classifier, images: np.ndarray, factor: float, pool: np.ndarray,
-                 draws: np.ndarray, alpha: float, batch: int) -> np.ndarray:
+                 draws: np.ndarray, alpha: float, batch: int, mode: str = "mix") -> np.ndarray:
     """Mean entropy (bits) of the predictions on the pixel blends ``(1 - alpha)·images[i] +
-    alpha·pool[draws[i, j]]``, j < N, the N blends of many inputs in one network batch of about
-    ``batch`` images. ``factor`` brings ``images`` to 0-255 pixels; ``pool`` is uint8."""
+    alpha·pool[draws[i, j]]`` (``mode="add"``: ``min(images[i] + pool[draws[i, j]], 255)``), j < N,
+    the N blends of many inputs in one network batch of about ``batch`` images. ``factor`` brings
+    ``images`` to 0-255 pixels; ``pool`` is uint8."""
     import math
 
     import torch
@@ -113,7 +117,10 @@ def mean_entropy(clf: Classifier, images: np.ndarray, factor: float, pool: np.nd
                 x = x * factor
             b = len(x)
             ov = torch.from_numpy(pool[draws[i:i + b].reshape(-1)]).to(torch.float32)
-            blend = torch.repeat_interleave(x, k, dim=0).mul_(1.0 - alpha).add_(ov, alpha=alpha)
+            if mode == "add":
+                blend = torch.repeat_interleave(x, k, dim=0).add_(ov).clamp_(max=255.0)
+            else:
+                blend = torch.repeat_interleave(x, k, dim=0).mul_(1.0 - alpha).add_(ov, alpha=alpha)
             logits = clf.net(clf.spec.to_tensor(blend, channels_last=clf.channels_last))
             logp = torch.log_softmax(logits.float(), dim=1)
             h = -(logp.exp() * logp).sum(dim=1) / math.log(2.0)
@@ -137,17 +144,20 @@ class StripScore:
             return np.empty(0, dtype=np.float64)
         o = self.options
         return -mean_entropy(self.clf, images, factor, self.pool, self.draws(len(images)), o.alpha,
-                             o.batch)
+                             o.batch, o.superimpose)
 
 
 def loop_scores(clf: Classifier, images: np.ndarray, pool: np.ndarray, draws: np.ndarray,
-                alpha: float = 0.5) -> np.ndarray:
+                alpha: float = 0.5, mode: str = "mix") -> np.ndarray:
     """The reference computation, one input at a time: blend in pixel space with numpy, classify
     the input's N blends with `Classifier.logits`, average their entropies. Same result as
     `StripScore` for the same ``pool`` and ``draws`` (up to float rounding); slow on purpose."""
     out = np.empty(len(images), dtype=np.float64)
     for i, x in enumerate(np.asarray(images)):
-        blend = (1.0 - alpha) * x.astype(np.float32) + alpha * pool[draws[i]].astype(np.float32)
+        if mode == "add":
+            blend = np.minimum(x.astype(np.float32) + pool[draws[i]].astype(np.float32), 255.0)
+        else:
+            blend = (1.0 - alpha) * x.astype(np.float32) + alpha * pool[draws[i]].astype(np.float32)
         z = clf.logits((blend / 255.0).astype(np.float32), batch_size=len(blend)).astype(np.float64)
         z -= z.max(axis=1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
