@@ -188,7 +188,7 @@ def roc_figure(rows: list[dict], path: Path) -> None:
         if len(set(y)) < 2:
             continue
         fpr, tpr, _ = roc_curve(y, [score(r) for r in rs])
-        ax.plot(fpr, tpr, label=det, drawstyle="steps-post")
+        ax.plot(fpr, tpr, label=det)
     ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
     ax.set_xlabel("false-alarm rate (clean models)")
     ax.set_ylabel("detection rate (backdoored models)")
@@ -198,6 +198,10 @@ def roc_figure(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def pfmt(p: float) -> str:
+    return f"{p:.2g}" if p > 0 else "< 1e-300"  # a null's survival function can underflow to 0
 
 
 def pct(k: int, n: int) -> str:
@@ -243,7 +247,7 @@ def markdown(rows: list[dict], summ: list[dict]) -> str:
             if d[0]["targets"]:
                 txt += f" [{sum(r['backdoored'] and right(r) for r in d)}]"
             if ps:
-                txt += f", p {statistics.median(ps):.2g}"
+                txt += f", p {pfmt(statistics.median(ps))}"
             cells.append(txt)
         tg = ", ".join(map(str, one[0]["targets"] or [])) or "—"
         med = f"{100 * statistics.median(asr):.1f} %" if asr else "—"
@@ -259,7 +263,7 @@ def markdown(rows: list[dict], summ: list[dict]) -> str:
         for r in csaw:
             tg = ", ".join(map(str, r["targets"])) if r["targets"] else "not stated"
             fl = ", ".join(f"label {y}" for y in r["flagged"]) or "none"
-            lines.append(f"| {r['attack']} | {tg} | {r['p_value']:.2g} | {fl} | {r['seconds']:.0f} | "
+            lines.append(f"| {r['attack']} | {tg} | {pfmt(r['p_value'])} | {fl} | {r['seconds']:.0f} | "
                          f"{r['passes']:,} |")
     lines += ["", "![ROC over the zoo](img/zoo-roc.png)", "", END]
     return "\n".join(lines)
