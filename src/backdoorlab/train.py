@@ -123,9 +123,10 @@ def train(clf: Classifier, data: ImageSet, valid: ImageSet | None = None,
                           total=len(batches), unit="batch"):
             idx = perm[i:i + cfg.batch_size]
             xb = augment(x_all[idx], gen, cfg.crop_padding, cfg.flip)
-            yb = y_t[idx]
-            out = net(clf.to_tensor(xb))
-            loss = loss_fn(out, yb)
+            yb = y_t[idx].to(clf.device, non_blocking=True)
+            with clf.autocast():
+                out = net(clf.to_tensor(xb))
+                loss = loss_fn(out.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

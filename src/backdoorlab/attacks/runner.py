@@ -86,8 +86,10 @@ def poisoned_test_sets(test: ImageSet, plan: AttackPlan,
 
 def train_attack(train_data: ImageSet, test: ImageSet, arch: str, plan: AttackPlan,
                  cfg: TrainConfig, valid_fraction: float = 0.1, input_scale: str = "unit",
-                 seed: int = 0) -> tuple[Classifier, AttackOutcome, dict]:
-    """Returns (model, outcome, artefacts) — artefacts hold the data sets worth writing out."""
+                 seed: int = 0, device: str | object = "cpu",
+                 precision: str = "fp32") -> tuple[Classifier, AttackOutcome, dict]:
+    """Returns (model, outcome, artefacts) — artefacts hold the data sets worth writing out. The
+    model trains on ``device`` at ``precision`` (`backdoorlab.device`)."""
     if train_data.shape != test.shape:
         raise BadInput(f"training images are {train_data.shape} but test images {test.shape}")
     if test.num_classes != train_data.num_classes:
@@ -118,6 +120,7 @@ def train_attack(train_data: ImageSet, test: ImageSet, arch: str, plan: AttackPl
     clf = Classifier(net, spec, k, arch, provenance={
         "trained_by": "backdoorlab attack", "data": train_data.name, "seed": seed,
         "triggers": [t.to_dict() for t in triggers], "targets": plan.targets, "mode": plan.mode})
+    clf.to(device, precision)
     pa_info = None
     t0 = time.perf_counter()
     if plan.pruning_aware and triggers:

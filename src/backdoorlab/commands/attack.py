@@ -12,8 +12,10 @@ from backdoorlab.commands.common import (
     LEARNING_RATE,
     POSITIVE,
     SEED,
+    add_compute_options,
     add_out_option,
     check_out,
+    compute_from_args,
     integer,
     load_data,
     number,
@@ -82,9 +84,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
                       flip="flip" in augment, seed=args.seed)
     print(f"data: {len(train_data):,} training / {len(test):,} test images, "
           f"{'x'.join(map(str, train_data.shape))}, {train_data.num_classes} classes")
+    device, precision = compute_from_args(args)
     clf, outcome, artefacts = train_attack(train_data, test, args.arch, plan, cfg,
                                            args.valid_fraction, args.input_scale or "unit",
-                                           args.seed)
+                                           args.seed, device=device, precision=precision)
     write_attack_outputs(Path(args.out), clf, outcome, artefacts)
     print(f"trained {args.arch} for {cfg.epochs} epochs in {outcome.train_seconds:.0f} s")
     print(f"clean test accuracy: {outcome.clean_accuracy:.2%}  (validation "
@@ -155,5 +158,6 @@ def register(sub) -> None:
     p.add_argument("--input-scale", choices=["raw", "unit"], default="unit",
                    help="pixel scale the new network takes (stored with the model)")
     p.add_argument("--seed", type=SEED, default=0)
+    add_compute_options(p)
     add_out_option(p)
     p.set_defaults(func=cmd_attack)

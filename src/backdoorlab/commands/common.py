@@ -68,6 +68,8 @@ def check_out(args: argparse.Namespace, command: str, **kw) -> None:
         v = getattr(args, name, None)
         inputs += [str(x) for x in (v if isinstance(v, list) else [v]) if x]
     inputs += trigger_files(getattr(args, "trigger", None) or [])
+    if hasattr(args, "device"):  # a device that is not there: one line, before anything
+        compute_from_args(args, say=False)
     check_out_dir(args.out, args.overwrite, command, inputs=inputs, **kw)
 
 
@@ -77,9 +79,38 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="pixel scale the network takes: raw = 0-255, unit = pixels/255, auto = "
                         "try both on the clean data and keep the more accurate (default: the "
                         "scale stored with the model; Keras files: unit)")
+    add_compute_options(p)
     p.add_argument("--num-classes", type=integer(2, 1_000_000, "class count"),
                    help="class count, if it cannot be read from the "
                    "model file")
+
+
+def add_compute_options(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--precision`` (`backdoorlab.device`), the same on every command that
+    computes; `compute_from_args` checks them before any work."""
+    p.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="where to compute: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps "
+                        "(default: cpu)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="autocast precision of training, inference and the optimisation loops; bf16 "
+                        "is faster on recent CPUs, fp16 needs a GPU (default: fp32)")
+
+
+def compute_from_args(args: argparse.Namespace, say: bool = True):
+    """(device, precision) of ``--device`` / ``--precision``, checked. Unless they are the
+    defaults (cpu, fp32), ``say`` prints the choice once on stderr — the first line of the
+    command's output, and stdout stays clean for --json."""
+    import sys
+
+    from backdoorlab.device import check_precision, describe, resolve_device
+
+    asked = (getattr(args, "device", None) or "cpu", getattr(args, "precision", None) or "fp32")
+    device = resolve_device(asked[0])
+    precision = check_precision(asked[1], device)
+    if say and asked != ("cpu", "fp32") and not getattr(args, "_device_said", False):
+        print(describe(device, precision), file=sys.stderr, flush=True)
+        args._device_said = True
+    return device, precision
 
 
 def add_data_options(p: argparse.ArgumentParser) -> None:
@@ -93,9 +124,11 @@ def load_model_from_args(args: argparse.Namespace, clean=None):
     """Load the model named by ``args.model``; resolve ``--input-scale auto`` against ``clean``."""
     from backdoorlab.models.files import load_model
 
+    device, precision = compute_from_args(args)
     scale = args.input_scale
     wanted = getattr(args, "num_classes", None)
     clf = load_model(args.model, arch=args.arch, input_scale=scale, num_classes=wanted)
+    clf.to(device, precision)
     if wanted is not None and clf.num_classes != wanted:
         raise BadInput(f"--num-classes {wanted}: the model {args.model} has {clf.num_classes} classes")
     if scale == "auto":

@@ -68,7 +68,8 @@ def make_goodnet(bad: Classifier, repaired: Classifier) -> Classifier:
     options = {"bad": _sub_options(bad), "repaired": _sub_options(repaired)}
     prov = {"defense": "goodnet", "backdoor_class": n, "bad": copy.deepcopy(bad.provenance),
             "repaired": copy.deepcopy(repaired.provenance)}
-    return Classifier(net, bad.spec, n + 1, ARCH, options, prov, bad.channels_last)
+    return Classifier(net, bad.spec, n + 1, ARCH, options, prov, bad.channels_last).to(bad.device,
+                                                                                      bad.precision)
 
 
 def build_goodnet(num_classes: int, input_shape: tuple[int, int, int], options: dict) -> nn.Module:

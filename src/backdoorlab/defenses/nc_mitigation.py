@@ -219,7 +219,8 @@ def make_filter(clf: Classifier, valid: ImageSet, triggers: dict, labels: list[i
                "channels": channels, "threshold": threshold}
     prov = {"defense": "neural cleanse input filter", "labels": labels, "top_fraction": top_fraction,
             "false_positive_rate": false_positive_rate, "base": copy.deepcopy(clf.provenance)}
-    return Classifier(net, clf.spec, clf.num_classes + 1, FILTER_ARCH, options, prov, clf.channels_last)
+    return Classifier(net, clf.spec, clf.num_classes + 1, FILTER_ARCH, options, prov,
+                      clf.channels_last).to(clf.device, clf.precision)
 
 
 def _asr(clf: Classifier, sets: list[PoisonedSet]) -> tuple[float | None, list[dict]]:

@@ -403,8 +403,9 @@ class _Scanner:
         h, w, c = self.clf.spec.shape
         k_slots = cfg.labels_per_batch or max(1, FORWARD_IMAGES // stage.batch)
         k_slots = max(1, min(k_slots, len(labels)))
-        a = torch.zeros(k_slots, h, w, 1, requires_grad=True)
-        b = torch.zeros(k_slots, h, w, c, requires_grad=True)
+        dev = self.clf.device
+        a = torch.zeros(k_slots, h, w, 1, requires_grad=True, device=dev)
+        b = torch.zeros(k_slots, h, w, c, requires_grad=True, device=dev)
         state = {name: torch.zeros_like(t) for name, t in
                  (("ma", a), ("va", a), ("mb", b), ("vb", b))}
         slots: list[_Track | None] = [None] * k_slots
@@ -421,8 +422,8 @@ class _Scanner:
             y = queue.pop(0)
             ia, ib = self._init_params(y)
             with torch.no_grad():
-                a[slot] = torch.from_numpy(ia)
-                b[slot] = torch.from_numpy(ib)
+                a[slot] = torch.from_numpy(ia).to(dev)
+                b[slot] = torch.from_numpy(ib).to(dev)
                 for t in state.values():
                     t[slot] = 0
             slots[slot] = _Track(label=y, slot=slot)
@@ -432,7 +433,7 @@ class _Scanner:
             load(s)
         while any(t is not None for t in slots):
             active = [t for t in slots if t is not None]
-            idx = torch.tensor([t.slot for t in active])
+            idx = torch.tensor([t.slot for t in active], device=dev)
             full = len(active) == k_slots
             aa = a if full else a[idx]
             bb = b if full else b[idx]
@@ -441,11 +442,12 @@ class _Scanner:
             rows = np.stack([self._batch_index(t.step, stage.batch) for t in active])
             xb = self.x[torch.from_numpy(rows.reshape(-1))].view(len(active), stage.batch, h, w, c)
             xp = compose(xb, mask[:, None], pattern[:, None]).reshape(-1, h, w, c)
-            logits = self.clf.net(self.clf.spec.from_unit(xp.permute(0, 3, 1, 2)))
-            target = torch.tensor([t.label for t in active]).repeat_interleave(stage.batch)
+            with self.clf.autocast():
+                logits = self.clf.net(self.clf.spec.from_unit(xp.permute(0, 3, 1, 2))).float()
+            target = torch.tensor([t.label for t in active], device=dev).repeat_interleave(stage.batch)
             ce = F.cross_entropy(logits, target, reduction="none").view(len(active), -1).mean(1)
             reg = mask.sum(dim=(1, 2, 3))
-            costs = torch.tensor([t.cost for t in active], dtype=reg.dtype)
+            costs = torch.tensor([t.cost for t in active], dtype=reg.dtype, device=dev)
             (ce + costs * reg).sum().backward()
             with torch.no_grad():
                 acc = (logits.argmax(1) == target).float().view(len(active), -1).mean(1)
@@ -520,7 +522,7 @@ class _Scanner:
               steps: list[int], b1: float, b2: float) -> None:
         """Adam as in Keras 2 (the released code), per label with its own step count."""
         t = torch.tensor(steps, dtype=torch.float64)
-        lr_t = (self.cfg.lr * torch.sqrt(1 - b2 ** t) / (1 - b1 ** t)).float().view(-1, 1, 1, 1)
+        lr_t = (self.cfg.lr * torch.sqrt(1 - b2 ** t) / (1 - b1 ** t)).float().view(-1, 1, 1, 1).to(a.device)
         for p, m, v in ((a, state["ma"], state["va"]), (b, state["mb"], state["vb"])):
             g = p.grad[idx]
             m_new = b1 * m[idx] + (1 - b1) * g
@@ -538,7 +540,8 @@ class _Scanner:
         with torch.no_grad():
             for i in range(0, len(x), batch):
                 xp = compose(x[i:i + batch], mask, pattern)
-                out = self.clf.net(self.clf.spec.from_unit(xp.permute(0, 3, 1, 2)))
+                with self.clf.autocast():
+                    out = self.clf.net(self.clf.spec.from_unit(xp.permute(0, 3, 1, 2)))
                 hits += int((out.argmax(1) == label).sum())
                 self.eval_passes += len(xp)
         return hits / len(x)
@@ -669,7 +672,7 @@ def neural_cleanse(clf: Classifier, clean: ImageSet, config: NCConfig | None = N
         raise BadInput(f"labels to scan must lie in [0, {nc - 1}], got {bad or 'none'}")
     data = clean.take(cfg.num_images, seed=cfg.seed) if cfg.num_images else clean
     n = len(data)
-    x01 = torch.from_numpy(data.images).float().div_(255.0).contiguous()
+    x01 = torch.from_numpy(data.images).float().div_(255.0).contiguous().to(clf.device)
     y_clean = data.labels
     check = cfg.check_every or max(1, n // min(cfg.batch_size, n))
     full_stage = _Stage("full", batch=min(cfg.batch_size, n), patience=cfg.patience,
@@ -743,8 +746,8 @@ def neural_cleanse(clf: Classifier, clean: ImageSet, config: NCConfig | None = N
             if cfg.asr_images is not None and len(xs) > cfg.asr_images:
                 xs = xs[: cfg.asr_images]
             asr = scanner.asr(t.label, mask, pattern, xs)
-            m = mask[..., 0].numpy().astype(np.float32)
-            pt = pattern.numpy().astype(np.float32)
+            m = mask[..., 0].cpu().numpy().astype(np.float32)
+            pt = pattern.cpu().numpy().astype(np.float32)
             rec = {"norm": float(m.sum(dtype=np.float64)), "reached": t.best_norm < math.inf,
                    "asr": asr, "steps": t.step, "cost": t.cost, "stop": t.stop, "passes": p}
             st.save(t.label, rec, m, pt)

@@ -501,8 +501,15 @@ def prune_sweep(clf: Classifier, valid: ImageSet, test: ImageSet | None = None,
     ``hook``. ``skip_inactive`` re-runs only rows where the pruned channel is non-zero (exact).
     ``ranking`` (a permutation of the channels) replaces the order computed from ``order`` — e.g.
     the guided ranking of `backdoorlab.defenses.guided_pruning`; ``order`` then only names it.
+
+    The sweep computes on the CPU whatever ``clf.device`` is (a copy of the network is moved
+    there): it is inference only, its cached engines keep per-channel activations of every image
+    in host memory, and on the CPU it already runs ~25× a naive sweep
+    (docs/benchmarks-pruning.md). ``clf`` itself is not moved.
     """
     t_start = time.perf_counter()
+    if clf.device.type != "cpu":
+        clf = clf.copy().to("cpu")
     if order not in ORDERS and ranking is None:
         raise BadInput(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     if stop not in STOPS:

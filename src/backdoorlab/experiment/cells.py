@@ -104,20 +104,25 @@ def plan_cells(exp: Experiment) -> list[Cell]:
                 cells.append(Cell(key, f"{a.name}-s{seed}", "given", a.name, None, seed, dict(a.given), None))
             else:
                 spec = {"data": exp.data, "model": exp.model, "train": exp.train, "attack": a.options}
-                key = digest({"kind": "attack", "version": __version__, "seed": seed, "data_id": data_id,
-                              "model": exp.model, "train": exp.train, "attack": a.options,
-                              "data": data_id["data"]})
+                ident = {"kind": "attack", "version": __version__, "seed": seed, "data_id": data_id,
+                         "model": exp.model, "train": exp.train, "attack": a.options,
+                         "data": data_id["data"]}
+                if exp.compute:  # cpu/fp32 files keep their keys
+                    spec["compute"] = ident["compute"] = exp.compute
+                key = digest(ident)
                 cells.append(Cell(key, f"{a.name}-s{seed}", "attack", a.name, None, seed, spec, None))
             scans: dict[str, Cell] = {}
             for d in exp.defenses:
                 dspec: dict = {"method": d.method, "options": d.options}
+                if exp.compute:
+                    dspec["compute"] = exp.compute
                 if registry.get(d.method).family == "model-detector":
                     dspec["family"] = "model-detector"
                 elif "backdoored" in registry.get(d.method, "repair").needs:
                     dspec["guide"] = d.guide
                 parent = key
                 if _stage(d.method, d.guide) == "scan":  # one Neural Cleanse scan per options, shared
-                    sspec = {"scan": d.scan}
+                    sspec = {"scan": d.scan, **({"compute": exp.compute} if exp.compute else {})}
                     skey = digest({"kind": "scan", "version": __version__, "seed": seed, "parent": key,
                                    **sspec})
                     if skey not in scans:
@@ -430,18 +435,19 @@ def run_cell(cell_dict: dict, root: str, parent_dirname: str | None, threads: in
         prec = json.loads((parent_dir / "cell.json").read_text())
         if prec["cell"]["kind"] == "scan":  # the model is the scan's parent
             model_dir, scan_dir = rootp / "cells" / prec["parent_dir"], parent_dir
+    compute = _flags(cell.spec.get("compute", {}))  # --device / --precision of [compute]
     with open(rootp / "logs" / f"{cell.dirname}.log", "w", encoding="utf-8") as log:
         if cell.kind == "attack":
-            _run_cli([*attack_args(cell), "--out", str(d)], log)
+            _run_cli([*attack_args(cell), "--out", str(d), *compute], log)
         elif cell.kind == "given":
             _given_model(cell, d, log)
         else:
             assert model_dir is not None
             pres = json.loads((model_dir / "results.json").read_text())
             if cell.kind == "scan":
-                _run_cli(scan_args(cell, model_dir, d, pres), log)
+                _run_cli([*scan_args(cell, model_dir, d, pres), *compute], log)
             elif cell.spec.get("family") == "model-detector":
-                _run_cli(detect_args(cell, model_dir, d, pres), log)
+                _run_cli([*detect_args(cell, model_dir, d, pres), *compute], log)
             else:
                 args = repair_args(cell, model_dir, d, pres, scan_dir)
                 flagged = json.loads((scan_dir / "results.json").read_text())["flagged"] if scan_dir else None
@@ -450,8 +456,8 @@ def run_cell(cell_dict: dict, root: str, parent_dirname: str | None, threads: in
                           "unchanged", file=log)
                     d.mkdir(parents=True, exist_ok=True)
                 else:
-                    _run_cli([",".join(map(str, flagged or [])) if a == "{flagged}" else a for a in args],
-                             log)
+                    _run_cli([",".join(map(str, flagged or [])) if a == "{flagged}" else a for a in args]
+                             + compute, log)
     rec = {"key": cell.key, "cell": cell.to_dict(), "dir": cell.dirname, "parent_dir": parent_dirname,
            "seconds": round(time.perf_counter() - t0, 2), "threads": threads,
            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **_summary(cell, d, model_dir)}

@@ -62,7 +62,9 @@ DEFENSE_OWN_KEYS = {"name", "kind", "guide", "mitigate"}
 KIND_ALIASES = {"guided": "guided-prune"}
 CLEANSE_MITIGATIONS = {"unlearn": "nc-unlearn", "prune": "nc-prune", "filter": "nc-filter"}
 RENAMED_KEYS = {"report_drop": "drop", "mitigate_epochs": "epochs"}
-TOP_KEYS = {"name", "description", "seeds", "data", "model", "train", "attack", "defense"}
+TOP_KEYS = {"name", "description", "seeds", "data", "model", "train", "attack", "defense", "compute"}
+# [compute]: where every cell computes (`backdoorlab.device`); absent = cpu and fp32
+COMPUTE_KEYS = {"device", "precision"}
 # options the runner sets itself (files and output folder): not allowed in a [[defense]] table
 RESERVED = {"model", "valid", "test", "poisoned", "out", "clean", "guide_triggers", "seed", "drops",
             "mitigate_labels", "target", "triggers", "trigger_labels"}
@@ -126,6 +128,31 @@ class Experiment:
     defenses: list[DefenseSpec]
     path: str = ""
     extra: dict = field(default_factory=dict)
+    compute: dict = field(default_factory=dict)  # {"device": ..., "precision": ...} when not cpu/fp32
+
+
+def _compute(doc: dict, path: str) -> dict:
+    """The [compute] table, checked (a device that is not on this machine is refused here, before
+    any cell); the defaults (cpu, fp32) are dropped so the cells' cache keys stay those of a file
+    without the table."""
+    from backdoorlab.device import check_precision, resolve_device
+
+    table = doc.get("compute", {})
+    _check_keys(table, COMPUTE_KEYS, f"{path} [compute]")
+    for k, v in table.items():
+        if not isinstance(v, str):
+            raise BadInput(f"{path} [compute] {k}: expected a string, got {v!r}")
+    try:
+        device = resolve_device(table.get("device", "cpu"))
+        check_precision(table.get("precision", "fp32"), device)
+    except BadInput as e:
+        raise BadInput(f"{path} [compute]: {e}") from None
+    out = {}
+    if table.get("device", "cpu").strip().lower() != "cpu":
+        out["device"] = table["device"].strip().lower()
+    if table.get("precision", "fp32").strip().lower() != "fp32":
+        out["precision"] = table["precision"].strip().lower()
+    return out
 
 
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:
@@ -255,7 +282,7 @@ def parse_experiment(doc: dict, path: str = "<config>") -> Experiment:
             raise BadInput(f"{path}: {what} name(s) used twice: {', '.join(dup)}")
     return Experiment(name=str(doc.get("name", Path(path).stem)), description=str(doc.get("description", "")),
                       seeds=seeds, data=data, model=model, train=train, attacks=attacks,
-                      defenses=defenses, path=path)
+                      defenses=defenses, path=path, compute=_compute(doc, path))
 
 
 def parse_defense(d, where: str) -> list[DefenseSpec]:

@@ -175,8 +175,15 @@ class RayBackend:
                                                "BACKDOORLAB_PROGRESS": "0"}})
             self.started = True
         self.remote = ray.remote(num_cpus=threads)(run_cell)
+        self.threads = threads
 
     def submit(self, *args):
+        from backdoorlab.device import gpu_count
+
+        spec = args[0]["spec"] if isinstance(args[0], dict) else args[0].spec
+        gpus = gpu_count(spec.get("compute", {}).get("device"))  # a CUDA cell asks Ray for a GPU
+        if gpus:
+            return self.remote.options(num_cpus=self.threads, num_gpus=gpus).remote(*args)
         return self.remote.remote(*args)
 
     def wait_any(self, handles: list) -> list:

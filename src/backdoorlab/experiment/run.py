@@ -50,6 +50,12 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
     check_options(cells)  # every cell's command line
     preflight(exp, executor)  # its data, architecture, triggers, given models, layers and labels
     jobs, threads = default_jobs_threads(jobs, threads)
+    if executor == "local" and exp.compute.get("device", "cpu").startswith(("cuda", "auto")):
+        from backdoorlab.device import gpu_count
+
+        if gpu_count(exp.compute["device"]) and jobs > 1:  # one GPU cell at a time on the device
+            print(f"[compute] device {exp.compute['device']}: one cell at a time (--jobs {jobs} -> 1)")
+            jobs = 1
     if not dry_run:  # the config is valid: check the folder before any work
         check_out_dir(root, overwrite, "run", in_place=True, resume=True, inputs=experiment_inputs(exp),
                       own=("cells", "logs"))

@@ -69,7 +69,12 @@ class Classifier:
     [0, 1] as pixels/255, floats in [0, 255] with some value above 1 as raw pixels; anything else
     is refused with `BadInput`. The network's own `InputSpec` (raw or unit scale, mean/std) is
     then applied to the pixels, so a [0, 1] float array gives the same answer as its uint8
-    original whatever scale the network was trained on."""
+    original whatever scale the network was trained on.
+
+    ``device`` is where ``net`` lives and ``precision`` the autocast precision of its passes
+    (`backdoorlab.device`; CPU and fp32 by default): `to` moves the network, `to_tensor` moves each
+    batch, `logits` / `activations` return host arrays, and algorithms run the network inside
+    `autocast` on tensors they create on ``device``."""
 
     net: nn.Module
     spec: InputSpec
@@ -78,12 +83,32 @@ class Classifier:
     arch_options: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     channels_last: bool = True
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         setattr(self.net, cost.TOP, True)  # image passes are counted at this network's input
         self.net.eval()
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
+
+    # -- device and precision ---------------------------------------------------------------
+    def to(self, device: torch.device | str | None = None, precision: str | None = None) -> Classifier:
+        """Move the network to ``device`` and/or set the ``precision`` (in place; returns self)."""
+        from backdoorlab.device import check_precision, resolve_device
+
+        if device is not None:
+            self.device = resolve_device(device)
+            self.net.to(self.device)
+        if precision is not None or device is not None:
+            self.precision = check_precision(precision or self.precision, self.device)
+        return self
+
+    def autocast(self):
+        """The context in which to run ``net``: autocast to ``precision`` on ``device``."""
+        from backdoorlab.device import autocast
+
+        return autocast(self.device, self.precision)
 
     # -- conversion -------------------------------------------------------------------------
     def to_tensor(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -92,6 +117,11 @@ class Classifier:
         return self._tensor(images, pixel_factor(images))
 
     def _tensor(self, images: np.ndarray | torch.Tensor, factor: float) -> torch.Tensor:
+        if self.device.type != "cpu":  # the batch travels as it is (uint8: 4x less to copy)
+            t = torch.as_tensor(images)
+            if self.device.type == "cuda" and t.device.type == "cpu":
+                t = t.pin_memory()
+            images = t.to(self.device, non_blocking=True)
         if factor != 1.0:
             images = torch.as_tensor(images).to(torch.float32) * factor
         return self.spec.to_tensor(images, channels_last=self.channels_last)
@@ -109,10 +139,10 @@ class Classifier:
         images, factor = self._checked(images)
         self.net.eval()
         out = np.empty((len(images), self.num_classes), dtype=np.float32)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.autocast():
             for i in range(0, len(images), batch_size):
                 y = self.net(self._tensor(images[i:i + batch_size], factor))
-                out[i:i + len(y)] = y.float().numpy()
+                out[i:i + len(y)] = y.float().cpu().numpy()
         return out
 
     def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -160,11 +190,11 @@ class Classifier:
         handle = module.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
         chunks = []
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self.autocast():
                 for i in range(0, len(images), batch_size):
                     captured.clear()
                     self.net(self._tensor(images[i:i + batch_size], factor))
-                    chunks.append(captured[-1].contiguous().float().numpy())
+                    chunks.append(captured[-1].contiguous().float().cpu().numpy())
         finally:
             handle.remove()
         return np.concatenate(chunks) if chunks else np.empty((0,), dtype=np.float32)
@@ -186,12 +216,13 @@ class Classifier:
 
         return Classifier(copy.deepcopy(self.net), self.spec, self.num_classes, self.arch,
                           copy.deepcopy(self.arch_options), copy.deepcopy(self.provenance),
-                          self.channels_last)
+                          self.channels_last, self.device, self.precision)
 
     def with_scale(self, scale: str) -> Classifier:
         """The same network with another input scale (``raw`` or ``unit``)."""
         return Classifier(self.net, self.spec.with_scale(scale), self.num_classes, self.arch,
-                          dict(self.arch_options), dict(self.provenance), self.channels_last)
+                          dict(self.arch_options), dict(self.provenance), self.channels_last,
+                          self.device, self.precision)
 
     def describe(self) -> str:
         n_params = sum(p.numel() for p in self.net.parameters())

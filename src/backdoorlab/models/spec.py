@@ -73,9 +73,9 @@ class InputSpec:
         if self.factor != 1.0:
             x = x * self.factor
         if self.mean is not None:
-            x = x - torch.tensor(self.mean, dtype=torch.float32)
+            x = x - torch.tensor(self.mean, dtype=torch.float32, device=x.device)
         if self.std is not None:
-            x = x / torch.tensor(self.std, dtype=torch.float32)
+            x = x / torch.tensor(self.std, dtype=torch.float32, device=x.device)
         if self.layout == "NCHW":
             # a permuted NHWC buffer *is* channels_last memory; contiguous() would copy it to NCHW
             x = x.permute(0, 3, 1, 2)
@@ -90,9 +90,9 @@ class InputSpec:
         """
         x = x01 * 255.0 * self.factor
         if self.mean is not None:
-            x = x - torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
+            x = x - torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         if self.std is not None:
-            x = x / torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
+            x = x / torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         if self.layout == "NHWC":
             x = x.permute(0, 2, 3, 1)
         return x

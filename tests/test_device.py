@@ -1,0 +1,180 @@
+"""--device / --precision: the device path the CPU runs is the one a GPU runs; GPU tests are marked
+``gpu`` and skip where no CUDA device is present."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from backdoorlab.cli import main
+from backdoorlab.device import autocast, check_precision, describe, gpu_count, resolve_device
+from backdoorlab.errors import BadInput
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine")
+
+
+def test_resolve_device_and_precision():
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not HAS_CUDA and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        assert resolve_device("auto") == torch.device("cpu")
+        assert gpu_count("auto") == 0
+    for bad, msg in (("tpu", "expected one of"), ("cuda:x", "cuda:N")):
+        with pytest.raises(BadInput, match=msg):
+            resolve_device(bad)
+    if not HAS_CUDA:
+        with pytest.raises(BadInput, match="no CUDA device"):
+            resolve_device("cuda:0")
+    assert gpu_count("cuda:1") == 1 and gpu_count("cpu") == 0 and gpu_count(None) == 0
+    cpu = torch.device("cpu")
+    assert check_precision("BF16", cpu) == "bf16"
+    with pytest.raises(BadInput, match="needs a GPU"):
+        check_precision("fp16", cpu)
+    with pytest.raises(BadInput, match="expected one of"):
+        check_precision("fp8", cpu)
+    assert describe(cpu, "fp32") == "device: cpu, precision fp32"
+    with autocast(cpu, "bf16"):
+        assert (torch.ones(2, 3) @ torch.ones(3, 2)).dtype == torch.bfloat16
+    with autocast(cpu, "fp32"):
+        assert (torch.ones(2, 3) @ torch.ones(3, 2)).dtype == torch.float32
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without CUDA")
+def test_cli_refuses_a_missing_device_before_any_work(tmp_path, capsys, digits_badnet):
+    from backdoorlab.models import save_model
+
+    clf, _, _ = digits_badnet
+    model = str(save_model(clf, tmp_path / "m.safetensors"))
+    assert main(["detect", "mm-bd", model, "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    assert main(["attack", "--data", "digits", "--arch", "small_cnn", "--precision", "fp16",
+                 "--out", str(tmp_path / "a")]) == 2
+    assert "needs a GPU" in capsys.readouterr().err and not (tmp_path / "a").exists()
+
+
+def test_the_device_travels_with_the_classifier(digits_badnet):
+    clf, _, test = digits_badnet
+    x = test.images[:64]
+    ref = clf.logits(x)
+    c = clf.copy().to(torch.device("cpu"), "fp32")  # the path a GPU takes, on the CPU
+    assert c.device == torch.device("cpu") and c.precision == "fp32"
+    assert next(c.net.parameters()).device == c.device
+    np.testing.assert_array_equal(c.logits(x), ref)  # fp32 on the CPU: the same numbers
+    # copies and rescaled views keep device and precision
+    b = clf.copy().to(None, "bf16")
+    assert b.copy().precision == "bf16" and b.with_scale("raw").precision == "bf16"
+
+
+def test_bf16_inference_is_close_to_fp32(digits_badnet):
+    clf, art, test = digits_badnet
+    b = clf.copy().to(None, "bf16")
+    z32, z16 = clf.logits(test.images), b.logits(test.images)
+    assert z16.dtype == np.float32  # host arrays stay float32
+    agree = float((z32.argmax(1) == z16.argmax(1)).mean())
+    assert agree >= 0.98, agree
+    scale = np.abs(z32).max()
+    assert np.abs(z32 - z16).max() <= 0.05 * scale  # bf16 keeps ~3 significant digits
+
+
+def test_bf16_training_learns(digits_badnet):
+    from backdoorlab.data.digits import load_digits
+    from backdoorlab.models.architectures import build
+    from backdoorlab.models.classifier import Classifier
+    from backdoorlab.models.spec import InputSpec
+    from backdoorlab.train import TrainConfig, seeded_init, train
+
+    train_data, test = load_digits().split(0.25, seed=3)
+    seeded_init(0)
+    spec = InputSpec(*train_data.shape)
+    clf = Classifier(build("small_cnn", 10, spec.shape), spec, 10, "small_cnn").to(None, "bf16")
+    log = train(clf, train_data, test, TrainConfig(epochs=3, batch_size=64, lr=2e-3, seed=0))
+    assert all(np.isfinite(e["loss"]) for e in log.epochs)
+    assert log.best_valid_accuracy > 0.8  # fp32 reaches about 0.95 in 3 epochs
+
+
+def test_run_compute_table(tmp_path):
+    from backdoorlab.experiment.cells import plan_cells
+    from backdoorlab.experiment.config import parse_experiment
+
+    def doc(**compute):
+        d = {"data": {"source": "digits"}, "model": {"arch": "small_cnn"},
+             "attack": [{"name": "b", "trigger": "patch", "target": 0}],
+             "defense": [{"name": "p", "kind": "prune"}]}
+        if compute:
+            d["compute"] = compute
+        return parse_experiment(d, "x.toml")
+
+    plain, cpu = plan_cells(doc()), plan_cells(doc(device="cpu", precision="fp32"))
+    assert [c.key for c in plain] == [c.key for c in cpu]  # the defaults keep the cache keys
+    bf = plan_cells(doc(precision="bf16"))
+    assert all(c.spec.get("compute") == {"precision": "bf16"} for c in bf)
+    assert not set(c.key for c in bf) & set(c.key for c in plain)
+    if not HAS_CUDA:
+        with pytest.raises(BadInput, match=r"x.toml \[compute\].*no CUDA device"):
+            doc(device="cuda")
+    with pytest.raises(BadInput, match="unknown"):
+        doc(gpus=2)
+
+
+# -- on a GPU: the same computations within a stated tolerance of the CPU -----------------------
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_training_matches_cpu():
+    from backdoorlab.data.digits import load_digits
+    from backdoorlab.models.architectures import build
+    from backdoorlab.models.classifier import Classifier
+    from backdoorlab.models.spec import InputSpec
+    from backdoorlab.train import TrainConfig, seeded_init, train
+
+    train_data, test = load_digits().split(0.25, seed=3)
+    accs = []
+    for dev in ("cpu", "cuda"):
+        seeded_init(0)
+        spec = InputSpec(*train_data.shape)
+        clf = Classifier(build("small_cnn", 10, spec.shape), spec, 10, "small_cnn").to(dev)
+        accs.append(train(clf, train_data, test, TrainConfig(epochs=3, seed=0)).best_valid_accuracy)
+    assert abs(accs[0] - accs[1]) <= 0.03  # different kernels, same learning
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_neural_cleanse_label_matches_cpu(digits_badnet):
+    from backdoorlab.defenses.neural_cleanse import NCConfig, neural_cleanse
+
+    clf, art, _ = digits_badnet
+    cfg = NCConfig(mode="full", labels=[0, 1], max_steps=100, num_images=256)
+    cpu = neural_cleanse(clf, art["valid"], cfg)
+    gpu_ = neural_cleanse(clf.copy().to("cuda"), art["valid"], cfg)
+    for a, b in zip(cpu.labels, gpu_.labels, strict=True):
+        assert abs(a.norm - b.norm) <= 0.1 * max(a.norm, 1.0)  # within 10 % of the mask norm
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_pruning_sweep_and_repair_match_cpu(digits_badnet, badnet):
+    from backdoorlab.defenses.pruning import prune_sweep
+    from backdoorlab.repairs import repair
+
+    clf, art, test = digits_badnet
+    cpu = prune_sweep(clf, art["valid"], test)
+    gpu_ = prune_sweep(clf.copy().to("cuda"), art["valid"], test)
+    np.testing.assert_allclose(cpu.valid_accuracy, gpu_.valid_accuracy, atol=0.01)
+    model, data, test_, poisoned = badnet
+    _, a = repair("nad", model, data, test_, poisoned, {"epochs": 2})
+    _, b = repair("nad", model.copy().to("cuda"), data, test_, poisoned, {"epochs": 2})
+    assert abs(a.after.clean_accuracy - b.after.clean_accuracy) <= 0.03
+
+
+def test_the_first_line_says_the_device(tmp_path, capsys, digits_badnet):
+    from backdoorlab.models import save_model
+
+    clf, _, _ = digits_badnet
+    model = str(save_model(clf, tmp_path / "m.safetensors"))
+    assert main(["detect", "mm-bd", model, "--precision", "bf16", "--out", str(tmp_path / "o")]) == 0
+    assert capsys.readouterr().err.splitlines()[0] == "device: cpu, precision bf16"
+    assert main(["detect", "mm-bd", model, "--out", str(tmp_path / "p")]) == 0  # the defaults: silent
+    assert "device:" not in capsys.readouterr().err
