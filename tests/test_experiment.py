@@ -502,7 +502,7 @@ PREFLIGHT = [  # (experiment text builder key, old, new, words of the one error 
     ("tiny", 'arch = "small_cnn"', 'arch = "deepid"', "needs inputs of at least 31x31"),
     ("tiny", 'kind = "prune"', 'kind = "prune"\nlayer = "bogus"', "unknown layer 'bogus'"),
     ("tiny", 'kind = "prune"', 'kind = "fine-prune"\ndrop = 4\nfraction = 0.5',
-     "drop and fraction are alternatives"),
+     "give drop or fraction, not both"),
     ("tiny", 'kind = "prune"', 'kind = "cleanse"\nthreshold = nan', "--threshold: nan is out of range"),
     ("tiny", 'kind = "prune"', 'kind = "cleanse"\ncheck_every = 0', "--check-every: 0 is out of range"),
     ("tiny", 'kind = "prune"', 'kind = "cleanse"\nlabels = "99"', "[99] out of range"),

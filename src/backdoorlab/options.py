@@ -202,7 +202,11 @@ def from_mapping(cls: type, mapping: Mapping[str, Any], where: str) -> Any:
     if unknown:
         raise BadInput(f"{where}: unknown option(s) {', '.join(unknown)} (options: "
                        f"{', '.join(known) or 'none'})")
-    return cls(**{k: _check_value(known[k], v, where) for k, v in mapping.items()})
+    values = {k: _check_value(known[k], v, where) for k, v in mapping.items()}
+    try:
+        return cls(**values)  # the options' own __post_init__ checks (alternatives, combinations)
+    except BadInput as e:
+        raise BadInput(f"{where}: {e}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str = "method options") -> None:

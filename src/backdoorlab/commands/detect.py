@@ -52,8 +52,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
     res = detect(method.name, clf, clean, opts, args.target)
     det = res.detection
     top = sorted(det.scores.items(), key=lambda kv: -kv[1])[:5]
-    lines = [f"verdict:    {'BACKDOORED' if det.backdoored else 'no backdoor found'}; flagged "
-             f"{', '.join(map(str, det.flagged)) or 'no label'}",
+    flags = (f"label{'s' if len(det.flagged) > 1 else ''} {', '.join(map(str, det.flagged))}"
+             if det.flagged else "no label")
+    lines = [f"verdict:    {'BACKDOORED' if det.backdoored else 'no backdoor found'}; flagged {flags}",
              f"statistic:  {det.statistic_name} "
              + ("—" if det.statistic is None else f"{det.statistic:.3f}"),
              "top scores: " + ", ".join(f"label {y} {v:.2f}" for y, v in top)]

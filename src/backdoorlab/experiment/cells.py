@@ -321,6 +321,13 @@ def check_options(cells: list[Cell]) -> None:
                 raise BadInput(f"{c.label}: {msg[-1] if msg else 'bad options'}") from None
 
 
+def _flagged_text(flagged: list[int]) -> str:
+    """"flagged label 0" / "flagged labels 0, 4" / "flagged no label" (never a bare number)."""
+    if not flagged:
+        return "flagged no label"
+    return f"flagged label{'s' if len(flagged) > 1 else ''} {', '.join(map(str, flagged))}"
+
+
 def _summary(cell: Cell, d: Path, parent_dir: Path | None) -> dict:
     """Figures for the summary table: clean test accuracy and ASR, before and after."""
     res = json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else {}
@@ -332,7 +339,7 @@ def _summary(cell: Cell, d: Path, parent_dir: Path | None) -> dict:
     if cell.kind == "scan":
         flagged = res.get("flagged", [])
         return {"accuracy": None, "asr": None, "flagged": flagged,
-                "detail": f"flagged {', '.join(map(str, flagged)) or 'no label'}"}
+                "detail": _flagged_text(flagged)}
     p = json.loads((parent_dir / "results.json").read_text())
     before = {"accuracy": p["clean_accuracy"], "asr": p["asr"][0] if p.get("asr") else None}
     if cell.spec.get("family") == "model-detector":
@@ -340,7 +347,7 @@ def _summary(cell: Cell, d: Path, parent_dir: Path | None) -> dict:
                 "right_target": res["right_target"], "statistic": res["statistic"],
                 "statistic_name": res["statistic_name"], "detect_seconds": res["cost"]["seconds"],
                 "image_passes": res["cost"]["image_passes"],
-                "detail": f"flagged {', '.join(map(str, res['flagged'])) or 'no label'}"}
+                "detail": _flagged_text(res["flagged"])}
     if not res:  # the scan flagged no label: nothing to repair with, the model is left as it is
         return {**before, "detail": "no label flagged: model unchanged", "der": None}
     after = res["after"]

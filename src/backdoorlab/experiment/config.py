@@ -72,8 +72,6 @@ RESERVED = {"model", "valid", "test", "poisoned", "out", "clean", "guide_trigger
 # value, never true/false (a `false` would silently drop the option and train with its default)
 BOOL_KEYS = {"clean_label", "pruning_aware"}
 LIST_KEYS = {"trigger", "target"}  # [[attack]] keys that take a list (one entry per trigger)
-# options of a method that name alternatives: at most one of each group may be set
-EXCLUSIVE = {"fine-prune": [("drop", "fraction")]}
 SCALES = ("raw", "unit")
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -285,6 +283,26 @@ def parse_experiment(doc: dict, path: str = "<config>") -> Experiment:
                       defenses=defenses, path=path, compute=_compute(doc, path))
 
 
+def _legacy_cleanse(d: dict, where: str) -> dict:
+    """Earlier files' ``kind = "cleanse"`` (Neural Cleanse + ``mitigate`` = unlearn|prune|filter) as
+    today's table: ``kind`` = the nc-* repair, the scan's options prefixed ``nc_``."""
+    from backdoorlab import registry
+    from backdoorlab.options import infos
+
+    mitigate = d.get("mitigate", "unlearn")
+    if mitigate not in CLEANSE_MITIGATIONS:
+        raise BadInput(f"{where}: mitigate must be unlearn, prune or filter, got {mitigate!r}")
+    own = {i.name for i in infos(registry.get(CLEANSE_MITIGATIONS[mitigate], "repair").options)}
+    out = {"kind": CLEANSE_MITIGATIONS[mitigate], "name": d.get("name", "cleanse")}
+    for k, v in d.items():
+        if k in ("kind", "name", "mitigate"):
+            continue
+        mine = (k in DEFENSE_OWN_KEYS or k.startswith("nc_") or k in own or k in RESERVED
+                or RENAMED_KEYS.get(k) in own)
+        out[k if mine else f"nc_{k}"] = v
+    return out
+
+
 def parse_defense(d, where: str) -> list[DefenseSpec]:
     """A [[defense]] table → its DefenseSpecs: an option given as a list of values is an axis of
     the grid (one defense per value, named ``NAME-OPTIONVALUE``, e.g. ``pruning-drop2``)."""
@@ -298,20 +316,16 @@ def parse_defense(d, where: str) -> list[DefenseSpec]:
     kind = d.get("kind")
     if not isinstance(kind, str):
         raise BadInput(f"{where}: kind must name a method (see 'backdoorlab list'), got {kind!r}")
-    if kind == "cleanse":  # earlier files: Neural Cleanse + one mitigation; other keys go to the scan
-        mitigate = d.get("mitigate", "unlearn")
-        if mitigate not in CLEANSE_MITIGATIONS:
-            raise BadInput(f"{where}: mitigate must be unlearn, prune or filter, got {mitigate!r}")
-        method = registry.get(CLEANSE_MITIGATIONS[mitigate], "repair")
-    else:
-        if "mitigate" in d:
-            raise BadInput(f"{where}: mitigate goes with kind = \"cleanse\"")
-        try:
-            method = registry.get(KIND_ALIASES.get(kind, kind))
-        except BadInput as e:
-            raise BadInput(f"{where}: kind: {e}") from None
-        if method.family not in ("repair", "model-detector"):
-            raise BadInput(f"{where}: kind {kind!r} is a {method.family}, not a defense of the grid")
+    if kind == "cleanse":
+        d = _legacy_cleanse(d, where)
+    if "mitigate" in d:
+        raise BadInput(f"{where}: mitigate goes with kind = \"cleanse\"")
+    try:
+        method = registry.get(KIND_ALIASES.get(d["kind"], d["kind"]))
+    except BadInput as e:
+        raise BadInput(f"{where}: kind: {e}") from None
+    if method.family not in ("repair", "model-detector"):
+        raise BadInput(f"{where}: kind {kind!r} is a {method.family}, not a defense of the grid")
     name = _name_ok(d.get("name", kind), where)
     where = f"{where} ({name})"
     own = {i.name for i in infos(method.options)}
@@ -329,8 +343,6 @@ def parse_defense(d, where: str) -> list[DefenseSpec]:
             scan[key[3:]] = v
         elif key in own:
             opts[key] = v
-        elif kind == "cleanse":
-            scan[key] = v
         else:
             raise BadInput(f"{where}: unknown option {k} for {method.name} (options: "
                            f"{', '.join(sorted(own)) or 'none'}; 'backdoorlab list -v' shows them)")
@@ -344,11 +356,6 @@ def parse_defense(d, where: str) -> list[DefenseSpec]:
         raise BadInput(f"{where}: guide is for methods that use backdoored inputs, not {method.name}")
     if guide not in ("poisoned", "cleanse"):
         raise BadInput(f"{where}: guide must be \"poisoned\" or \"cleanse\", got {guide!r}")
-    for group in EXCLUSIVE.get(method.name, []):
-        given = [k for k in group if opts.get(k) is not None]
-        if len(given) > 1:
-            raise BadInput(f"{where}: {' and '.join(given)} are alternatives for {method.name}: set one "
-                           "of them")
     axes = {k: v for k, v in opts.items() if isinstance(v, list)}
     for k, v in axes.items():
         if not v or len(set(map(str, v))) != len(v):
