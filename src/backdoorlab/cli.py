@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with output_scope() as scope:
         if os.environ.get("BACKDOORLAB_DEBUG") == "1":
-            return int(args.func(args) or 0)
+            return _call(args)
         try:
-            return int(args.func(args) or 0)
+            return _call(args)
         except BadInput as e:
             return _fail(f"error: {e}", EXIT_BAD_INPUT)
         except KeyboardInterrupt as e:
@@ -118,6 +118,22 @@ def main(argv: list[str] | None = None) -> int:
             if code is None:
                 raise
             return code
+
+
+def _call(args) -> int:
+    """Run the command; with ``--json`` (`commands.common.add_json_option`) its lines go to stderr
+    and, when it succeeds, the results.json it wrote into ``--out`` goes to stdout."""
+    name = getattr(args, "json_results", None)
+    if not (name and getattr(args, "json", False)):
+        return int(args.func(args) or 0)
+    from pathlib import Path
+
+    with contextlib.redirect_stdout(sys.stderr):
+        code = int(args.func(args) or 0)
+    results = Path(args.out) / name if args.out else None
+    if code == 0 and results is not None and results.is_file():
+        sys.stdout.write(results.read_text().rstrip("\n") + "\n")
+    return code
 
 
 def _ignore_further_interrupts() -> None:

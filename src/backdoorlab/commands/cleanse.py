@@ -23,6 +23,7 @@ from backdoorlab.commands.common import (
     load_poisoned,
     number,
     poisoned_lines,
+    save_model_files,
 )
 from backdoorlab.errors import BadInput
 from backdoorlab.options import parse_labels  # labels "all", "0,3,5", "10-19"
@@ -244,7 +245,6 @@ def run_mitigation(args: argparse.Namespace, clf, clean, res, out: Path, plan: d
     """``--mitigate``: unlearning / neuron pruning / input filter with the reversed triggers."""
     from backdoorlab.defenses.nc_mitigation import mitigate
     from backdoorlab.io import atomic_dir, write_json
-    from backdoorlab.models.files import save_model
 
     labels = plan["labels"] if plan["labels"] is not None else list(res.flagged)
     if not labels:
@@ -264,13 +264,13 @@ def run_mitigation(args: argparse.Namespace, clf, clean, res, out: Path, plan: d
         cells = [_pct100(m.clean_accuracy), *asr, _pct100(m.detection_rate)]
         lines.append(f"| {m.method} | " + " | ".join(cells) + " |")
     with atomic_dir(out / "mitigation") as tmp:
-        for name, model in models.items():
-            save_model(model, tmp / f"{name}.safetensors")
+        written = [f for name, model in models.items()
+                   for f in save_model_files(model, tmp, name, args.model, clf.num_classes)]
         (tmp / "table.md").write_text("\n".join(lines) + "\n")
         write_json(tmp / "results.json", {"kind": "mitigate", **result.to_dict(),
                                           "poisoned_sets": [ps.describe() for ps in sets]})
     print("\n".join(lines[1:]))
-    print(f"mitigation outputs: {out / 'mitigation'}/ ({', '.join(models)} models, table.md, results.json)")
+    print(f"mitigation outputs: {out / 'mitigation'}/ ({', '.join(written)}, table.md, results.json)")
 
 
 def _pct100(v) -> str:

@@ -28,7 +28,8 @@ def add_out_option(p: argparse.ArgumentParser, kind: str = "dir", help: str | No
                    required: bool = True, default: str | None = None, metavar: str | None = None,
                    resumable: bool = False) -> None:
     """``--out`` (a folder, ``kind="dir"``, or a file) and ``--overwrite``, the same on every command.
-    Commands check them first with `backdoorlab.io.check_out_dir` / `check_out_file`."""
+    Commands check them first with `backdoorlab.io.check_out_dir` / `check_out_file`. A folder
+    output holds the command's results.json: ``--json`` prints it (`add_json_option`)."""
     what = "output folder" if kind == "dir" else "output file"
     p.add_argument("--out", required=required, default=default, metavar=metavar or kind.upper(),
                    help=help or what)
@@ -37,9 +38,18 @@ def add_out_option(p: argparse.ArgumentParser, kind: str = "dir", help: str | No
                  "deleted first" if resumable else "")
         text = ("replace an earlier backdoorlab output in --out" + again + " (a folder holding "
                 "files backdoorlab did not make is never replaced)")
+        add_json_option(p)
     else:
         text = "replace an existing output file"
     p.add_argument("--overwrite", action="store_true", help=text)
+
+
+def add_json_option(p: argparse.ArgumentParser) -> None:
+    """``--json``: print the command's ``results.json`` (the file it writes into ``--out``; schemas
+    in docs/json.md) on stdout when it succeeds; its usual lines then go to stderr."""
+    p.add_argument("--json", action="store_true", help="print results.json on stdout (the usual lines "
+                   "go to stderr; schemas: docs/json.md)")
+    p.set_defaults(json_results="results.json")
 
 
 INPUT_OPTIONS = ("model", "data", "test_data", "clean", "valid", "test", "guide", "guide_triggers",
@@ -111,6 +121,25 @@ def compute_from_args(args: argparse.Namespace, say: bool = True):
         print(describe(device, precision), file=sys.stderr, flush=True)
         args._device_said = True
     return device, precision
+
+
+def save_model_files(model, folder, stem: str, source: str, classes: int | None = None) -> list[str]:
+    """Write ``stem.safetensors`` into ``folder`` and, when the model came from a Keras weights file
+    (``source`` ends in .h5) with ``classes`` outputs (default: its own), ``stem.h5`` in that Keras
+    layout too, for Keras users. Returns the names written, for the command's last line."""
+    from pathlib import Path
+
+    from backdoorlab.models.files import save_model
+
+    save_model(model, Path(folder) / f"{stem}.safetensors")
+    written = [f"{stem}.safetensors"]
+    same = model.num_classes == (classes if classes is not None else model.num_classes)
+    if Path(source).suffix.lower() in (".h5", ".hdf5") and same and getattr(model, "net", None) is not None:
+        from backdoorlab.models.keras_h5 import save_keras_weights
+
+        save_keras_weights(model, Path(folder) / f"{stem}.h5")
+        written.append(f"{stem}.h5 (Keras weights)")
+    return written
 
 
 def add_data_options(p: argparse.ArgumentParser) -> None:

@@ -21,6 +21,7 @@ from backdoorlab.commands.common import (
     load_poisoned,
     number,
     poisoned_lines,
+    save_model_files,
     scale_hint,
 )
 from backdoorlab.errors import BadInput
@@ -50,7 +51,6 @@ def cmd_fine_prune(args: argparse.Namespace) -> int:
     from backdoorlab.defenses.fine_pruning import fine_prune
     from backdoorlab.defenses.magnitude_pruning import magnitude_prune
     from backdoorlab.io import atomic_dir, write_json
-    from backdoorlab.models.files import save_model
     from backdoorlab.train import TrainConfig
 
     if args.drop is not None and args.fraction is not None:
@@ -89,8 +89,8 @@ def cmd_fine_prune(args: argparse.Namespace) -> int:
     table = stage_table(res)
     out = Path(args.out)
     with atomic_dir(out) as tmp:
-        save_model(pruned, tmp / "pruned.safetensors")
-        save_model(tuned, tmp / "finetuned.safetensors")
+        written = [*save_model_files(pruned, tmp, "pruned", args.model),
+                   *save_model_files(tuned, tmp, "finetuned", args.model)]
         rules = "".join(f"ASR on {line}.\n" for line in poisoned_lines(poisoned))
         (tmp / "table.md").write_text(f"{what}; fine-tuned {cfg.epochs} epochs on clean validation "
                                       f"data (lr {cfg.lr:g}).\n{rules}\n" + table)
@@ -102,7 +102,7 @@ def cmd_fine_prune(args: argparse.Namespace) -> int:
     print(table, end="")
     for note in getattr(res, "notes", []):
         print(f"note: {note}")
-    print(f"wrote {out}/ (pruned.safetensors, finetuned.safetensors, table.md, results.json)")
+    print(f"wrote {out}/ ({', '.join(written)}, table.md, results.json)")
     return 0
 
 

@@ -16,6 +16,7 @@ from backdoorlab.commands.common import (
     load_model_from_args,
     load_poisoned,
     poisoned_lines,
+    save_model_files,
 )
 from backdoorlab.errors import BadInput
 
@@ -63,7 +64,6 @@ def cmd_repair(args: argparse.Namespace) -> int:
     check_out(args, "repair")  # before any loading or work
     from backdoorlab import registry
     from backdoorlab.io import atomic_dir, write_json
-    from backdoorlab.models.files import save_model
     from backdoorlab.options import from_args
     from backdoorlab.repairs import DefenderData, repair
 
@@ -112,14 +112,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
     model, res = repair(method.name, clf, data, test, poisoned, opts)
     table = repair_table(res)
     out = Path(args.out)
-    written = ["model.safetensors"]
     with atomic_dir(out) as tmp:
-        save_model(model, tmp / "model.safetensors")
-        if Path(args.model).suffix.lower() in (".h5", ".hdf5") and model.num_classes == clf.num_classes:
-            from backdoorlab.models.keras_h5 import save_keras_weights
-
-            save_keras_weights(model, tmp / "model.h5")  # the Keras layout it came in, for Keras users
-            written.append("model.h5 (Keras weights)")
+        written = save_model_files(model, tmp, "model", args.model, clf.num_classes)
         (tmp / "table.md").write_text(f"{method.name}: {method.summary} ({method.paper}).\n\n" + table)
         write_json(tmp / "results.json", {**res.to_dict(), "paper": method.paper,
                                           "poisoned_sets": [ps.describe() for ps in poisoned],

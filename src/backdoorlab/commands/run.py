@@ -8,8 +8,11 @@ from backdoorlab.commands.common import POSITIVE, add_out_option
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from backdoorlab.experiment.run import run_experiment
 
+    args.out = args.out or str(Path("runs") / Path(args.config).stem)  # where --json finds results.json
     res = run_experiment(args.config, args.out, args.executor, args.jobs, args.threads, args.address,
                          args.dry_run, report=not args.no_report, overwrite=args.overwrite)
     return 2 if res.get("errors") else 0

@@ -13,7 +13,6 @@ need clean data run only when it is given (the output says which were skipped an
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from backdoorlab.commands.common import (
@@ -92,15 +91,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
                 write_triggers(res.detection.triggers, tmp / f"triggers-{name}.npz")
         (tmp / "summary.txt").write_text("\n".join(lines) + "\n")
         write_json(tmp / "results.json", doc)
-    if args.json:
-        print(json.dumps({k: v for k, v in doc.items() if k != "detectors"}
-                         | {"detectors": {k: {"flagged": v.detection.flagged,
-                                              "statistic": v.detection.statistic,
-                                              "statistic_name": v.detection.statistic_name,
-                                              "p_value": v.detection.p_value}
-                                          for k, v in results.items()}}, indent=2))
-    else:
-        print("\n".join(lines))
+    print("\n".join(lines))
     print(f"wrote {out}/ (results.json, summary.txt)")
     return 0
 
@@ -118,7 +109,6 @@ def register(sub) -> None:
                    help="run only this detector (repeatable; default: all; see 'backdoorlab list')")
     p.add_argument("--target", action="append", type=LABEL, metavar="LABEL",
                    help="the attack's target, if known (only scores the answer; repeatable)")
-    p.add_argument("--json", action="store_true", help="print the verdict as JSON")
     add_out_option(p)
     add_model_options(p)
     add_data_options(p)
