@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import pickle
 import struct
@@ -623,3 +624,20 @@ def test_cli_data_info_bad_input_one_line(tmp_path, capsys):
     assert main(["data", "info", str(d), "--split", "test"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "system" in err
+
+
+def test_data_info_shows_the_only_split_there_is(tmp_path, capsys):
+    """`data info` defaults to the train split; a folder holding only the test split is shown with a
+    note instead of refused, while an explicit --split train still names what is missing."""
+    import shutil
+
+    from backdoorlab.cli import main
+
+    root = tmp_path / "GTSRB"
+    make_official(root, {0: 2, 1: 2}, n_test=6)
+    shutil.rmtree(root / "Final_Training")
+    assert main(["data", "info", str(root), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["count"] == 6 and info["split"] == "test" and "no train split here" in info["note"]
+    assert main(["data", "info", str(root), "--split", "train"]) == 2
+    assert "train split not found" in capsys.readouterr().err

@@ -188,3 +188,28 @@ def test_other_pixel_values_are_refused_with_one_line(name):
         with pytest.raises(BadInput, match=match) as e:
             call(bad)
         assert "\n" not in str(e.value), name
+
+
+def test_architecture_names_ignore_case_and_dashes_and_errors_list_one_set():
+    from backdoorlab.errors import BadInput
+    from backdoorlab.models.architectures import build, canonical, known_text
+
+    assert canonical("DeepID") == "deepid" and canonical("PreAct-ResNet18") == "preact_resnet18"
+    assert canonical("ResNet18") == "preact_resnet18"
+    net = build("Small-CNN", 10, (16, 16, 1))
+    assert sum(p.numel() for p in net.parameters()) > 0
+    with pytest.raises(BadInput, match=f"known: {known_text()}"):
+        build("bogus", 10, (16, 16, 1))
+
+
+def test_a_data_file_given_as_a_model_is_named_as_data(tmp_path, capsys):
+    from backdoorlab.cli import main
+    from backdoorlab.data import ImageSet
+    from backdoorlab.data.csaw import write_csaw_h5
+
+    rng = np.random.default_rng(0)
+    write_csaw_h5(ImageSet(rng.integers(0, 256, (8, 16, 16, 1), dtype=np.uint8), np.arange(8) % 2, 2),
+                  tmp_path / "clean.h5")
+    assert main(["eval", str(tmp_path / "clean.h5"), "--clean", str(tmp_path / "clean.h5")]) == 2
+    err = capsys.readouterr().err
+    assert "a data file (datasets data, label), not a model" in err and err.count("\n") == 1

@@ -7,3 +7,8 @@ class BadInput(Exception):
     The CLI prints ``error: <message>`` on one line and exits with status 2. The message
     should name what is wrong, where, and what was expected.
     """
+
+
+class MissingSplit(BadInput):
+    """The data set has no files for the split asked for (readers raise it so that a caller that
+    did not choose the split, like ``data info``, can show the split that is there)."""

@@ -24,7 +24,7 @@ from backdoorlab.data.imageset import ImageSet
 from backdoorlab.errors import BadInput
 from backdoorlab.evaluation import accuracy
 from backdoorlab.metrics_image import image_quality
-from backdoorlab.models.architectures import build
+from backdoorlab.models.architectures import build, canonical
 from backdoorlab.models.classifier import Classifier
 from backdoorlab.models.spec import InputSpec
 from backdoorlab.train import TrainConfig, seeded_init, train
@@ -116,6 +116,7 @@ def train_attack(train_data: ImageSet, test: ImageSet, arch: str, plan: AttackPl
     seeded_init(seed)
     h, w, c = train_data.shape
     spec = InputSpec(h, w, c, scale=input_scale)
+    arch = canonical(arch)
     net = build(arch, k, spec.shape)
     clf = Classifier(net, spec, k, arch, provenance={
         "trained_by": "backdoorlab attack", "data": train_data.name, "seed": seed,

@@ -73,6 +73,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
         raise BadInput("all-to-all attacks have no --target (each label y maps to y+1)")
     if args.mode == "all2one" and triggers and not targets:
         raise BadInput("give the attack's --target label (one per --trigger)")
+    from backdoorlab.models import architectures
+
+    args.arch = architectures.canonical(args.arch)
+    if args.arch not in architectures.ARCHITECTURES:  # a typo: one line before the data is read
+        raise BadInput(f"unknown architecture {args.arch!r} (known: {architectures.known_text()})")
     train_data, test = load_train_test(args)
     plan = AttackPlan(triggers=triggers, targets=targets, rate=args.rate, mode=args.mode,
                       clean_label=args.clean_label, pruning_aware=args.pruning_aware,

@@ -142,9 +142,10 @@ def save_model_files(model, folder, stem: str, source: str, classes: int | None 
     return written
 
 
-def add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--split", choices=["train", "test"], default=None,
-                   help="which split of a data set that holds both (default: test for evaluation)")
+def add_data_options(p: argparse.ArgumentParser,
+                     split_help: str = "which split of a data set that holds both (default: test for "
+                                       "evaluation)") -> None:
+    p.add_argument("--split", choices=["train", "test"], default=None, help=split_help)
     p.add_argument("--size", type=integer(1, 4096, "image size"),
                    help="resize images to SIZE x SIZE where the reader can")
 

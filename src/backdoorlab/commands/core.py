@@ -24,7 +24,16 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 
     fmt, path = parse_source(args.source)
     fmt = fmt or detect_format(path)
-    data = load_data(args.source, args, default_split=args.split or "train")
+    from backdoorlab.errors import MissingSplit
+
+    try:
+        data = load_data(args.source, args, default_split="train")
+    except MissingSplit:
+        if args.split:  # asked for by name: say it is not there
+            raise
+        data = load_data(args.source, args, default_split="test")  # the split that is there
+        data.meta["note"] = "; ".join(filter(None, [data.meta.get("note"), "no train split here: "
+                                                    "this is the test split"]))
     h, w, c = data.shape
     info = {"source": args.source, "format": fmt, "name": data.name, "count": len(data),
             "image_size": [h, w, c], "classes": data.num_classes, "labeled": data.labeled}
@@ -141,7 +150,8 @@ def register(sub) -> None:
                            description="Describe a data set: SOURCE is PATH, FORMAT:PATH "
                            "(csaw, gtsrb, cifar10, mnist, folder, images) or 'digits'.")
     info.add_argument("source", metavar="SOURCE")
-    add_data_options(info)
+    add_data_options(info, "which split of a data set that holds both (default: train, or the only "
+                           "split there is)")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_data_info)
 

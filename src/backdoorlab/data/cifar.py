@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from backdoorlab.data.imageset import ImageSet
-from backdoorlab.errors import BadInput
+from backdoorlab.errors import BadInput, MissingSplit
 from backdoorlab.safe_read import open_regular, read_bytes
 
 NUM_CLASSES = 10
@@ -174,7 +174,8 @@ def read_cifar10(path: str | os.PathLike, split: str = "train") -> ImageSet:
             raise BadInput(f"{p}: not a CIFAR-10 folder (expected data_batch_1..5, test_batch, batches.meta)")
         missing = [n for n in names if not (d / n).is_file()]
         if missing:
-            raise BadInput(f"{d}: missing CIFAR-10 {split} batch file(s): {', '.join(missing)}")
+            error = MissingSplit if len(missing) == len(names) else BadInput
+            raise error(f"{d}: missing CIFAR-10 {split} batch file(s): {', '.join(missing)}")
         blobs = [(str(d / n), _read_bytes(d / n)) for n in names]
         meta_file = d / "batches.meta"
         meta_blob = (str(meta_file), _read_bytes(meta_file)) if meta_file.is_file() else None

@@ -31,7 +31,7 @@ import numpy as np
 
 from backdoorlab.data.imageio import Box, load_images
 from backdoorlab.data.imageset import ImageSet
-from backdoorlab.errors import BadInput
+from backdoorlab.errors import BadInput, MissingSplit
 from backdoorlab.safe_read import MAX_TEXT_BYTES, read_bytes
 
 NUM_CLASSES = 43
@@ -195,7 +195,7 @@ def _plan(p: Path, split: str, roi: bool) -> _Plan:
     expected = ("Final_Training/Images/000NN/GT-000NN.csv or Train.csv" if split == "train"
                 else "Final_Test/Images with GT-final_test.csv or Test.csv")
     hint = f"; only the {other} split is here" if have else ""
-    raise BadInput(f"{p}: GTSRB {split} split not found (expected {expected}){hint}")
+    raise MissingSplit(f"{p}: GTSRB {split} split not found (expected {expected}){hint}")
 
 
 # --- CSV reading --------------------------------------------------------------------------------

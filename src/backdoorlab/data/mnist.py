@@ -20,7 +20,7 @@ from typing import IO
 import numpy as np
 
 from backdoorlab.data.imageset import ImageSet
-from backdoorlab.errors import BadInput
+from backdoorlab.errors import BadInput, MissingSplit
 from backdoorlab.safe_read import open_regular
 
 NUM_CLASSES = 10
@@ -74,7 +74,7 @@ def read_mnist(path: str | os.PathLike, split: str = "train") -> ImageSet:
                            "t10k-images-idx3-ubyte[.gz])")
         images_file = _find(d, _PREFIX[split], "images")
         if images_file is None:
-            raise BadInput(f"{d}: no {_PREFIX[split]}-images-idx3-ubyte[.gz] for the {split} split")
+            raise MissingSplit(f"{d}: no {_PREFIX[split]}-images-idx3-ubyte[.gz] for the {split} split")
     else:
         if not _is_images_name(p):
             raise BadInput(f"{p}: expected an MNIST images file named *-images-idx3-ubyte[.gz]")

@@ -150,10 +150,9 @@ def build(name: str, num_classes: int, input_shape: tuple[int, int, int], **opti
     takes, and, built first on torch's meta device (shapes only, no memory), the network holds at most
     2^28 parameters in any layer and in all. Each builder refuses an input too small for its pooling.
     """
-    key = ALIASES.get(name, name)
+    key = canonical(name)
     if key not in ARCHITECTURES:
-        known = ", ".join(sorted(set(ARCHITECTURES) | set(ALIASES)))
-        raise BadInput(f"unknown architecture {name!r} (known: {known})")
+        raise BadInput(f"unknown architecture {name!r} (known: {known_text()})")
     builder, where = ARCHITECTURES[key], f"architecture {name!r}"
     num_classes = check_int(num_classes, f"{where}: class count", 1, MAX_CLASSES)
     shape = check_shape(input_shape, where)
@@ -206,4 +205,12 @@ def check_size(net: nn.Module, where: str) -> None:
 
 
 def canonical(name: str) -> str:
-    return ALIASES.get(name, name)
+    """The registered name of ``name``: case and ``-``/``_`` do not matter (``DeepID`` = ``deepid``,
+    ``preact-resnet18`` = ``preact_resnet18``), aliases map to what they build."""
+    key = str(name).strip().lower().replace("-", "_")
+    return ALIASES.get(key, key)
+
+
+def known_text() -> str:
+    """Every architecture name `build` accepts, for error messages (one list everywhere)."""
+    return ", ".join(sorted(set(ARCHITECTURES) | set(ALIASES)))

@@ -69,8 +69,7 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, input_scale:
     """
     p = Path(path)
     if arch is not None and architectures.canonical(str(arch)) not in architectures.ARCHITECTURES:
-        known = ", ".join(sorted(set(architectures.ARCHITECTURES) | set(architectures.ALIASES)))
-        raise BadInput(f"unknown architecture {arch!r} (known: {known})")  # a typo, even where unused
+        raise BadInput(f"unknown architecture {arch!r} (known: {architectures.known_text()})")
     if not p.exists():
         raise BadInput(f"{p}: no such model file")
     if p.suffix.lower() in (".h5", ".hdf5", ".keras"):

@@ -120,9 +120,14 @@ def load_keras(path: Path, arch: str | None = None, num_classes: int | None = No
         f = _open(path)
         with f:
             has_config = "model_config" in f.attrs
+            weights = "layer_names" in f.attrs or "model_weights" in f
+            data_keys = sorted(k for k in f.keys() if k in ("data", "label", "x_data", "y_data"))
+        if not has_config and not weights and data_keys:
+            raise BadInput(f"{path}: a data file (datasets {', '.join(data_keys)}), not a model: "
+                           "give a model file here and the data with --clean / --valid / --data")
         if not has_config:
             raise BadInput(f"{path}: a Keras weights-only file; name its architecture with "
-                           f"--arch (known: {', '.join(sorted(architectures.ARCHITECTURES))})")
+                           f"--arch (known: {architectures.known_text()})")
         from backdoorlab.models.keras_graph import load_keras_model
 
         return load_keras_model(path, input_scale=input_scale)
