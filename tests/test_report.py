@@ -31,3 +31,30 @@ def test_report_renders_a_fine_prune_run(tmp_path, capsys):
     assert "Seeds: 7." in md
     html = (tmp_path / "report.html").read_text()
     assert "<h1>T</h1>" in html and "Provenance" in html
+
+
+def test_report_names_grid_cells_and_shows_a_mitigation_once(tmp_path, capsys):
+    """A `run` cell folder is titled "attack × defense, seed N" (from its cell.json), not by its
+    hashed folder name; cleanse's mitigation/ results appear once, under the scan."""
+    stage = {"valid_accuracy": 0.9, "test_accuracy": 0.88, "asr": 0.5}
+    cell = tmp_path / "cells" / "badnets-fp-s1-0123456789ab"
+    cell.mkdir(parents=True)
+    (cell / "results.json").write_text(json.dumps({
+        "kind": "fine-prune", "pruned_channels": [1], "num_channels": 8, "layer": "conv_2",
+        "before": stage, "after_pruning": stage, "after_finetuning": stage,
+        "settings": {"train": {"epochs": 1}, "seed": 1}, "inputs": {}}))
+    (cell / "cell.json").write_text(json.dumps({"cell": {"attack": "badnets", "defense": "fp", "seed": 1}}))
+    nc = tmp_path / "nc"
+    (nc / "mitigation").mkdir(parents=True)
+    labels = [{"label": y, "stage": "full", "norm": 10.0 - 9 * (y == 0),
+               "anomaly_index": 3.0 if y == 0 else 0.5, "asr": 0.99, "flagged": y == 0} for y in range(3)]
+    (nc / "results.json").write_text(json.dumps({
+        "kind": "cleanse", "labels": labels, "flagged": [0], "mode": "full", "seconds": 3.0, "passes": 100,
+        "median": 10.0, "mad": 1.0, "threshold": 2.0}))
+    (nc / "mitigation" / "results.json").write_text(json.dumps({
+        "kind": "mitigate", "labels": [0], "methods": [{"method": "unlearn", "clean_accuracy": 0.9,
+                                                        "asr": 0.01, "detection_rate": None}]}))
+    assert main(["report", str(tmp_path)]) == 0, capsys.readouterr().err
+    md = (tmp_path / "report.md").read_text()
+    assert "## Fine-Pruning: badnets × fp, seed 1" in md and "0123456789ab" not in md
+    assert md.count("## Neural Cleanse mitigation") == 1 and "## Neural Cleanse: nc" in md

@@ -346,3 +346,23 @@ def test_bpp_on_digits(digits_split):
     assert out.clean_accuracy >= 0.85
     assert out.asr[0] < 0.30  # measured 0.121: did not implant (see the docstring)
     assert out.trigger_quality[0]["psnr_mean"] > 25
+
+
+def test_the_saved_preview_is_a_labelled_figure_with_a_row_per_stage(tmp_path):
+    """clean + (triggered, difference) per trigger: the figure grows by two rows per trigger and
+    keeps gaps between images (no two neighbouring images touch: a white column separates them)."""
+    from PIL import Image
+
+    from backdoorlab.data import ImageSet
+    from backdoorlab.report.previews import save_trigger_preview
+
+    x = rand_images(6, 16, 16, 1, seed=4)
+    data = ImageSet(x, np.zeros(6, dtype=np.int64), 2)
+    one, two = tmp_path / "one.png", tmp_path / "two.png"
+    save_trigger_preview(data, [make_trigger("patch:size=3", (16, 16, 1))], one, names=["patch → 0"])
+    save_trigger_preview(data, [make_trigger("patch:size=3", (16, 16, 1)),
+                                make_trigger("wanet", (16, 16, 1))], two)
+    a, b = np.asarray(Image.open(one).convert("L")), np.asarray(Image.open(two).convert("L"))
+    assert b.shape[0] > 1.5 * a.shape[0]
+    white_cols = np.flatnonzero((a > 250).all(axis=0))
+    assert len(white_cols) >= 5 + 1  # the gaps between the six columns of images, and the margins

@@ -177,7 +177,11 @@ def write_attack_outputs(out: Path, clf: Classifier, outcome: AttackOutcome, art
             write_csaw_h5(_with_targets(pv, targets), tmp / name)
             files["poisoned_valid"].append(name)
         if artefacts["triggers"]:
-            save_trigger_preview(artefacts["test"], artefacts["triggers"], tmp / "trigger_preview.png")
+            plan = outcome.settings.get("plan", {})
+            names = [f"{s} → {t}" for s, t in zip(plan.get("triggers") or [], plan.get("targets") or [],
+                                                 strict=False)] or None
+            save_trigger_preview(artefacts["test"], artefacts["triggers"], tmp / "trigger_preview.png",
+                                 names=names if names and len(names) == len(artefacts["triggers"]) else None)
             files["trigger_preview"] = "trigger_preview.png"
         result = {"kind": "attack", **outcome.to_dict(), "files": files}
         write_json(tmp / "results.json", result)

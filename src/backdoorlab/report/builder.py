@@ -56,6 +56,14 @@ def kind_of(res: dict) -> str | None:
     return None
 
 
+def _read(f: Path) -> dict:
+    try:
+        r = json.loads(f.read_text()) if f.is_file() and not f.is_symlink() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return {}
+    return r if isinstance(r, dict) else {}
+
+
 def find_runs(root: Path) -> list[tuple[str, Path, dict]]:
     runs = []
     for f in sorted([root / "results.json", *root.glob("*/results.json"), *root.glob("*/*/results.json")]):
@@ -273,8 +281,23 @@ def sections_for(root: Path) -> list[Section]:
     return out
 
 
+def display_name(d: Path, root: Path) -> str:
+    """A section's name: "attack × defense, seed N" for a cell of a `run` grid (read from its
+    cell.json), else the folder relative to the report's root."""
+    cell = d / "cell.json"
+    if cell.is_file() and not cell.is_symlink() and cell.stat().st_size < 1 << 20:
+        try:
+            c = json.loads(cell.read_text())["cell"]
+            if c.get("defense"):
+                return f"{c['attack']} × {c['defense']}, seed {c['seed']}"
+            return f"{c['attack']}, seed {c['seed']}"
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            pass  # not one of ours after all: the folder name serves
+    return str(d.relative_to(root)) if d != root else root.name
+
+
 def _add_sections(out: list[Section], kind: str, d: Path, r: dict, root: Path) -> None:
-    name = str(d.relative_to(root)) if d != root else root.name
+    name = display_name(d, root)
     if kind == "attack":
         out.append(attack_section(name, d, r))
     elif kind == "prune":
@@ -301,6 +324,8 @@ def _add_sections(out: list[Section], kind: str, d: Path, r: dict, root: Path) -
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise BadInput(f"{mit}: not valid JSON ({e})") from None
     elif kind == "mitigate":
+        if d.name == "mitigation" and kind_of(_read(d.parent / "results.json")) == "cleanse":
+            return  # shown with its Neural Cleanse scan (above)
         out.append(mitigate_section(name, d, r))
     elif kind == "demo":
         out.append(demo_section(d, r))
