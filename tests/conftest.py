@@ -73,3 +73,16 @@ def same_state(a: dict, b: dict) -> bool:
     import torch
 
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="session")
+def demo_quick(tmp_path_factory):
+    """``backdoorlab demo --quick`` run once as a user runs it (a subprocess), shared by the tests
+    of its outputs and of its report in a browser: ``(output folder, completed process)``."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("demo-quick") / "demo"
+    r = subprocess.run([sys.executable, "-m", "backdoorlab", "demo", "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    return out, r

@@ -68,7 +68,7 @@ epochs = [1, 2]
     rows = {r[1]: r for r in res["table"]["rows"]}
     assert set(rows) == {"none", "ft-epochs1", "ft-epochs2"}
     assert rows["ft-epochs2"][-1].startswith("fine-tuned 2 epochs")
-    assert "## Repair fine-tune: cells/" in (tmp_path / "out" / "report.md").read_text()
+    assert "## Repair fine-tune: badnets × " in (tmp_path / "out" / "report.md").read_text()
     # the CLI: its options are flags, bounds checked by argparse
     cell = next(c for c in res["cells"] if c["cell"]["kind"] == "attack")
     d = tmp_path / "out" / "cells" / cell["dir"]

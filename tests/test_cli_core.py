@@ -1,8 +1,6 @@
 """CLI front door: demo, eval, bad input (one line on stderr, exit 2, nothing half-written)."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -116,10 +114,8 @@ def test_eval_bad_input_one_line_exit_2(tmp_path, tiny_model, capsys, case):
     assert "error" in line
 
 
-def test_demo_quick_writes_outputs(tmp_path):
-    out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "backdoorlab", "demo", "--quick", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+def test_demo_quick_writes_outputs(demo_quick):
+    out, r = demo_quick
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "results.json").read_text())
     assert res["kind"] == "demo"
@@ -132,4 +128,4 @@ def test_demo_quick_writes_outputs(tmp_path):
         assert section in html, section
     assert html.count("data:image/png;base64,") >= 6  # plots embedded, self-contained
     assert (out / "report.md").is_file()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers

@@ -13,7 +13,8 @@ from backdoorlab.cli import main
 from backdoorlab.errors import BadInput
 from backdoorlab.experiment.cells import Cell, plan_cells
 from backdoorlab.experiment.config import load_experiment, parse_experiment
-from backdoorlab.experiment.run import estimate_left, run_experiment
+from backdoorlab.experiment.display import estimate_left
+from backdoorlab.experiment.run import run_experiment
 from backdoorlab.experiment.summary import mean_std, summary_rows
 
 GRID = """
@@ -177,10 +178,10 @@ def test_mean_std():
 def test_eta_weighs_each_cell_left_by_the_time_of_its_kind():
     took = {"attack": [600.0, 400.0], "prune": [10.0]}
     # 2 trainings at 500 s + 1 sweep at 10 s + a scan never timed, at the mean of all (~336.7 s)
-    left = estimate_left(["attack", "attack", "prune", "cleanse"], took, jobs=2)
-    assert left == pytest.approx((2 * 500 + 10 + 1010 / 3) / 2)
-    assert estimate_left([], took, jobs=1) is None
-    assert estimate_left(["attack"], {}, jobs=1) is None
+    left, untimed = estimate_left(["attack", "attack", "prune", "cleanse"], took, jobs=2)
+    assert left == pytest.approx((2 * 500 + 10 + 1010 / 3) / 2) and untimed == ["cleanse"]
+    assert estimate_left([], took, jobs=1) == (None, [])
+    assert estimate_left(["attack"], {}, jobs=1) == (None, ["attack"])
 
 
 def test_multi_trigger_rows_give_every_trigger_and_say_which_one_defenses_score():
@@ -250,10 +251,12 @@ def test_grid_runs_and_writes_table_and_report(grid_run):
     assert "Experiment: tiny" in html and "pruning-drop4" in html
     # the report has a section for every kind of run in the grid
     md = (out / "report.md").read_text()
-    for title in ("## Experiment: tiny", f"## Attack: cells/{attack['dir']}", "## Repair prune: cells/",
-                  "## Repair fine-prune: cells/", "## Neural Cleanse: cells/", "## Repair magnitude: cells/",
-                  "## Repair guided-prune: cells/", "## Provenance"):
+    # (titled "attack × defense, seed N" from each cell's cell.json, not by the hashed folder)
+    for title in ("## Experiment: tiny", "## Attack: badnets, seed 0\n", "## Repair prune: badnets × ",
+                  "## Repair fine-prune: badnets × ", "## Neural Cleanse: badnets", "## Repair magnitude: "
+                  "badnets × ", "## Repair guided-prune: badnets × ", "## Provenance"):
         assert title in md, title
+    assert f"## Attack: cells/{attack['dir']}" not in md
     assert len(list((out / "logs").glob("*.log"))) == 9  # 8 cells and the shared Neural Cleanse scan
     mag = res_of("badnets-mag-s0")
     assert mag["method"] == "magnitude" and abs(mag["options"]["sparsity"] - 0.3) < 1e-9
@@ -416,7 +419,7 @@ kind = "prune"
     for f in ("heatmap_asr.png", "heatmap_accuracy.png"):
         assert (tmp_path / "out" / f).read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "## Detect neural-cleanse: cells/" in md and "heatmap_asr.png" in md
+    assert "## Detect neural-cleanse: badnets × " in md and "heatmap_asr.png" in md
     assert "## Model detectors" in (tmp_path / "out" / "summary.md").read_text()
 
 
@@ -538,7 +541,7 @@ def test_bad_inputs_are_refused_before_any_cell_and_before_the_folder(handed, tm
     lines = err.err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err.err
     assert words in lines[0]
-    assert "submitted" not in err.out and not out.exists()
+    assert "started" not in err.out and not out.exists()
 
 
 def test_the_keras_model_handed_over_must_fit_the_data(handed, csaw_dir, tmp_path, capsys):
@@ -654,7 +657,7 @@ def test_a_grid_finishes_seed_by_seed_and_defenses_before_new_trainings(tmp_path
             self.most = max(self.most, self.live)
             return cell["label"]
 
-        def wait_any(self, handles):
+        def wait_any(self, handles, timeout=None):
             self.live -= 1
             return handles[:1]
 

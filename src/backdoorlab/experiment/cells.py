@@ -421,28 +421,14 @@ def finished(root: Path, cell: Cell) -> dict | None:
     return rec if rec.get("key") == cell.key else None
 
 
-def run_cell(cell_dict: dict, root: str, parent_dirname: str | None, threads: int) -> dict:
-    """Compute one cell (in a worker process or a Ray task); returns its cell.json record."""
-    import torch
+def status_path(root: Path, cell: Cell) -> Path:
+    """The file a running cell keeps its progress in (`backdoorlab.progress`), read by `run`."""
+    return root / "logs" / f"{cell.dirname}.status"
 
-    from backdoorlab.io import write_json
 
-    torch.set_num_threads(max(1, threads))
-    cell = Cell(**cell_dict)
-    rootp = Path(root)
-    d = cell_dir(rootp, cell)
-    parent_dir = rootp / "cells" / parent_dirname if parent_dirname else None
-    (rootp / "logs").mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    stale = d / "cell.json"
-    if d.exists() and not stale.exists() and cell.kind != "scan":  # an interrupted earlier attempt
-        shutil.rmtree(d)  # (a scan resumes in place from its saved state)
-    model_dir, scan_dir = parent_dir, None
-    if parent_dir is not None and (parent_dir / "cell.json").is_file():
-        prec = json.loads((parent_dir / "cell.json").read_text())
-        if prec["cell"]["kind"] == "scan":  # the model is the scan's parent
-            model_dir, scan_dir = rootp / "cells" / prec["parent_dir"], parent_dir
-    compute = _flags(cell.spec.get("compute", {}))  # --device / --precision of [compute]
+def _compute_cell(cell: Cell, d: Path, model_dir: Path | None, scan_dir: Path | None, compute: list[str],
+                  rootp: Path) -> None:
+    """Run the cell's command, its output captured in logs/<dirname>.log."""
     with open(rootp / "logs" / f"{cell.dirname}.log", "w", encoding="utf-8") as log:
         if cell.kind == "attack":
             _run_cli([*attack_args(cell), "--out", str(d), *compute], log)
@@ -465,6 +451,39 @@ def run_cell(cell_dict: dict, root: str, parent_dirname: str | None, threads: in
                 else:
                     _run_cli([",".join(map(str, flagged or [])) if a == "{flagged}" else a for a in args]
                              + compute, log)
+
+
+def run_cell(cell_dict: dict, root: str, parent_dirname: str | None, threads: int) -> dict:
+    """Compute one cell (in a worker process or a Ray task); returns its cell.json record."""
+    import torch
+
+    from backdoorlab.io import write_json
+
+    torch.set_num_threads(max(1, threads))
+    cell = Cell(**cell_dict)
+    rootp = Path(root)
+    d = cell_dir(rootp, cell)
+    parent_dir = rootp / "cells" / parent_dirname if parent_dirname else None
+    (rootp / "logs").mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    stale = d / "cell.json"
+    if d.exists() and not stale.exists() and cell.kind != "scan":  # an interrupted earlier attempt
+        shutil.rmtree(d)  # (a scan resumes in place from its saved state)
+    model_dir, scan_dir = parent_dir, None
+    if parent_dir is not None and (parent_dir / "cell.json").is_file():
+        prec = json.loads((parent_dir / "cell.json").read_text())
+        if prec["cell"]["kind"] == "scan":  # the model is the scan's parent
+            model_dir, scan_dir = rootp / "cells" / prec["parent_dir"], parent_dir
+    compute = _flags(cell.spec.get("compute", {}))  # --device / --precision of [compute]
+    from backdoorlab.progress import STATUS_ENV
+
+    status = status_path(rootp, cell)  # where the cell's loops report their progress, for `run`
+    os.environ[STATUS_ENV] = str(status)
+    try:
+        _compute_cell(cell, d, model_dir, scan_dir, compute, rootp)
+    finally:
+        os.environ.pop(STATUS_ENV, None)
+        status.unlink(missing_ok=True)
     rec = {"key": cell.key, "cell": cell.to_dict(), "dir": cell.dirname, "parent_dir": parent_dirname,
            "seconds": round(time.perf_counter() - t0, 2), "threads": threads,
            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **_summary(cell, d, model_dir)}

@@ -103,10 +103,11 @@ class LocalBackend:
     def submit(self, *args):
         return self.pool.submit(run_cell, *args)
 
-    def wait_any(self, handles: list) -> list:
+    def wait_any(self, handles: list, timeout: float | None = None) -> list:
+        """The finished handles, waiting for one at most ``timeout`` seconds ([] when none)."""
         from concurrent.futures import FIRST_COMPLETED, wait
 
-        done, _ = wait(handles, return_when=FIRST_COMPLETED)
+        done, _ = wait(handles, timeout=timeout, return_when=FIRST_COMPLETED)
         return list(done)
 
     @staticmethod
@@ -186,8 +187,8 @@ class RayBackend:
             return self.remote.options(num_cpus=self.threads, num_gpus=gpus).remote(*args)
         return self.remote.remote(*args)
 
-    def wait_any(self, handles: list) -> list:
-        done, _ = self.ray.wait(handles, num_returns=1)
+    def wait_any(self, handles: list, timeout: float | None = None) -> list:
+        done, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)
         return done
 
     def result(self, handle) -> dict:
@@ -213,14 +214,18 @@ class RayBackend:
 
 
 Reporter = Callable[[dict, bool, int, int], None]
+TICK = 1.0  # seconds between two looks at the running cells' progress
 # OS errors of a cell that stop the grid (every other cell would fail the same way): a full disk,
 # an over-quota or too-large file, an I/O error; the CLI reports them with exit status 74
 _STOPS_ALL = {getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG", "EIO") if hasattr(errno, n)}
 
 
 def execute(cells: list[Cell], root: Path, backend, threads: int, report: Reporter | None = None,
-            on_start: Callable[[Cell], None] | None = None) -> tuple[dict[str, dict], list[str]]:
-    """Compute every unfinished cell; returns ({key: record}, [error lines])."""
+            on_start: Callable[[Cell], None] | None = None,
+            on_tick: Callable[[list[Cell]], None] | None = None) -> tuple[dict[str, dict], list[str]]:
+    """Compute every unfinished cell; returns ({key: record}, [error lines]). ``report`` is called
+    once with every cached record (``done`` = their count) and then per finished cell;
+    ``on_tick`` about every second with the running cells."""
     records: dict[str, dict] = {}
     errors: list[str] = []
     todo = []
@@ -232,7 +237,7 @@ def execute(cells: list[Cell], root: Path, backend, threads: int, report: Report
             todo.append(c)
     total = len(cells)
     if report:
-        for rec in records.values():
+        for rec in records.values():  # each cached cell once, all counted before the first new one
             report(rec, True, len(records), total)
     failed: set[str] = set()
     pending: dict = {}
@@ -258,7 +263,10 @@ def execute(cells: list[Cell], root: Path, backend, threads: int, report: Report
     try:
         submit_ready()
         while pending:
-            for h in backend.wait_any(list(pending)):
+            done = backend.wait_any(list(pending), timeout=TICK if on_tick else None)
+            if not done and on_tick:
+                on_tick(list(pending.values()))
+            for h in done:
                 c = pending.pop(h)
                 try:
                     rec = backend.result(h)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from backdoorlab.experiment.cells import check_options, plan_cells
 from backdoorlab.experiment.config import load_experiment
+from backdoorlab.experiment.display import GridProgress
 from backdoorlab.experiment.executors import default_jobs_threads, execute, make_backend
 from backdoorlab.experiment.preflight import experiment_inputs, preflight
 from backdoorlab.experiment.summary import (
@@ -22,20 +23,6 @@ from backdoorlab.experiment.summary import (
     summary_rows,
 )
 from backdoorlab.io import atomic_path, check_out_dir, claim_now, write_json
-
-
-def estimate_left(kinds_left: list[str], seconds_by_kind: dict[str, list[float]],
-                  jobs: int) -> float | None:
-    """Seconds still to go: each cell left costs the mean time of the finished cells of its kind
-    (training, a pruning sweep and a Neural Cleanse scan differ by orders of magnitude), or the mean
-    over all finished cells when none of its kind has finished; divided by the parallel jobs.
-    None when nothing is left or nothing has been timed yet."""
-    every = [t for ts in seconds_by_kind.values() for t in ts]
-    if not kinds_left or not every:
-        return None
-    overall = sum(every) / len(every)
-    mean = {k: sum(ts) / len(ts) for k, ts in seconds_by_kind.items() if ts}
-    return sum(mean.get(k, overall) for k in kinds_left) / max(1, jobs)
 
 
 def run_experiment(config: str | Path, out: str | Path | None = None, executor: str = "local",
@@ -77,31 +64,26 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
         with atomic_path(root / "experiment.toml") as tmp:
             shutil.copyfile(config, tmp)
     t0 = time.perf_counter()
-    times: dict[str, list[float]] = {}
-    done_keys: set[str] = set()
+    console = GridProgress(cells, root, jobs if executor == "local" else len(cells))
 
     def say(rec: dict, cached: bool, done: int, total: int) -> None:
-        el = time.perf_counter() - t0
-        done_keys.add(rec["key"])
-        if not cached:
-            times.setdefault(rec["cell"]["kind"], []).append(rec["seconds"])
-        left = estimate_left([c.kind for c in cells if c.key not in done_keys], times, jobs)
-        eta = "" if left is None else f", ETA ~{left / 60:.0f} min"
-        what = "cached" if cached else f"{rec['seconds']:.0f} s"
-        acc = "—" if rec["accuracy"] is None else f"{100 * rec['accuracy']:.2f} %"
-        asr = "—" if rec["asr"] is None else f"{100 * rec['asr']:.2f} %"
-        print(f"[{done}/{total}] {rec['cell']['label']}: clean acc {acc}, ASR {asr} ({what}; "
-              f"{el:.0f} s elapsed{eta})", flush=True)
+        if cached:
+            cached_recs.append(rec)
+            if len(cached_recs) == done:  # the last cached record: print them once
+                console.cached(cached_recs, total)
+        else:
+            console.finished(rec, done, total)
 
+    cached_recs: list[dict] = []
     if executor == "local":
         print(f"executor local: {jobs} worker process(es) × {threads} torch thread(s)")
     else:
         print(f"executor ray: tasks of {threads} torch thread(s)")
     backend = make_backend(executor, jobs, threads, address)
-    def started(c) -> None:
-        print(f"  submitted {c.label} (log: {root / 'logs' / (c.dirname + '.log')})", flush=True)
-
-    records, errors = execute(cells, root, backend, threads, say, started)
+    try:
+        records, errors = execute(cells, root, backend, threads, say, console.started, console.tick)
+    finally:
+        console.close()
     rows = summary_rows(cells, records)
     detect_rows = detection_rows(cells, records)
     seconds = time.perf_counter() - t0
