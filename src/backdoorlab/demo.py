@@ -31,6 +31,7 @@ from backdoorlab.attacks.runner import AttackPlan, train_attack, write_attack_ou
 from backdoorlab.data.digits import load_digits
 from backdoorlab.errors import BadInput
 from backdoorlab.io import write_json
+from backdoorlab.tables import print_table
 from backdoorlab.train import TrainConfig
 
 ATTACKS = {
@@ -177,10 +178,8 @@ def run_demo(out: Path | None = None, quick: bool = False, seed: int = 0) -> dic
     write_json(out / "results.json", results)
     md, hp = build_report(out, "backdoorlab demo: attack, detect, repair")
     for h, rs in ((head, rows), (repair_head, repairs)):
-        widths = [max(len(str(r[i])) for r in [h, *rs]) for i in range(len(h))]
         print()
-        for r in [h, *rs]:
-            print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
+        print_table(h, rs)
     print()
     for v in verdicts:
         print(f"- {v}")

@@ -27,6 +27,7 @@ from backdoorlab.commands.common import (
 )
 from backdoorlab.errors import BadInput
 from backdoorlab.options import parse_labels  # labels "all", "0,3,5", "10-19"
+from backdoorlab.tables import markdown, print_table
 
 MITIGATIONS = ("unlearn", "prune", "filter")
 
@@ -176,9 +177,10 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
           + (f", {resumed} resumed from {out / 'state'}" if resumed else "") + f") in "
           f"{res.seconds:.0f} s; {res.passes:,} image passes")
     print(f"median mask norm {res.median:.2f}, MAD {res.mad:.2f}")
-    for r in full[: cfg.top_k]:
-        print(f"  label {r.label:5d}  norm {r.norm:9.2f}  anomaly index {_fmt(r.anomaly_index):>7}"
-              f"  ASR {r.asr:.2%}" + ("  FLAGGED" if r.flagged else ""))
+    print_table(["label", "mask norm", "anomaly index", "ASR (%)", "flagged"],
+                [[str(r.label), f"{r.norm:.2f}", _fmt(r.anomaly_index), f"{100 * r.asr:.2f}",
+                  "yes" if r.flagged else ""] for r in full[: cfg.top_k]],
+                title=f"the {min(cfg.top_k, len(full))} smallest reversed triggers")
     if res.flagged:
         print(f"flagged (anomaly index > {res.threshold:.3g}): {', '.join(map(str, res.flagged))}")
     else:
@@ -255,21 +257,21 @@ def run_mitigation(args: argparse.Namespace, clf, clean, res, out: Path, plan: d
                               plan["cfg"], args.seed)
     names = [""] if len(sets) <= 1 else [f" {ps.name}" for ps in sets]
     head = ["method", "clean test acc", *[f"ASR{n}" for n in names], "detection rate"]
+    rules = [f"ASR on {line}." for line in poisoned_lines(sets)]
+    body = [[m.method, _pct100(m.clean_accuracy),
+             *([_pct100(d["asr"]) for d in m.asr_sets] or ["—"] * len(names)), _pct100(m.detection_rate)]
+            for m in result.methods]
     lines = [f"Mitigation with the reversed trigger(s) of label(s) {', '.join(map(str, labels))}; "
-             "figures in % on the test data.",
-             *[f"ASR on {line}." for line in poisoned_lines(sets)], "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in result.methods:
-        asr = [_pct100(d["asr"]) for d in m.asr_sets] or ["—"] * len(names)
-        cells = [_pct100(m.clean_accuracy), *asr, _pct100(m.detection_rate)]
-        lines.append(f"| {m.method} | " + " | ".join(cells) + " |")
+             "figures in % on the test data.", *rules, "", markdown(head, body)]
     with atomic_dir(out / "mitigation") as tmp:
         written = [f for name, model in models.items()
                    for f in save_model_files(model, tmp, name, args.model, clf.num_classes)]
-        (tmp / "table.md").write_text("\n".join(lines) + "\n")
+        (tmp / "table.md").write_text("\n".join(lines))
         write_json(tmp / "results.json", {"kind": "mitigate", **result.to_dict(),
                                           "poisoned_sets": [ps.describe() for ps in sets]})
-    print("\n".join(lines[1:]))
+    for line in rules:
+        print(line)
+    print_table(head, body, title="mitigation (figures in % on the test data)")
     print(f"mitigation outputs: {out / 'mitigation'}/ ({', '.join(written)}, table.md, results.json)")
 
 

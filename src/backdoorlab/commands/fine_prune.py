@@ -25,25 +25,23 @@ from backdoorlab.commands.common import (
     scale_hint,
 )
 from backdoorlab.errors import BadInput
+from backdoorlab.tables import markdown, print_table
 
 
 def _pct(v) -> str:
     return "—" if v is None else f"{100 * v:.2f}"
 
 
-def stage_table(res) -> str:
-    """Markdown table of the three stages; one ASR column per poisoned set."""
-    rows = [("before", res.before), ("after pruning", res.after_pruning),
-            ("after fine-tuning", res.after_finetuning)]
+def stage_rows(res) -> tuple[list[str], list[list[str]]]:
+    """Head and rows of the three stages; one ASR column per poisoned set."""
+    stages = [("before", res.before), ("after pruning", res.after_pruning),
+              ("after fine-tuning", res.after_finetuning)]
     sets = res.before.asr_sets
     names = [""] if len(sets) <= 1 else [f" {d['name']}" for d in sets]
     head = ["model", "valid acc (%)", "clean test acc (%)", *[f"ASR{n} (%)" for n in names]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, st in rows:
-        asr = [_pct(d["asr"]) for d in st.asr_sets] or ["—"]
-        lines.append(f"| {name} | {_pct(st.valid_accuracy)} | {_pct(st.test_accuracy)} | "
-                     + " | ".join(asr) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[name, _pct(st.valid_accuracy), _pct(st.test_accuracy),
+             *([_pct(d["asr"]) for d in st.asr_sets] or ["—"])] for name, st in stages]
+    return head, rows
 
 
 def cmd_fine_prune(args: argparse.Namespace) -> int:
@@ -86,20 +84,20 @@ def cmd_fine_prune(args: argparse.Namespace) -> int:
         what = (f"pruned {len(res.pruned_channels)} of {res.num_channels} channels of {res.layer} "
                 f"({res.fraction:.0%})")
         kind = "fine-prune"
-    table = stage_table(res)
+    head, rows = stage_rows(res)
     out = Path(args.out)
     with atomic_dir(out) as tmp:
         written = [*save_model_files(pruned, tmp, "pruned", args.model),
                    *save_model_files(tuned, tmp, "finetuned", args.model)]
         rules = "".join(f"ASR on {line}.\n" for line in poisoned_lines(poisoned))
         (tmp / "table.md").write_text(f"{what}; fine-tuned {cfg.epochs} epochs on clean validation "
-                                      f"data (lr {cfg.lr:g}).\n{rules}\n" + table)
+                                      f"data (lr {cfg.lr:g}).\n{rules}\n" + markdown(head, rows))
         write_json(tmp / "results.json", {"kind": kind, **res.to_dict(),
                                           "poisoned_sets": [ps.describe() for ps in poisoned],
                                           "inputs": {"model": args.model, "valid": args.valid,
                                                      "test": args.test, "poisoned": args.poisoned}})
     print(what)
-    print(table, end="")
+    print_table(head, rows)
     for note in getattr(res, "notes", []):
         print(f"note: {note}")
     print(f"wrote {out}/ ({', '.join(written)}, table.md, results.json)")

@@ -27,6 +27,7 @@ from backdoorlab.commands.common import (
 )
 from backdoorlab.errors import BadInput
 from backdoorlab.io import file_sha256
+from backdoorlab.tables import print_table
 
 DROP_HEADER = {"points": "drop (points)", "relative": "drop (% rel.)"}
 
@@ -198,21 +199,15 @@ def _print_table(res, rows: list[dict]) -> None:
     unit = "points" if res.drop_unit == "points" else "% rel."
     n = max(1, len(res.poisoned_sets))
     tags = [""] if n == 1 else [f"{i + 1}" for i in range(n)]
-    head = (["B test", *[f"B ASR{t}" for t in tags]], ["G test", *[f"G ASR{t}" for t in tags],
-                                                         *[f"G det{t}" for t in tags]])
-    print(f"\n{'drop':>13} {'pruned':>7} {'valid':>7} | " + " ".join(f"{h:>7}" for h in head[0]) + " | "
-          + " ".join(f"{h:>7}" for h in head[1]) + f"   (all in %; drop in {unit})")
+    head = [f"drop ({unit})", "pruned", "valid", "B test", *[f"B ASR{t}" for t in tags], "G test",
+            *[f"G ASR{t}" for t in tags], *[f"G det{t}" for t in tags]]
+    body = [[r["drop"], "not reached"] if not r["reached"]
+            else [r["drop"], str(r["pruned"]), _pct(r["valid"]), *_figures(res, r)] for r in rows]
+    print()
+    print_table(head, body, title="all figures in %; B = pruned model, G = GoodNet (class N = backdoored)")
     if n > 1:
-        print("  poisoned sets: " + ", ".join(f"{t} = {d['name']}" for t, d in zip(tags, res.poisoned_sets,
-                                                                              strict=True)))
-    for r in rows:
-        if not r["reached"]:
-            print(f"{r['drop']:>13} not reached")
-            continue
-        f = _figures(res, r)
-        b, g = f[:1 + n], f[1 + n:]
-        print(f"{r['drop']:>13} {r['pruned']:>7} {_pct(r['valid']):>7} | " + " ".join(f"{v:>7}" for v in b)
-              + " | " + " ".join(f"{v:>7}" for v in g))
+        print("poisoned sets: " + ", ".join(f"{t} = {d['name']}" for t, d in zip(tags, res.poisoned_sets,
+                                                                            strict=True)))
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

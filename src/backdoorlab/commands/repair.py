@@ -19,28 +19,35 @@ from backdoorlab.commands.common import (
     save_model_files,
 )
 from backdoorlab.errors import BadInput
+from backdoorlab.tables import markdown, print_table
 
 
 def _pct(v) -> str:
     return "—" if v is None else f"{100 * v:.2f}"
 
 
-def repair_table(res) -> str:
-    """Markdown table: clean accuracy, ASR and robust accuracy before/after, DER and cost."""
+def repair_rows(res) -> tuple[list[str], list[list[str]]]:
+    """Head and rows: clean accuracy, ASR and robust accuracy before and after the repair."""
     names = [s["name"] for s in res.before.sets]
     multi = len(names) > 1
-    head = [f"clean {res.before.data} acc (%)"]
+    head = ["model", f"clean {res.before.data} acc (%)"]
     for n in names:
         sfx = f" {n}" if multi else ""
         head += [f"ASR{sfx} (%)", f"robust acc{sfx} (%)"]
-    lines = ["| model | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    rows = []
     for label, f in (("before", res.before), ("after " + res.method, res.after)):
-        cells = [_pct(f.clean_accuracy)]
+        cells = [label, _pct(f.clean_accuracy)]
         for s in f.sets:
             cells += [_pct(s["asr"]), _pct(s["robust_accuracy"])]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        rows.append(cells)
+    return head, rows
+
+
+def repair_notes(res) -> str:
+    """The lines under the table: DER, cost, the GoodNet figures and the method's own summary."""
+    multi = len(res.before.sets) > 1
     der = ", ".join("—" if d is None else f"{d:.3f}" for d in res.der_sets) or "— (no poisoned data)"
-    text = "\n".join(lines) + f"\n\nDER {der}; cost {res.seconds:.1f} s, {res.passes:,} image passes"
+    text = f"DER {der}; cost {res.seconds:.1f} s, {res.passes:,} image passes"
     g = res.goodnet
     if g:
         det = ", ".join(f"{100 * s['detection_rate']:.2f} %" + (f" of {s['name']}" if multi else "")
@@ -110,17 +117,20 @@ def cmd_repair(args: argparse.Namespace) -> int:
     for line in poisoned_lines(poisoned):
         print(f"poisoned:   {line}")
     model, res = repair(method.name, clf, data, test, poisoned, opts)
-    table = repair_table(res)
+    head, rows = repair_rows(res)
+    notes = repair_notes(res)
     out = Path(args.out)
     with atomic_dir(out) as tmp:
         written = save_model_files(model, tmp, "model", args.model, clf.num_classes)
-        (tmp / "table.md").write_text(f"{method.name}: {method.summary} ({method.paper}).\n\n" + table)
+        (tmp / "table.md").write_text(f"{method.name}: {method.summary} ({method.paper}).\n\n"
+                                      + markdown(head, rows) + "\n" + notes)
         write_json(tmp / "results.json", {**res.to_dict(), "paper": method.paper,
                                           "poisoned_sets": [ps.describe() for ps in poisoned],
                                           "inputs": {"model": args.model, "valid": args.valid,
                                                      "test": args.test, "poisoned": args.poisoned,
                                                      "guide": args.guide, "triggers": args.triggers}})
-    print(table, end="")
+    print_table(head, rows)
+    print(notes, end="")
     for note in res.notes:
         print(f"note: {note}")
     print(f"wrote {out}/ ({', '.join(written)}, table.md, results.json)")

@@ -19,10 +19,10 @@ from backdoorlab.experiment.summary import (
     HEAD,
     detection_rows,
     heatmap_values,
-    markdown_table,
     summary_rows,
 )
 from backdoorlab.io import atomic_path, check_out_dir, claim_now, write_json
+from backdoorlab.tables import markdown, print_table
 
 
 def run_experiment(config: str | Path, out: str | Path | None = None, executor: str = "local",
@@ -106,8 +106,8 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
     write_json(root / "results.json", result)
     with atomic_path(root / "summary.md") as tmp:
         detectors = (f"\n## Model detectors\n\n{DETECTION_NOTE}\n\n"
-                     + markdown_table(DETECT_HEAD, detect_rows)) if detect_rows else ""
-        tmp.write_text(f"# {exp.name}\n\n{desc}\n\n" + markdown_table(HEAD, rows) + detectors)
+                     + markdown(DETECT_HEAD, detect_rows)) if detect_rows else ""
+        tmp.write_text(f"# {exp.name}\n\n{desc}\n\n" + markdown(HEAD, rows) + detectors)
     with atomic_path(root / "summary.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(HEAD)
@@ -121,12 +121,9 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
                      root / "heatmap_accuracy.png", cmap="RdBu", center=0.0, unit="points")
     print()
     for head, body in ((HEAD, rows), (DETECT_HEAD, detect_rows)):
-        if not body:
-            continue
-        widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-        for r in [head, *body]:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-        print()
+        if body:
+            print_table(head, body)
+            print()
     print(f"\n{computed} cell(s) computed, {len(records) - computed} from cache, in {seconds:.0f} s")
     if report:
         from backdoorlab.report.builder import build_report

@@ -173,9 +173,3 @@ def detection_rows(cells: list[Cell], records: dict[str, dict]) -> list[list[str
                      f"{mean_std([r.get('image_passes') for r in recs])[0]:,.0f}",
                      "; ".join(notes[:3])])
     return rows
-
-
-def markdown_table(head: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
