@@ -58,3 +58,29 @@ def test_report_names_grid_cells_and_shows_a_mitigation_once(tmp_path, capsys):
     md = (tmp_path / "report.md").read_text()
     assert "## Fine-Pruning: badnets × fp, seed 1" in md and "0123456789ab" not in md
     assert md.count("## Neural Cleanse mitigation") == 1 and "## Neural Cleanse: nc" in md
+
+
+def test_html_from_the_template_escapes_what_the_results_say(tmp_path, capsys):
+    """Text read from results files (titles, folder names, cells) is escaped in report.html; only the
+    report's own **bold** and `code` marks become tags. The Markdown keeps the text as it is."""
+    run = tmp_path / "x<script>alert(1)"
+    run.mkdir()
+    stage = {"valid_accuracy": 0.9, "test_accuracy": 0.88, "asr": 0.5}
+    (run / "results.json").write_text(json.dumps({
+        "kind": "fine-prune", "pruned_channels": [1], "num_channels": 8, "layer": "<img src=x onerror=1>",
+        "before": stage, "after_pruning": stage, "after_finetuning": stage,
+        "settings": {"train": {"epochs": 1}, "seed": 1}, "inputs": {}}))
+    assert main(["report", str(tmp_path), "--title", "A & B"]) == 0, capsys.readouterr().err
+    html = (tmp_path / "report.html").read_text()
+    assert "<script>" not in html and "<img src=x" not in html
+    assert "x&lt;script&gt;alert(1)" in html and "&lt;img src=x onerror=1&gt;" in html
+    assert "<title>A &amp; B</title>" in html and "<h1>A &amp; B</h1>" in html
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# A & B\n") and "of <img src=x onerror=1>" in md
+
+
+def test_report_templates_ship_with_the_package():
+    from importlib.resources import files
+
+    names = {p.name for p in files("backdoorlab.report").joinpath("templates").iterdir()}
+    assert {"report.html.j2", "report.md.j2"} <= names

@@ -9,9 +9,9 @@ files with SHA-256). HTML embeds the images as data URIs, so the file can be mai
 from __future__ import annotations
 
 import base64
-import html
 import json
 import platform
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -371,62 +371,39 @@ def _sha256(p: Path) -> str | None:
     return None if digest is None else digest[:16] + "…"
 
 
-# -- rendering -----------------------------------------------------------------------------------
+# -- rendering (Jinja2 templates in report/templates) ---------------------------------------------
+
+def _environment(root: Path | None = None):
+    """The Jinja2 environment of the report templates (``report/templates``). HTML is autoescaped;
+    the `inline` filter escapes a cell or paragraph, then turns ``**bold**`` and ``code`` marks into tags."""
+    import jinja2
+    from markupsafe import Markup, escape
+
+    def inline(text: object) -> Markup:
+        t = str(escape(str(text)))
+        t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+        return Markup(re.sub(r"`(.+?)`", r"<code>\1</code>", t))
+
+    def relative(path: Path) -> str:
+        return (path.relative_to(root) if root and path.is_relative_to(root) else path).as_posix()
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("backdoorlab.report", "templates"),
+                             autoescape=jinja2.select_autoescape(["html.j2"]),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters.update(inline=inline, relative=relative,
+                       png_base64=lambda p: base64.b64encode(Path(p).read_bytes()).decode())
+    return env
+
 
 def render_md(title: str, sections: list[Section], root: Path) -> str:
-    lines = [f"# {title}", ""]
-    for s in sections:
-        lines += [f"## {s.title}", ""]
-        for b in s.blocks:
-            if b[0] == "p":
-                lines += [b[1], ""]
-            elif b[0] == "table":
-                head, rows = b[1], b[2]
-                lines.append("| " + " | ".join(head) + " |")
-                lines.append("|" + "|".join("---" for _ in head) + "|")
-                lines += ["| " + " | ".join(r) + " |" for r in rows]
-                lines.append("")
-            elif b[0] == "img":
-                rel = b[1].relative_to(root) if b[1].is_relative_to(root) else b[1]
-                lines += [f"![{b[2]}]({rel.as_posix()})", "", f"*{b[2]}*", ""]
-    return "\n".join(lines)
-
-
-CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-h1{border-bottom:2px solid #444}h2{margin-top:2em;border-bottom:1px solid #ccc}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 10px;text-align:right}
-th{background:#eee}td:first-child{text-align:left}img{max-width:100%;border:1px solid #ddd}
-figcaption{color:#555;font-size:90%}code{background:#f3f3f3;padding:0 3px}"""
-
-
-def _inline(text: str) -> str:
-    import re
-
-    t = html.escape(text)
-    t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+    """The report as Markdown (template ``report.md.j2``); images are linked relative to ``root``."""
+    text = _environment(root).get_template("report.md.j2").render(title=title, sections=sections)
+    return re.sub(r"\n{3,}", "\n\n", text)
 
 
 def render_html(title: str, sections: list[Section]) -> str:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
-    parts.append("<nav><ul>" + "".join(f"<li><a href='#s{i}'>{html.escape(s.title)}</a></li>"
-                                       for i, s in enumerate(sections)) + "</ul></nav>")
-    for i, s in enumerate(sections):
-        parts.append(f"<h2 id='s{i}'>{html.escape(s.title)}</h2>")
-        for b in s.blocks:
-            if b[0] == "p":
-                parts.append(f"<p>{_inline(b[1])}</p>")
-            elif b[0] == "table":
-                head = "".join(f"<th>{_inline(h)}</th>" for h in b[1])
-                body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in b[2])
-                parts.append(f"<table><tr>{head}</tr>{body}</table>")
-            elif b[0] == "img":
-                data = base64.b64encode(b[1].read_bytes()).decode()
-                parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(b[2])}'>"
-                             f"<figcaption>{_inline(b[2])}</figcaption></figure>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    """The report as one self-contained HTML page (template ``report.html.j2``; images inlined)."""
+    return _environment().get_template("report.html.j2").render(title=title, sections=sections)
 
 
 def build_report(root: str | Path, title: str | None = None) -> tuple[Path, Path]:

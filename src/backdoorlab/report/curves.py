@@ -23,7 +23,7 @@ def plot_sweep(result, path: str | os.PathLike, title: str | None = None, dpi: i
     from matplotlib.figure import Figure
 
     x = [100.0 * f for f in result.fraction]
-    fig = Figure(figsize=(7.5, 4.6))
+    fig = Figure(figsize=(7.5, 5.0))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(x, [100 * v for v in result.valid_accuracy], label="validation accuracy", color="C0",
@@ -39,24 +39,37 @@ def plot_sweep(result, path: str | os.PathLike, title: str | None = None, dpi: i
         name = f"{d['name']}, " if len(curves) > 1 else ""
         ax.plot(x, [100 * v for v in asr], label=f"attack success rate ({name}{which})",
                 color=("C3", "C1", "C4", "C5", "C6", "C8")[i % 6], lw=1.8)
-    for t in result.thresholds:
-        if t.reached:
-            fx = 100.0 * result.fraction[t.step]
-            ax.axvline(fx, color="0.45", lw=0.8, ls=":")
-            ax.annotate(f"-{t.drop:g}", (fx, 101), fontsize=7, ha="center", va="bottom",
-                        color="0.3", annotation_clip=False)
+    marks = _drop_marks(result)
+    for fx, drop, level in marks:
+        ax.axvline(fx, color="0.45", lw=0.8, ls=":")
+        ax.annotate(f"-{drop:g}", (fx, 101 + 4.5 * level), fontsize=7, ha="center", va="bottom",
+                    color="0.3", annotation_clip=False)
     ax.set_xlim(0, 100)
     ax.set_ylim(0, 100)
     order = ORDER_LABEL.get(result.order, result.order)
     ax.set_xlabel(f"channels of {result.layer} pruned (%), order: {order}")
     ax.set_ylabel("%")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
+    # below the axes, so that it never covers a curve
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8, frameon=False)
     unit = UNIT_LABEL.get(result.drop_unit, result.drop_unit)
     ax.set_title(title or f"Pruning sweep of {result.layer} (drops marked in {unit})", fontsize=10,
-                 pad=14)
+                 pad=14 + 9 * max((m[2] for m in marks), default=0))
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
     return path
+
+
+def _drop_marks(result) -> list[tuple[float, float, int]]:
+    """(x in %, drop, stacking level) of each reached threshold: a label closer than 4 % of the axis
+    to the previous one goes one line higher, so that the labels never overlap."""
+    marks, last_x, level = [], -1e9, 0
+    for t in result.thresholds:
+        if t.reached:
+            fx = 100.0 * result.fraction[t.step]
+            level = level + 1 if fx - last_x < 4.0 else 0
+            marks.append((fx, t.drop, level))
+            last_x = fx
+    return marks

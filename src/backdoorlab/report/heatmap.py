@@ -33,7 +33,9 @@ def plot_heatmap(values: list[list[float | None]], rows: list[str], cols: list[s
     for i in range(a.shape[0]):
         for j in range(a.shape[1]):
             text = "—" if not np.isfinite(a[i, j]) else f"{a[i, j]:.1f}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=9)
+            shade = im.cmap(im.norm(a[i, j])) if np.isfinite(a[i, j]) else (1, 1, 1, 1)
+            dark = 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] < 0.5  # white text on dark cells
+            ax.text(j, i, text, ha="center", va="center", fontsize=9, color="white" if dark else "black")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label=unit)
     fig.tight_layout()
