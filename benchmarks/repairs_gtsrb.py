@@ -8,7 +8,13 @@ next to its paper's. The defender holds the clean validation split only (5 % of 
 every figure is on the official test set. A repair "removes" the backdoor of a seed when its ASR
 is ≤ 2 % at ≤ 2 points of clean accuracy.
 
-    nice python benchmarks/repairs_gtsrb.py [--out runs/repairs-gtsrb] [--no-run] [--jobs 1]
+    nice python benchmarks/repairs_gtsrb.py [--seeds 1,2] [--out runs/repairs-gtsrb] [--no-run]
+
+The figures of every finished cell are also kept, compact, in ``benchmarks/results/repairs-gtsrb.json``
+(committed): the run folder holds gigabytes of models and does not outlive a fresh clone, so a seed
+computed in one session still counts in the table after the run folder is gone. A cell computed again
+replaces its record. ``--seeds`` runs only those seeds of the grid (one seed is about an hour on two
+idle cores); the table is always over every seed on record.
 """
 
 from __future__ import annotations
@@ -49,6 +55,49 @@ def collect(out: Path) -> tuple[dict, dict]:
         elif res.get("kind") == "repair":
             repairs[(cell["attack"], cell["defense"])].append((cell["seed"], res))
     return attacks, repairs
+
+
+RECORD = ROOT / "benchmarks" / "results" / "repairs-gtsrb.json"
+
+
+def _compact_attack(res: dict) -> dict:
+    return {"clean_accuracy": res["clean_accuracy"], "asr": res.get("asr")}
+
+
+def _compact_repair(res: dict) -> dict:
+    def fig(f: dict) -> dict:
+        return {"clean_accuracy": f["clean_accuracy"],
+                "sets": [{"asr": x["asr"], "robust_accuracy": x["robust_accuracy"]} for x in f["sets"]]}
+
+    return {"kind": "repair", "method": res["method"], "before": fig(res["before"]),
+            "after": fig(res["after"]),
+            "der": res["der"], "cost": {"seconds": res["cost"]["seconds"]}, "options": res.get("options", {}),
+            "defender_data": {"clean": res["defender_data"]["clean"]}}
+
+
+def remember(attacks: dict, repairs: dict, path: Path = RECORD) -> tuple[dict, dict]:
+    """Merge the cells of this run folder into the record at ``path`` (the run's cells win) and return
+    the merged (attacks, repairs) in the shapes of `collect`."""
+    rec = json.loads(path.read_text()) if path.is_file() else {"attacks": {}, "repairs": {}}
+    for a, by_seed in attacks.items():
+        for seed, res in by_seed.items():
+            rec["attacks"][f"{a}/{seed}"] = _compact_attack(res)
+    for (a, d), recs in repairs.items():
+        for seed, res in recs:
+            rec["repairs"][f"{a}/{d}/{seed}"] = _compact_repair(res)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+    merged_a: dict = defaultdict(dict)
+    merged_r: dict = defaultdict(list)
+    for key, res in rec["attacks"].items():
+        a, seed = key.rsplit("/", 1)
+        merged_a[a][int(seed)] = res
+    for key, res in rec["repairs"].items():
+        a, d, seed = key.split("/")
+        merged_r[(a, d)].append((int(seed), res))
+    return merged_a, merged_r
 
 
 def schedule(res: dict) -> str:
@@ -93,6 +142,7 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "benchmarks" / "repairs_gtsrb.toml"))
     ap.add_argument("--no-run", action="store_true", help="only tabulate the cells already computed")
     ap.add_argument("--jobs", default="1")
+    ap.add_argument("--seeds", help="comma-separated seeds of the grid to run (default: the file's)")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "repairs-gtsrb.md"))
     args = ap.parse_args()
     os.environ.setdefault("BACKDOORLAB_DATA", str(ROOT.parent / "shared" / "data"))
@@ -100,8 +150,26 @@ def main() -> None:
     if not args.no_run:
         from backdoorlab.cli import main as cli
 
-        cli(["run", args.config, "--out", str(out), "--jobs", args.jobs, "--no-report"])
-    attacks, repairs = collect(out)
+        config = Path(args.config)
+        if args.seeds:
+            import re
+            import tempfile
+
+            seeds = [int(x) for x in args.seeds.split(",")]
+            text, n = re.subn(r"(?m)^seeds = \[.*\]$", f"seeds = {seeds}", config.read_text())
+            if n != 1:
+                raise SystemExit(f"{config}: no single 'seeds = [...]' line to replace")
+            with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False, dir=config.parent) as f:
+                f.write(text)
+            config = Path(f.name)
+        try:
+            code = cli(["run", str(config), "--out", str(out), "--jobs", args.jobs, "--no-report"])
+        finally:
+            if args.seeds:
+                config.unlink()
+        if code:
+            raise SystemExit(code)
+    attacks, repairs = remember(*collect(out)) if out.is_dir() else remember({}, {})
     parts = [BEGIN, ""]
     for attack in sorted(attacks):
         rows = sorted((d, recs) for (a, d), recs in repairs.items() if a == attack)
@@ -118,7 +186,8 @@ Produced by `nice python benchmarks/repairs_gtsrb.py` (the grid `benchmarks/repa
 through `backdoorlab run`) on 2 cores, no GPU. Models: `gtsrb_cnn`, 4 epochs on the GTSRB
 training set with 5 % of it (1,960 images) held out as the defender's clean data — the only data
 any repair sees (and Neural Cleanse's reversed triggers of the labels it flags, for the `nc-*`
-repairs). Figures: mean ± sd over the seeds, on the official 12,630-image test set; ASR on test
+repairs). Figures: mean ± sd over the seeds on record (benchmarks/results/repairs-gtsrb.json), on
+the official 12,630-image test set; ASR on test
 images of other labels carrying the trigger; robust accuracy = poisoned images classified as
 their true label; DER = [max(0, ΔASR) − max(0, ΔACC) + 1] / 2; "removed" counts the seeds with ASR
 ≤ 2 % at ≤ 2 points of clean accuracy; s = the repair's own wall time (not the measuring), measured

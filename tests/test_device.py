@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -168,6 +170,171 @@ def test_gpu_pruning_sweep_and_repair_match_cpu(digits_badnet, badnet):
     _, b = repair("nad", model.copy().to("cuda"), data, test_, poisoned, {"epochs": 2})
     assert abs(a.after.clean_accuracy - b.after.clean_accuracy) <= 0.03
 
+
+
+# -- every family through the device path -------------------------------------------------------
+# One model detector (MM-BD), one input detector (STRIP), one data inspector (spectral signatures)
+# and the repairs that do not train through `backdoorlab.train.train` (ANP: its own optimisation of
+# masks and perturbations; CLP: weights only), each run by one function on a model moved with
+# `Classifier.to`. On the CPU an explicit torch.device("cpu") gives the very numbers of the default
+# model; on CUDA the numbers are within each test's stated tolerance of the CPU's.
+
+def _mm_bd(clf, art, test) -> dict:
+    from backdoorlab.detectors.mm_bd import Options, max_margins
+
+    margins, _ = max_margins(clf, Options(steps=30, starts=2, tol=0))
+    return {"margins": margins}
+
+
+def _strip(clf, art, test) -> dict:
+    from backdoorlab.input_detectors import fit_filter
+
+    filt = fit_filter("strip", clf, art["valid"], {"copies": 20})
+    return {"scores": filt.scorer.score(test.images[:150]), "threshold": np.array(filt.threshold)}
+
+
+def _poisoned_training_set(art):
+    """The clean validation split plus 15 of its poisoned images labelled with the target (0)."""
+    from backdoorlab.data.imageset import ImageSet
+
+    valid, (pv, _) = art["valid"], art["poisoned_valid"][0]
+    keep = np.flatnonzero(pv.labels != 0)[:15]
+    return ImageSet(np.concatenate([valid.images, pv.images[keep]]),
+                    np.concatenate([valid.labels, np.zeros(len(keep), np.int64)]), valid.num_classes,
+                    "valid+15 poisoned"), np.arange(len(valid), len(valid) + len(keep))
+
+
+def _spectral(clf, art, test) -> dict:
+    from backdoorlab.inspectors import features, inspect
+
+    data, truth = _poisoned_training_set(art)
+    res = inspect("spectral", clf, data, truth=truth)
+    return {"features": features(clf, data)[0], "scores": res.inspection.scores,
+            "flagged": res.inspection.flagged}
+
+
+def _anp(clf, art, test) -> dict:
+    from backdoorlab.repairs import DefenderData, repair
+
+    _, res = repair("anp", clf, DefenderData(clean=art["valid"]), test, [],
+                    {"iterations": 20, "prune_by": "count", "count": 10})
+    mask = np.concatenate([np.asarray(v) for v in res.details["mask"].values()])
+    pruned = sorted((k, c) for k, cs in res.details["pruned"].items() for c in cs)
+    return {"mask": mask, "pruned": np.array(pruned, dtype=object),
+            "accuracy": np.array(res.after.clean_accuracy)}
+
+
+def _clp(clf, art, test) -> dict:
+    from backdoorlab.repairs import DefenderData, repair
+
+    model, res = repair("clp", clf, DefenderData(clean=art["valid"]), test, [], {"u": 1.5})
+    uclc = np.concatenate([np.asarray(layer["uclc"]) for layer in res.details["layers"]])
+    pruned = sorted((k, c) for k, cs in res.details["pruned"].items() for c in cs)
+    return {"uclc": uclc, "pruned": np.array(pruned, dtype=object),
+            "predictions": model.predict(test.images)}
+
+
+FAMILIES = {"mm-bd": _mm_bd, "strip": _strip, "spectral": _spectral, "anp": _anp, "clp": _clp}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_family_runs_on_an_explicit_cpu_device_with_the_same_numbers(digits_badnet, family):
+    clf, art, test = digits_badnet
+    run = FAMILIES[family]
+    explicit = clf.copy().to(torch.device("cpu"), "fp32")
+    assert explicit.device == torch.device("cpu") and explicit.precision == "fp32"
+    a, b = run(clf, art, test), run(explicit, art, test)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=f"{family}: {key}")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_family_runs_under_bf16_autocast_on_the_cpu(digits_badnet, family):
+    """The same functions at ``--precision bf16`` (CPU autocast): they run, and what they decide is
+    close to fp32 (bf16 keeps ~3 significant digits; the figures here were measured within a few
+    per cent)."""
+    clf, art, test = digits_badnet
+    run = FAMILIES[family]
+    a, b = run(clf, art, test), run(clf.copy().to(None, "bf16"), art, test)
+    if family == "mm-bd":
+        assert np.argmax(a["margins"]) == np.argmax(b["margins"])
+        assert np.abs(a["margins"] - b["margins"]).max() <= 0.05 * np.abs(a["margins"]).max()
+    elif family == "strip":
+        assert np.abs(a["scores"] - b["scores"]).max() <= 0.05  # bits of mean entropy
+    elif family == "spectral":
+        assert len(np.intersect1d(a["flagged"], b["flagged"])) >= 0.9 * len(a["flagged"])
+    elif family == "anp":
+        assert np.abs(a["mask"] - b["mask"]).mean() <= 0.02
+    else:  # clp reads the weights only: no autocast anywhere
+        np.testing.assert_array_equal(a["uclc"], b["uclc"])
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """CUDA convolutions default to TF32 (10-bit mantissa) on Ampere and later; the comparisons
+    with the CPU below turn it off so that the tolerances measure the device path, not TF32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _on_cpu_and_cuda(family, digits_badnet):
+    clf, art, test = digits_badnet
+    run = FAMILIES[family]
+    with _no_tf32():
+        return run(clf, art, test), run(clf.copy().to("cuda"), art, test)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_mm_bd_matches_cpu(digits_badnet):
+    cpu, gpu_ = _on_cpu_and_cuda("mm-bd", digits_badnet)
+    # 30 Adam steps from the same (host-drawn) starts: the same target, every class's margin
+    # within 5 % of the largest margin
+    assert np.argmax(cpu["margins"]) == np.argmax(gpu_["margins"])
+    assert np.abs(cpu["margins"] - gpu_["margins"]).max() <= 0.05 * np.abs(cpu["margins"]).max()
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_strip_matches_cpu(digits_badnet):
+    cpu, gpu_ = _on_cpu_and_cuda("strip", digits_badnet)
+    # inference only, the same overlay draws: scores (minus mean entropy, bits) within 0.01 bit
+    np.testing.assert_allclose(gpu_["scores"], cpu["scores"], rtol=0, atol=0.01)
+    assert abs(float(gpu_["threshold"]) - float(cpu["threshold"])) <= 0.01
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_spectral_matches_cpu(digits_badnet):
+    cpu, gpu_ = _on_cpu_and_cuda("spectral", digits_badnet)
+    scale = float(np.abs(cpu["features"]).max())
+    # penultimate features within 0.1 % of their largest value; at least 95 % of the flagged rows
+    # the same (rows right at a class's cut-off may swap)
+    np.testing.assert_allclose(gpu_["features"], cpu["features"], rtol=0, atol=1e-3 * scale)
+    assert len(np.intersect1d(cpu["flagged"], gpu_["flagged"])) >= 0.95 * len(cpu["flagged"])
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_anp_and_clp_match_cpu(digits_badnet):
+    cpu, gpu_ = _on_cpu_and_cuda("anp", digits_badnet)
+    # 20 mask steps: masks within 0.02 on average (0.1 at most), 8 of the 10 pruned neurons the
+    # same, clean accuracy after within 3 points
+    d = np.abs(cpu["mask"] - gpu_["mask"])
+    assert d.mean() <= 0.02 and d.max() <= 0.1
+    same = {tuple(p) for p in cpu["pruned"]} & {tuple(p) for p in gpu_["pruned"]}
+    assert len(same) >= 8
+    assert abs(float(cpu["accuracy"]) - float(gpu_["accuracy"])) <= 0.03
+    cpu, gpu_ = _on_cpu_and_cuda("clp", digits_badnet)
+    # CLP reads the weights only (float64, on the host): the same bounds and channels exactly
+    np.testing.assert_array_equal(cpu["uclc"], gpu_["uclc"])
+    assert [tuple(p) for p in cpu["pruned"]] == [tuple(p) for p in gpu_["pruned"]]
+    assert np.mean(cpu["predictions"] == gpu_["predictions"]) >= 0.99
 
 def test_the_first_line_says_the_device(tmp_path, capsys, digits_badnet):
     from backdoorlab.models import save_model

@@ -4,7 +4,10 @@ One place owns the device: a `Classifier` knows where its network lives (``clf.d
 which precision it computes (``clf.precision``); images stay uint8 on the host and move to the
 device one batch at a time (`Classifier.to_tensor`, pinned memory on CUDA). Algorithms create
 their tensors on ``clf.device`` and run the network inside ``clf.autocast()``; none of them calls
-``.cuda()``.
+``.cuda()``. Random draws that must not depend on the device (permutations, crops, random starts)
+come from CPU generators (``torch.Generator()`` marked ``# CPU-only``) and move to the device
+afterwards; a tensor reaches numpy through ``.cpu()``. ``tests/test_device_guard.py`` checks these rules on
+the source, so a GPU-only mistake fails on a CPU-only machine too.
 
 Devices: ``auto`` (CUDA, then Apple's MPS, then the CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
 Precisions: ``fp32`` (the default; numbers on the CPU are those of every earlier release),

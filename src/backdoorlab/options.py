@@ -213,8 +213,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str = "meth
     """One flag per option; bounds and choices are checked by argparse (one line, exit 2)."""
     g = parser.add_argument_group(title)
     for i in infos(cls):
-        default = f" (default {i.default})" if i.default is not None and i.type is not bool else ""
-        help_text = (i.help + default).replace("%", "%%")
+        help_text = i.help.replace("%", "%%")  # the default is shown by the CLI's help formatter
         if i.type is bool:
             g.add_argument(i.flag, dest=i.name, action=argparse.BooleanOptionalAction, default=i.default,
                            help=help_text)

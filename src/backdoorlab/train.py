@@ -95,7 +95,7 @@ def train(clf: Classifier, data: ImageSet, valid: ImageSet | None = None,
         raise BadInput(f"training label {int(y_all.max())} out of range for {clf.num_classes} "
                        "classes")
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # CPU-only: host permutations and crops
     net = clf.net
     opt = _optimizer(params if params is not None else net.parameters(), cfg)
     base_lrs = [g["lr"] for g in opt.param_groups]

@@ -124,7 +124,7 @@ def register(sub) -> None:
     p.add_argument("--test-data", metavar="SOURCE", help="test data (default: the format's test split, "
                    "or a seeded split carved from --data)")
     p.add_argument("--test-fraction", type=FRACTION, default=0.2, help="share carved for testing when the "
-                   "data has no test split (default 0.2)")
+                   "data has no test split")
     p.add_argument("--size", type=integer(1, 4096, "image size"),
                    help="resize images to SIZE x SIZE where the reader can")
     p.add_argument("--train-limit", type=POSITIVE, metavar="N", help="train on a seeded random sample of N "
@@ -139,30 +139,39 @@ def register(sub) -> None:
                    "--trigger)")
     p.add_argument("--rate", type=number(0, 1, low_open=True),
                    default=0.05, help="poisoned share of the training set, per "
-                   "trigger (default 0.05)")
-    p.add_argument("--mode", choices=["all2one", "all2all"], default="all2one")
+                   "trigger")
+    p.add_argument("--mode", choices=["all2one", "all2all"], default="all2one",
+                   help="all2one: every poisoned image to --target; all2all: label y to (y + 1) mod "
+                   "classes")
     p.add_argument("--clean-label", action="store_true", help="poison only target-class images, "
                    "labels unchanged")
     p.add_argument("--pruning-aware", action="store_true", help="Liu et al. 2018 pruning-aware attack")
     p.add_argument("--pa-max-drop", type=number(0, 100, low_open=True),
                    default=4.0, help="pruning-aware: prune dormant "
-                   "channels until validation accuracy drops by this many points (default 4)")
+                   "channels until validation accuracy drops by this many points")
     p.add_argument("--pa-dormant-shift", type=number(), default=0.0, help="pruning-aware: lower the "
-                   "reinstated channels' bias by this much so they stay dormant (default 0)")
-    p.add_argument("--epochs", type=EPOCHS, default=10)
-    p.add_argument("--batch-size", type=POSITIVE, default=128)
-    p.add_argument("--lr", type=LEARNING_RATE, default=1e-3)
-    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    p.add_argument("--schedule", choices=["cosine", "step", "none"], default="cosine")
+                   "reinstated channels' bias by this much so they stay dormant")
+    p.add_argument("--epochs", type=EPOCHS, default=10, help="training epochs (the epoch with the best "
+                   "clean validation accuracy is kept)")
+    p.add_argument("--batch-size", type=POSITIVE, default=128, help="images per training step")
+    p.add_argument("--lr", type=LEARNING_RATE, default=1e-3, help="learning rate")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="adam, or sgd (momentum 0.9, Nesterov)")
+    p.add_argument("--schedule", choices=["cosine", "step", "none"], default="cosine",
+                   help="learning-rate schedule over the epochs: cosine decay to 0, step = x0.1 every "
+                   "10 epochs, none = constant")
     p.add_argument("--augment", type=augmentations, default="",
-                   help="comma list: crop (random crop with padding), flip")
-    p.add_argument("--crop-padding", type=integer(0, 64), default=2)
+                   help="comma list: crop (random crop with padding), flip (random horizontal flip); "
+                   "default: none")
+    p.add_argument("--crop-padding", type=integer(0, 64), default=2,
+                   help="--augment crop: pixels of padding around the image before the random crop")
     p.add_argument("--valid-fraction", type=number(0, 1, high_open=True),
                    default=0.1, help="clean validation share carved "
-                   "from the training data (default 0.1)")
+                   "from the training data")
     p.add_argument("--input-scale", choices=["raw", "unit"], default="unit",
                    help="pixel scale the new network takes (stored with the model)")
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the carved splits, the poisoned "
+                   "images, the initial weights and the batch order")
     add_compute_options(p)
     add_out_option(p)
     p.set_defaults(func=cmd_attack)

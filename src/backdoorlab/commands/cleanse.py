@@ -294,35 +294,36 @@ def register(sub) -> None:
     p.add_argument("--clean", required=True, metavar="DATA",
                    help="clean images (labels optional; used for the search and the ASR)")
     add_out_option(p, resumable=True)
-    p.add_argument("--labels", default="all", help="labels to scan: all (default) or e.g. 0,3,5 / 10-19")
+    p.add_argument("--labels", default="all", help="labels to scan: all, or e.g. 0,3,5 / 10-19")
     p.add_argument("--mode", choices=["fast", "full"], default="fast",
-                   help="fast: screen + selection (default); full: optimise every label")
+                   help="fast: screen + selection; full: optimise every label")
     p.add_argument("--steps", type=POSITIVE, default=None,
-                   help="max mini-batch steps per label (default 1000 epochs x images/batch)")
-    p.add_argument("--batch", type=POSITIVE, default=32, help="images per label per step (default 32)")
+                   help="max mini-batch steps per label (default: 1000 epochs x images/batch)")
+    p.add_argument("--batch", type=POSITIVE, default=32, help="images per label per step")
     p.add_argument("--images", type=NONNEGATIVE, default=1000,
-                   help="clean images used, a seeded sample (default 1000; 0 = all)")
+                   help="clean images used, a seeded sample (0 = all)")
     p.add_argument("--threshold", type=_threshold, default=2.0,
-                   help="flag labels with anomaly index above this (default 2); 'auto': the index a "
+                   help="flag labels with anomaly index above this; 'auto': the index a "
                         "network without a backdoor exceeds in only 5 %% of scans of this shape")
     p.add_argument("--check-every", type=_check_every, default=1, metavar="N|epoch",
-                   help="mini-batch steps per cost-schedule check (default 1; 'epoch' = as the "
+                   help="mini-batch steps per cost-schedule check ('epoch' = once an epoch, as the "
                         "released code)")
     p.add_argument("--suspects", type=NONNEGATIVE, default=10,
-                   help="fast mode: labels kept from the screen for full optimisation (default 10)")
+                   help="fast mode: labels kept from the screen for full optimisation")
     p.add_argument("--reference-labels", type=POSITIVE, default=32,
-                   help="fast mode: random labels fully optimised for the median/MAD (default 32)")
+                   help="fast mode: random labels fully optimised for the median/MAD")
     p.add_argument("--screen-steps", type=NONNEGATIVE, default=40,
-                   help="fast mode: steps per label in the screen round (default 40)")
+                   help="fast mode: steps per label in the screen round")
     p.add_argument("--labels-per-batch", type=POSITIVE, default=None,
-                   help="labels optimised together in one pass (default 64 / batch)")
-    p.add_argument("--top-k", type=NONNEGATIVE, default=5, help="smallest triggers to show (default 5)")
-    p.add_argument("--seed", type=SEED, default=0)
+                   help="labels optimised together in one pass (default: 64 / --batch)")
+    p.add_argument("--top-k", type=NONNEGATIVE, default=5, help="smallest triggers to show")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the image sample, the reference "
+                   "labels, each label's starting mask and pattern, and the batch order")
     p.add_argument("--mitigate", metavar="METHODS", help="after detection, repair with the reversed "
                    "triggers of the flagged labels: comma list of unlearn, prune, filter")
     p.add_argument("--mitigate-labels", help="labels whose reversed triggers to use (default: flagged)")
     p.add_argument("--mitigate-epochs", type=EPOCHS, default=10,
-                   help="unlearning epochs, the best on held-back clean data kept (default 10)")
+                   help="unlearning epochs, the best on held-back clean data kept")
     p.add_argument("--test", metavar="DATA", help="clean test data for the mitigation figures")
     add_poisoned_options(p, "poisoned test data for the mitigation figures")
     add_model_options(p)

@@ -8,8 +8,42 @@ from backdoorlab.errors import BadInput
 from backdoorlab.options import integer, number  # the commands' bounded option types
 
 
+def shows_default(action: argparse.Action) -> bool:
+    """Whether ``--help`` shows the default of ``action``: a value that says something (not None,
+    nothing, or the off state of a plain switch)."""
+    if isinstance(action, (argparse._StoreConstAction, argparse._CountAction, argparse._HelpAction,
+                           argparse._VersionAction, argparse._SubParsersAction)):
+        return False  # store_true / store_false are store_const
+    d = action.default
+    if d is None or d is argparse.SUPPRESS or (isinstance(d, (str, list)) and not d):
+        return False
+    return bool(action.option_strings) or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """The one help layout of every backdoorlab parser: each option's default is shown as
+    ``(default: X)`` after its help (so help texts never state it by hand), and a description or
+    epilog written with line breaks (a table of specs) is kept as written; one without is wrapped."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or not shows_default(action):
+            return text
+        return text + " (default: %(default)s)"
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit status 2)."""
+    """argparse with one-line errors (exit status 2) and `HelpFormatter`; the sub-commands are
+    made with ``parser_class=Parser`` (or ``type(p)``), so every parser has both."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
@@ -99,11 +133,10 @@ def add_compute_options(p: argparse.ArgumentParser) -> None:
     """``--device`` and ``--precision`` (`backdoorlab.device`), the same on every command that
     computes; `compute_from_args` checks them before any work."""
     p.add_argument("--device", default="cpu", metavar="DEVICE",
-                   help="where to compute: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps "
-                        "(default: cpu)")
+                   help="where to compute: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="autocast precision of training, inference and the optimisation loops; bf16 "
-                        "is faster on recent CPUs, fp16 needs a GPU (default: fp32)")
+                        "is faster on recent CPUs, fp16 needs a GPU")
 
 
 def compute_from_args(args: argparse.Namespace, say: bool = True):
@@ -195,7 +228,7 @@ def add_poisoned_options(p: argparse.ArgumentParser,
     p.add_argument("--poisoned-labels", choices=LABEL_RULES, default="auto",
                    help="what the labels of a poisoned file are: true labels (inputs whose true label "
                    "is the target are left out), or the attack target (CSAW files: every input "
-                   "counts); auto (default) = target when all labels are one value, else true")
+                   "counts); auto = target when all labels are one value, else true")
 
 
 def load_poisoned(args: argparse.Namespace, clf, infer: bool = True) -> list:

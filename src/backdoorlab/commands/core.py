@@ -138,10 +138,10 @@ def register(sub) -> None:
                        description="On scikit-learn's bundled digits (no download): train a clean, a "
                        "BadNets and an FTrojan model, run the pruning sweep with GoodNets, Fine-Pruning "
                        "and Neural Cleanse, and write report.html, report.md and results.json.")
-    add_out_option(d, required=False, default="backdoorlab-demo",
-                   help="output folder (default ./backdoorlab-demo)")
+    add_out_option(d, required=False, default="backdoorlab-demo", help="output folder")
     d.add_argument("--quick", action="store_true", help="a smaller variant (about a minute)")
-    d.add_argument("--seed", type=SEED, default=0)
+    d.add_argument("--seed", type=SEED, default=0, help="seed of the data split, the poisoning and the "
+                   "training (the same seed gives the same numbers)")
     d.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="inspect data sets", description="Inspect data sets.")
@@ -149,7 +149,7 @@ def register(sub) -> None:
     info = dsub.add_parser("info", help="format, count, classes, image size, label histogram",
                            description="Describe a data set: SOURCE is PATH, FORMAT:PATH "
                            "(csaw, gtsrb, cifar10, mnist, folder, images) or 'digits'.")
-    info.add_argument("source", metavar="SOURCE")
+    info.add_argument("source", metavar="SOURCE", help="data set: PATH, FORMAT:PATH or digits")
     add_data_options(info, "which split of a data set that holds both (default: train, or the only "
                            "split there is)")
     info.add_argument("--json", action="store_true", help="print JSON")

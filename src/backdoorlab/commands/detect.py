@@ -174,9 +174,9 @@ def register(sub) -> None:
                        "measured on it")
         add_poisoned_options(q, "poisoned test data: the detection rate measured on it")
         q.add_argument("--far", type=FRACTION, default=0.05, metavar="RATE",
-                       help="false-alarm rate the threshold is set at, in (0, 1) (default 0.05)")
+                       help="false-alarm rate the threshold is set at, in (0, 1)")
         q.add_argument("--calibration", type=FRACTION, default=0.2, metavar="FRACTION",
-                       help="share of --clean held back to set the threshold on (default 0.2)")
+                       help="share of --clean held back to set the threshold on")
         add_arguments(q, m.options)
         add_out_option(q)
         add_model_options(q)

@@ -113,30 +113,37 @@ def register(sub) -> None:
         "epoch). --magnitude S instead zeroes the smallest S share of all kernel weights (unstructured) "
         "and fine-tunes. Test and poisoned data are only reported. Writes pruned and fine-tuned models, "
         "table.md and results.json into --out.")
-    p.add_argument("model", metavar="MODEL")
+    p.add_argument("model", metavar="MODEL", help=".safetensors model or Keras .h5")
     p.add_argument("--valid", required=True, metavar="DATA", help="clean validation data (the defender's)")
     p.add_argument("--test", metavar="DATA", help="clean test data (reported only)")
     add_poisoned_options(p)
     p.add_argument("--layer", help="layer to prune (default: the last conv layer)")
     p.add_argument("--drop", type=number(0, 100, low_open=True),
-                   help="prune until validation accuracy drops this much (default 4)")
-    p.add_argument("--drop-unit", choices=["points", "relative"], default="points")
+                   help="prune until validation accuracy drops this much, in --drop-unit (default: 4)")
+    p.add_argument("--drop-unit", choices=["points", "relative"], default="points",
+                   help="unit of --drop: points = percentage points below the unpruned validation "
+                   "accuracy; relative = %% of it")
     p.add_argument("--fraction", type=number(0, 1, low_open=True),
                    help="prune this share of the layer's channels instead")
-    p.add_argument("--order", choices=["increasing", "decreasing", "abs", "random"], default="increasing")
+    p.add_argument("--order", choices=["increasing", "decreasing", "abs", "random"], default="increasing",
+                   help="pruning order by mean activation on the validation data (abs = increasing "
+                   "mean absolute activation; random uses --seed)")
     p.add_argument("--magnitude", type=number(0, 1, low_open=True, high_open=True),
                    metavar="SPARSITY", help="unstructured magnitude pruning "
                    "to this sparsity (e.g. 0.8) instead of channel pruning")
     p.add_argument("--scope", choices=["global", "layer"], default="global", help="magnitude pruning: "
                    "one threshold for all layers or per layer")
-    p.add_argument("--epochs", type=integer(0, 100_000), default=5)
-    p.add_argument("--lr", type=LEARNING_RATE, default=1e-4)
-    p.add_argument("--batch-size", type=POSITIVE, default=64)
-    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    p.add_argument("--epochs", type=integer(0, 100_000), default=5,
+                   help="fine-tuning epochs (0 = prune only)")
+    p.add_argument("--lr", type=LEARNING_RATE, default=1e-4, help="fine-tuning learning rate (constant)")
+    p.add_argument("--batch-size", type=POSITIVE, default=64, help="images per fine-tuning step")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="adam, or sgd (momentum 0.9, Nesterov)")
     p.add_argument("--select-fraction", type=number(0, 1, low_open=True),
                    default=0.2, help="share of the validation data that "
-                   "picks the best fine-tuning epoch (default 0.2)")
-    p.add_argument("--seed", type=SEED, default=0)
+                   "picks the best fine-tuning epoch")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the selection share, --order random "
+                   "and the fine-tuning batch order")
     add_out_option(p)
     add_model_options(p)
     add_data_options(p)

@@ -186,7 +186,6 @@ def cmd_poison(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser(
         "poison", help="write a poisoned copy of a data set (CSAW h5)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Stamp a trigger on DATA and write the result in the CSAW h5 format.\n\n"
         "  --rate R   training set: round(R x N) images (R is a share of the WHOLE set) get the\n"
         "             trigger and are relabeled (--keep-labels: clean-label, target class only)\n"
@@ -206,7 +205,7 @@ def register(sub) -> None:
                    help="trigger spec (repeat, with one --target each, for multi-trigger "
                         "multi-target poisoning)")
     p.add_argument("--target", type=LABEL, action="append", metavar="T",
-                   help="target label (default 0; not used with --mode all2all)")
+                   help="target label, one per --trigger (default: 0; not used with --mode all2all)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--rate", type=number(0, 1, low_open=True), metavar="R",
                    help="training-set poisoning: share of the whole set to poison and relabel")

@@ -343,7 +343,7 @@ def register(sub) -> None:
                    "e.g. conv_3 for DeepID)")
     p.add_argument("--order", choices=["increasing", "decreasing", "abs", "random", "guided"],
                    default="increasing",
-                   help="pruning order by mean activation on the validation data (default increasing; "
+                   help="pruning order by mean activation on the validation data ("
                    "abs = increasing mean absolute activation; random uses --seed; guided = largest "
                    "backdoored-minus-clean activation first, needs --guide or --guide-triggers)")
     p.add_argument("--guide", metavar="DATA", help="guided: poisoned validation data the defender holds")
@@ -351,16 +351,16 @@ def register(sub) -> None:
                    "cleanse' (reversed triggers stamped on the clean validation images)")
     p.add_argument("--guide-labels", help="guided: which reversed triggers to use (default: all in the file)")
     p.add_argument("--drops", default="2,4,10,30", help="validation accuracy drops at which to save a "
-                   "model (default 2,4,10,30)")
+                   "model, comma list, in --drop-unit")
     p.add_argument("--drop-unit", choices=["points", "relative"], default="points",
-                   help="points = percentage points below the unpruned validation accuracy (default); "
+                   help="points = percentage points below the unpruned validation accuracy; "
                    "relative = %% of it")
     p.add_argument("--stop", choices=["all", "max_drop"], default="all",
-                   help="prune every channel (default) or stop once the largest drop is reached")
+                   help="all: prune every channel; max_drop: stop once the largest drop is reached")
     p.add_argument("--save-format", choices=["native", "keras"], default="native",
                    help="keras: also write the pruned models as Keras HDF5 weights (GoodNets stay native)")
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--batch-size", type=POSITIVE, default=64, help="images per forward batch (default 64)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of --order random")
+    p.add_argument("--batch-size", type=POSITIVE, default=64, help="images per forward batch")
     add_out_option(p, help="output folder (written atomically)")
     add_model_options(p)
     add_data_options(p)

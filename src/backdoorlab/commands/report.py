@@ -30,6 +30,6 @@ def register(sub) -> None:
                        description="Read every results.json in DIR and its sub-folders (attack, prune, "
                        "fine-prune, cleanse, experiment and demo runs) and write DIR/report.md and a "
                        "self-contained DIR/report.html (images embedded).")
-    p.add_argument("dir", metavar="DIR")
+    p.add_argument("dir", metavar="DIR", help="a run folder (of run, attack, prune, cleanse, demo …)")
     p.add_argument("--title", help="report title")
     p.set_defaults(func=cmd_report)

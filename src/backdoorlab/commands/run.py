@@ -28,10 +28,10 @@ def register(sub) -> None:
         "recomputes only the cells whose options or inputs changed, and an interrupted run (Ctrl-C) "
         "resumes from the finished cells.",
         epilog="Examples: examples/*.toml. The file format is documented in docs/experiments.md.")
-    p.add_argument("config", metavar="EXPERIMENT.toml")
+    p.add_argument("config", metavar="EXPERIMENT.toml", help="experiment file (docs/experiments.md)")
     add_out_option(p, required=False, help="output folder (default runs/<file name>)", resumable=True)
     p.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="local worker processes (default) or a Ray cluster (pip install 'backdoorlab[ray]')")
+                   help="local worker processes or a Ray cluster (pip install 'backdoorlab[ray]')")
     p.add_argument("--jobs", type=POSITIVE, help="local: cells run at once (default: cores / threads)")
     p.add_argument("--threads", type=POSITIVE, help="torch threads per cell (default: cores / jobs; keep it "
                    "the same to reproduce numbers exactly)")

@@ -38,7 +38,8 @@ def kernels(net: nn.Module) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def magnitude_masks(net: nn.Module, sparsity: float, scope: str = "global") -> list[torch.Tensor]:
-    """Boolean keep-masks, one per kernel, zeroing the ``sparsity`` share of smallest |w|."""
+    """Boolean keep-masks, one per kernel, zeroing the ``sparsity`` share of smallest |w| (each on
+    its kernel's device)."""
     if not 0 <= sparsity < 1:
         raise BadInput(f"sparsity must be in [0, 1), got {sparsity}")
     ws = kernels(net)
@@ -46,7 +47,7 @@ def magnitude_masks(net: nn.Module, sparsity: float, scope: str = "global") -> l
         flat = torch.cat([w.abs().flatten() for w in ws])
         k = int(round(sparsity * flat.numel()))
         if k == 0:
-            return [torch.ones(w.shape, dtype=torch.bool) for w in ws]
+            return [torch.ones(w.shape, dtype=torch.bool, device=w.device) for w in ws]
         cut = torch.kthvalue(flat, k).values
         masks = [(w.abs() > cut).contiguous() for w in ws]  # logical (not channels_last) order
         # ties at the cut: keep exactly numel - k weights overall by pruning ties in order
@@ -64,7 +65,7 @@ def magnitude_masks(net: nn.Module, sparsity: float, scope: str = "global") -> l
         out = []
         for w in ws:
             k = int(round(sparsity * w.numel()))
-            m = torch.ones(w.shape, dtype=torch.bool)
+            m = torch.ones(w.shape, dtype=torch.bool, device=w.device)
             if k:
                 m.view(-1)[w.abs().flatten().argsort()[:k]] = False
             out.append(m)

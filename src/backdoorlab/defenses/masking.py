@@ -137,9 +137,12 @@ def mask_from_channels(channels: int, pruned: list[int] | np.ndarray) -> np.ndar
 @torch.no_grad()
 def zero_channels(module: nn.Module, mask: np.ndarray) -> None:
     """Zero, in place, the weights that produce the masked output channels of ``module``."""
+    param = next(module.parameters(), None)
     idx = torch.from_numpy(np.flatnonzero(mask))
     if idx.numel() == 0:
         return
+    if param is not None:
+        idx = idx.to(param.device)  # the index where the weights live
     if isinstance(module, nn.Conv2d | nn.Linear):
         module.weight[idx] = 0.0
         if module.bias is not None:

@@ -146,7 +146,7 @@ def _null_tops(n_labels: int, n_reference: int | None, n_suspects: int, draws: i
         # smallest of `others` normal draws by inversion: Phi(min) = 1 - U**(1/others)
         u = 1.0 - rng.random(draws)  # in (0, 1]
         p = -np.expm1(np.log(u) / others)
-        other_min = torch.special.ndtri(torch.from_numpy(p)).numpy()
+        other_min = torch.special.ndtri(torch.from_numpy(p)).numpy()  # CPU-only: host numbers
         lowest = np.minimum(lowest, other_min)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(mad > 0, (med - lowest) / (CONSISTENCY * mad),

@@ -407,7 +407,7 @@ class _HookEngine:
         if self.capture is not None:
             self.capture.append(out.detach())
         shape = (1, -1) + (1,) * (out.dim() - 2)
-        return out * self.keep.to(out.dtype).view(shape)
+        return out * self.keep.to(out.device, out.dtype).view(shape)
 
     def _run(self, images: np.ndarray) -> torch.Tensor:
         handle = self.module.register_forward_hook(self._hook)
@@ -443,7 +443,7 @@ class _HookEngine:
         self.keep[c] = 0.0
         with torch.inference_mode():
             for r in _row_batches(rows, len(s), self.batch_size):
-                idx = r if isinstance(r, slice) else r.numpy()
+                idx = r if isinstance(r, slice) else r.cpu().numpy()
                 s.preds[r] = self._run(s.images[idx])
 
 
@@ -502,14 +502,15 @@ def prune_sweep(clf: Classifier, valid: ImageSet, test: ImageSet | None = None,
     ``ranking`` (a permutation of the channels) replaces the order computed from ``order`` — e.g.
     the guided ranking of `backdoorlab.defenses.guided_pruning`; ``order`` then only names it.
 
-    The sweep computes on the CPU whatever ``clf.device`` is (a copy of the network is moved
-    there): it is inference only, its cached engines keep per-channel activations of every image
-    in host memory, and on the CPU it already runs ~25× a naive sweep
-    (docs/benchmarks-pruning.md). ``clf`` itself is not moved.
+    The sweep computes on the CPU at fp32 whatever ``clf.device`` and ``clf.precision`` are (a
+    copy of the network is moved there; fp16 does not exist on the CPU): it is inference only,
+    its cached engines keep per-channel activations of every image in host memory, and on the
+    CPU it already runs ~25× a naive sweep (docs/benchmarks-pruning.md). ``clf`` itself is not
+    moved.
     """
     t_start = time.perf_counter()
     if clf.device.type != "cpu":
-        clf = clf.copy().to("cpu")
+        clf = clf.copy().to("cpu", "fp32")
     if order not in ORDERS and ranking is None:
         raise BadInput(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     if stop not in STOPS:
@@ -562,7 +563,7 @@ def prune_sweep(clf: Classifier, valid: ImageSet, test: ImageSet | None = None,
     for s in sets:
         m, ma = engine.cache(s)
         if s.name == "valid":
-            mean, mean_abs = m.numpy(), ma.numpy()
+            mean, mean_abs = m.cpu().numpy(), ma.cpu().numpy()
         if s.active is not None and s.active.shape[1] != tgt.channels:
             raise BadInput(f"layer {tgt.layer!r}: measured {s.active.shape[1]} channels at "
                            f"{tgt.point or tgt.layer!r}, its weights have {tgt.channels}")
@@ -592,7 +593,7 @@ def prune_sweep(clf: Classifier, valid: ImageSet, test: ImageSet | None = None,
     pending = list(drops)
 
     def snapshot(step: int) -> None:
-        snapshots[step] = {s.name: s.preds.numpy().copy() for s in sets}
+        snapshots[step] = {s.name: s.preds.cpu().numpy().copy() for s in sets}
 
     snapshot(0)
     t1 = time.perf_counter()

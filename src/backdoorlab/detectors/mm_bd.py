@@ -66,6 +66,10 @@ input spec (`Classifier.spec`: native sidecars store it; Keras weights files get
 architecture, e.g. 55x47x3 for ``deepid``). Image passes are counted at the network's input by
 `backdoorlab.cost` (one per input per optimisation step; the backward pass is not counted
 separately).
+
+Device: the optimisation runs where the network lives (``clf.device``, inside ``clf.autocast()``);
+the random starts are drawn by a CPU generator and then moved there, so a seed gives the same
+starting images on every device.
 """
 
 from __future__ import annotations
@@ -156,12 +160,13 @@ def max_margins(clf, o: Options):
     stopped_early = 0
     try:
         for classes in progress(chunks, desc="mm-bd", unit="chunk"):
-            labels = torch.tensor(classes).repeat_interleave(o.starts)
-            x = torch.cat([_starts(o.seed, y, o.starts, (h, w, c)) for y in classes])
-            r, n, early = _ascend(net, spec, clf.channels_last, x, labels, o)
+            labels = torch.tensor(classes, device=clf.device).repeat_interleave(o.starts)
+            x = torch.cat([_starts(o.seed, y, o.starts, (h, w, c)) for y in classes]).to(clf.device)
+            with clf.autocast():
+                r, n, early = _ascend(net, spec, clf.channels_last, x, labels, o)
             steps_run += n
             stopped_early += early
-            best[classes] = r.view(len(classes), o.starts).amax(1).double().numpy()
+            best[classes] = r.view(len(classes), o.starts).amax(1).cpu().double().numpy()
     finally:
         for p, g in zip(net.parameters(), grads, strict=True):
             p.requires_grad_(g)
@@ -172,10 +177,11 @@ def max_margins(clf, o: Options):
 
 
 def _starts(seed: int, label: int, n: int, shape: tuple[int, int, int]):
-    """``n`` uniform random images for ``label`` (NHWC, [0, 1]); the same whatever the chunking."""
+    """``n`` uniform random images for ``label`` (NHWC, [0, 1], on the CPU); the same whatever the
+    chunking and the device."""
     import torch
 
-    g = torch.Generator().manual_seed(seed * 1_000_003 + label)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + label)  # CPU-only: same starts on every device
     return torch.rand((n, *shape), generator=g)
 
 
@@ -190,13 +196,14 @@ def _margin(logits, labels):
 
 def _ascend(net, spec, channels_last: bool, x, labels, o: Options):
     """Projected gradient ascent of the margin for a batch of NHWC [0, 1] images ``x`` (one class
-    per row, ``labels``). Returns (best margin per row, input-steps run, rows stopped early)."""
+    per row, ``labels``), on the device of ``x``; the caller holds the network's autocast. Returns
+    (best margin per row, input-steps run, rows stopped early)."""
     import torch
 
     n = len(x)
-    best = torch.full((n,), float("-inf"))
+    best = torch.full((n,), float("-inf"), device=x.device)
     at_check = best.clone()
-    active = torch.arange(n)
+    active = torch.arange(n, device=x.device)
     m1 = torch.zeros_like(x)
     m2 = torch.zeros_like(x)
     b1, b2, eps = 0.9, 0.999, 1e-8

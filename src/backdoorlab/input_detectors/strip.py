@@ -101,7 +101,8 @@ def mean_entropy(clf: Classifier, images: np.ndarray, factor: float, pool: np.nd
     """Mean entropy (bits) of the predictions on the pixel blends ``(1 - alpha)·images[i] +
     alpha·pool[draws[i, j]]`` (``mode="add"``: ``min(images[i] + pool[draws[i, j]], 255)``), j < N,
     the N blends of many inputs in one network batch of about ``batch`` images. ``factor`` brings
-    ``images`` to 0-255 pixels; ``pool`` is uint8."""
+    ``images`` to 0-255 pixels; ``pool`` is uint8 (on the host: each batch's inputs and overlays
+    move to ``clf.device``, where they are blended and classified inside ``clf.autocast()``)."""
     import math
 
     import torch
@@ -109,22 +110,25 @@ def mean_entropy(clf: Classifier, images: np.ndarray, factor: float, pool: np.nd
     k = draws.shape[1]
     per = max(1, batch // k)  # inputs whose k blends make one network batch
     out = np.empty(len(images), dtype=np.float64)
+    dev = clf.device
     clf.net.eval()
     with torch.inference_mode():
         for i in range(0, len(images), per):
-            x = torch.as_tensor(images[i:i + per]).to(torch.float32)
+            # the images travel as they are (uint8: 4x less to copy) and are blended on the device
+            x = torch.as_tensor(images[i:i + per]).to(dev).to(torch.float32)
             if factor != 1.0:
                 x = x * factor
             b = len(x)
-            ov = torch.from_numpy(pool[draws[i:i + b].reshape(-1)]).to(torch.float32)
+            ov = torch.from_numpy(pool[draws[i:i + b].reshape(-1)]).to(dev).to(torch.float32)
             if mode == "add":
                 blend = torch.repeat_interleave(x, k, dim=0).add_(ov).clamp_(max=255.0)
             else:
                 blend = torch.repeat_interleave(x, k, dim=0).mul_(1.0 - alpha).add_(ov, alpha=alpha)
-            logits = clf.net(clf.spec.to_tensor(blend, channels_last=clf.channels_last))
+            with clf.autocast():
+                logits = clf.net(clf.spec.to_tensor(blend, channels_last=clf.channels_last))
             logp = torch.log_softmax(logits.float(), dim=1)
             h = -(logp.exp() * logp).sum(dim=1) / math.log(2.0)
-            out[i:i + b] = h.view(b, k).mean(dim=1).double().numpy()
+            out[i:i + b] = h.view(b, k).mean(dim=1).cpu().double().numpy()
     return out
 
 

@@ -143,7 +143,8 @@ def features(clf: Classifier, data: ImageSet, layer: str | None = None,
              batch_size: int = 256) -> tuple[np.ndarray, str]:
     """((N, D) float32 representation of every image, where it was taken). ``layer`` None: the
     input of the output layer (`head_layer`) — the penultimate activations; else the output of
-    ``layer``, flattened. One forward pass per image, in batches, eval mode."""
+    ``layer``, flattened. One forward pass per image, in batches, eval mode, on ``clf.device``
+    inside ``clf.autocast()``; the representation is returned as a host array."""
     import torch
 
     if layer is None:
@@ -160,13 +161,13 @@ def features(clf: Classifier, data: ImageSet, layer: str | None = None,
     out: np.ndarray | None = None
     clf.net.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), clf.autocast():
             for i in range(0, len(data), batch_size):
                 captured.clear()
                 clf.net(clf.to_tensor(data.images[i:i + batch_size]))
                 if not captured:
                     raise BadInput(f"{where}: the layer was not run by the network's forward pass")
-                a = captured[-1].float().reshape(len(captured[-1]), -1).numpy()
+                a = captured[-1].float().reshape(len(captured[-1]), -1).cpu().numpy()
                 if out is None:
                     if a.shape[1] * len(data) > 500_000_000:
                         raise BadInput(f"{where}: {a.shape[1]:,} values per image are too many to "

@@ -10,7 +10,8 @@ import torch
 class OutputMask:
     """Multiply ``module``'s output channels by a 0/1 mask until ``remove()``.
 
-    ``mask`` entries are 1 (keep) or 0 (pruned); the mask is a tensor that may be edited in place.
+    ``mask`` entries are 1 (keep) or 0 (pruned); the mask is a host tensor that may be edited in
+    place, copied to the output's device and dtype at every pass.
     """
 
     def __init__(self, module: torch.nn.Module, channels: int, pruned: np.ndarray | None = None):
@@ -21,7 +22,7 @@ class OutputMask:
 
     def _hook(self, module, inputs, output):
         shape = (1, -1, 1, 1) if output.dim() == 4 else (1, -1)
-        return output * self.mask.view(shape).to(output.dtype)
+        return output * self.mask.view(shape).to(output.device, output.dtype)
 
     def remove(self) -> None:
         self.handle.remove()

@@ -221,10 +221,10 @@ def find(clf, net: nn.Module | None = None) -> Neurons:
 def zero(net: nn.Module, group: Group, channels: np.ndarray | list[int]) -> None:
     """Switch off ``channels`` of ``group`` in ``net`` (in place): BN gamma and beta, or the
     conv/dense kernel rows and biases."""
-    idx = torch.as_tensor(np.asarray(channels, dtype=np.int64))
+    m = dict(net.named_modules())[group.path]
+    idx = torch.as_tensor(np.asarray(channels, dtype=np.int64), device=m.weight.device)
     if idx.numel() == 0:
         return
-    m = dict(net.named_modules())[group.path]
     m.weight[idx] = 0.0
     if m.bias is not None:
         m.bias[idx] = 0.0
@@ -258,7 +258,7 @@ def verify_zero(clf, pruned: dict[str, np.ndarray], groups: list[Group], seed: i
         out = seen.get(g.post)
         if out is None:
             continue  # the layer is not reached by a forward pass
-        idx = torch.as_tensor(np.asarray(pruned[g.path], dtype=np.int64))
+        idx = torch.as_tensor(np.asarray(pruned[g.path], dtype=np.int64), device=out.device)
         vals = out.index_select(1, idx)
         if torch.count_nonzero(vals):
             raise RuntimeError(f"pruned channels of {g.name} are not zero after the activation "

@@ -204,31 +204,39 @@ def _optimise(work, groups, tune, o: Options):
         for m in net.modules():
             if isinstance(m, _BN):
                 m.train()
-    gen = torch.Generator().manual_seed(o.seed)
+    dev = work.device
+    # the batches and perturbation starts are drawn on the host (the same draws on every device)
+    gen = torch.Generator().manual_seed(o.seed)  # CPU-only: draws moved to ``dev``
     images, labels = tune.images, torch.from_numpy(tune.require_labels())
-    mask = torch.ones(total, requires_grad=True)
+    mask = torch.ones(total, requires_grad=True, device=dev)
     velocity = None  # SGD with momentum (torch.optim.SGD's rule, written out: no optimiser import)
     robust = o.eps > 0 and o.alpha < 1
     try:
         for _ in progress(range(o.iterations), desc="anp masks", total=o.iterations, unit="step"):
             idx = torch.randint(0, len(images), (o.batch_size,), generator=gen)
-            x = work.to_tensor(images[idx.numpy()])
-            y = labels[idx]
+            x = work.to_tensor(images[idx.numpy()])  # CPU-only: idx is drawn on the host
+            y = labels[idx].to(dev)
             if robust:
                 m0 = mask.detach()
-                d = (torch.rand(total, generator=gen) * 2 - 1) * o.eps
-                xi = (torch.rand(total, generator=gen) * 2 - 1) * o.eps
+                d = ((torch.rand(total, generator=gen) * 2 - 1) * o.eps).to(dev)
+                xi = ((torch.rand(total, generator=gen) * 2 - 1) * o.eps).to(dev)
                 for _ in range(o.steps):
                     d.requires_grad_(True)
                     xi.requires_grad_(True)
-                    loss = F.cross_entropy(_forward(net, groups, base, m0 + d, m0 + xi, x), y)
+                    with work.autocast():
+                        z = _forward(net, groups, base, m0 + d, m0 + xi, x)
+                    loss = F.cross_entropy(z.float(), y)
                     gd, gx = torch.autograd.grad(loss, (d, xi), allow_unused=True)
                     d = d.detach() + o.step_size * (gd.sign() if gd is not None else 0)
                     xi = xi.detach() + o.step_size * (gx.sign() if gx is not None else 0)
                     d, xi = d.clamp(-o.eps, o.eps), xi.clamp(-o.eps, o.eps)
-            loss = F.cross_entropy(_forward(net, groups, base, mask, mask, x), y)
+            with work.autocast():
+                z = _forward(net, groups, base, mask, mask, x)
+            loss = F.cross_entropy(z.float(), y)
             if robust:
-                rob = F.cross_entropy(_forward(net, groups, base, mask + d, mask + xi, x), y)
+                with work.autocast():
+                    z = _forward(net, groups, base, mask + d, mask + xi, x)
+                rob = F.cross_entropy(z.float(), y)
                 loss = o.alpha * loss + (1 - o.alpha) * rob
             (grad,) = torch.autograd.grad(loss, (mask,))
             with torch.no_grad():
@@ -236,7 +244,7 @@ def _optimise(work, groups, tune, o: Options):
                 mask.sub_(o.lr * velocity).clamp_(0.0, 1.0)
     finally:
         net.eval()
-    return mask.detach().numpy().astype(np.float64)
+    return mask.detach().cpu().numpy().astype(np.float64)
 
 
 def _to_drop(work, groups, mask, order, select, drop: float) -> tuple[int, dict]:
@@ -253,13 +261,13 @@ def _to_drop(work, groups, mask, order, select, drop: float) -> tuple[int, dict]
 
     def accuracy(keep: torch.Tensor) -> float:
         right = 0
-        with torch.no_grad():
+        with torch.no_grad(), work.autocast():
             for i in range(0, len(select), 256):
                 out = _forward(net, groups, base, keep, keep, work.to_tensor(select.images[i:i + 256]))
-                right += int((out.argmax(1).numpy() == y[i:i + 256]).sum())
+                right += int((out.argmax(1).cpu().numpy() == y[i:i + 256]).sum())
         return 100.0 * right / len(select)
 
-    keep = torch.ones(len(mask))
+    keep = torch.ones(len(mask), device=work.device)
     first = accuracy(keep)
     k, acc = 0, first
     for j in order:

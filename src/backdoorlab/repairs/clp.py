@@ -86,7 +86,8 @@ def run(clf, data: DefenderData, o: Options) -> Repaired:
 
 def uclc_scores(clf, groups):
     """(group, conv layer name, UCLC per channel as float64) for every neuron group that holds a
-    conv layer's channels (the conv itself, or the BN that reads it)."""
+    conv layer's channels (the conv itself, or the BN that reads it). Computed on the host in
+    float64 from a copy of the weights (wherever the network lives; MPS has no float64)."""
     import numpy as np
     import torch
     from torch import nn
@@ -102,14 +103,15 @@ def uclc_scores(clf, groups):
         if not isinstance(conv, nn.Conv2d):
             continue
         with torch.no_grad():
-            w = conv.weight.detach().double()
+            w = conv.weight.detach().cpu().double()
             mats = w.reshape(w.shape[0], w.shape[1], -1)  # (out, in_channels / groups, kh * kw)
             uclc = torch.linalg.matrix_norm(mats, ord=2)
             if g.kind == "bn":
                 bn = modules[g.path]
                 if bn.running_var is None:
                     continue  # no stored statistics: the BN's factor depends on the batch
-                scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+                scale = (bn.weight.detach().cpu().double()
+                         / torch.sqrt(bn.running_var.detach().cpu().double() + bn.eps))
                 uclc = uclc * scale.abs()
-        out.append((g, names[g.source], uclc.numpy().astype(np.float64)))
+        out.append((g, names[g.source], uclc.cpu().numpy().astype(np.float64)))
     return out

@@ -137,7 +137,7 @@ def sam_step(net, params, loss_fn, optimizer, rho: float, adaptive: bool = True,
     with torch.no_grad():
         scaled = [(p.abs() * g) if adaptive else g for p, g in pairs]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in scaled])) \
-            if scaled else torch.tensor(0.0)
+            if scaled else 0.0
         factor = rho / (float(norm) + eps)
         steps = [factor * (p * p * g if adaptive else g) for p, g in pairs]
         for (p, _), e in zip(pairs, steps, strict=True):
@@ -179,7 +179,7 @@ def run(clf, data: DefenderData, o: Options) -> Repaired:
     pad = o.crop_padding if o.crop_padding is not None else max(0, round(min(h, w) / 8))
 
     torch.manual_seed(o.seed)
-    gen = torch.Generator().manual_seed(o.seed)
+    gen = torch.Generator().manual_seed(o.seed)  # CPU-only, as train's: host permutations and crops
     model = clf.copy()
     net = model.net
     params = [p for p in net.parameters() if p.requires_grad]
@@ -207,11 +207,12 @@ def run(clf, data: DefenderData, o: Options) -> Repaired:
                           unit="batch"):
             idx = perm[i:i + o.batch_size]
             xb = model.to_tensor(augment(x_all[idx], gen, pad, o.flip))
-            yb = y_all[idx]
+            yb = y_all[idx].to(model.device, non_blocking=True)
 
             def loss_fn(xb=xb, yb=yb):
-                out = net(xb)
-                return smoothed_ce(out, yb, o.label_smoothing), out
+                with model.autocast():
+                    out = net(xb)
+                return smoothed_ce(out.float(), yb, o.label_smoothing), out
 
             loss, out = sam_step(net, params, loss_fn, base, o.rho, o.adaptive)
             if not (math.isfinite(float(loss)) and all(bool(torch.isfinite(p).all()) for p in params)):

@@ -142,16 +142,20 @@ def net_input(clf, x01):
 
 
 class Unit:
-    """uint8 NHWC images read as floats in [0, 1] one batch at a time (``unit[idx]``), so that
-    the whole data set is never held as floats; ``shape`` as the images'."""
+    """uint8 NHWC images (on the host) read as floats in [0, 1] on ``device`` one batch at a time
+    (``unit[idx]``), so that the whole data set is never held as floats; ``shape`` as the
+    images'."""
 
-    def __init__(self, images):
-        self.images, self.shape = images, tuple(images.shape)
+    def __init__(self, images, device=None):
+        self.images, self.shape, self.device = images, tuple(images.shape), device
 
     def __getitem__(self, idx):
         import torch
 
-        return self.images[idx].to(torch.float32) / 255.0
+        batch = self.images[idx]
+        if self.device is not None:
+            batch = batch.to(self.device)  # uint8 travels: 4x less to copy
+        return batch.to(torch.float32) / 255.0
 
     def __len__(self) -> int:
         return len(self.images)
@@ -172,19 +176,21 @@ def project(delta, bound: float):
 def search_perturbation(clf, x01, batches, o: Options):
     """The inner player: one pass of gradient ascent on the current model's loss (its own
     predictions as labels) over ``batches`` (index tensors into ``x01``, images in [0, 1] indexed
-    per batch: a float tensor or a `Unit`), then projection onto the L2 ball. Returns delta
-    (1, H, W, C)."""
+    per batch: a float tensor or a `Unit`, on ``clf.device``), then projection onto the L2 ball.
+    Returns delta (1, H, W, C) on ``clf.device``."""
     import torch
     import torch.nn.functional as F
 
     net = clf.net
-    delta = torch.zeros((1, *x01.shape[1:]), dtype=torch.float32)
+    delta = torch.zeros((1, *x01.shape[1:]), dtype=torch.float32, device=clf.device)
     for idx in batches:
         xb = x01[idx]
-        with torch.no_grad():
+        with torch.no_grad(), clf.autocast():
             pred = net(net_input(clf, xb)).argmax(1)
         d = delta.requires_grad_(True)
-        gain = F.cross_entropy(net(net_input(clf, perturbed(xb, d))), pred) - o.inner_reg * d.pow(2).sum()
+        with clf.autocast():
+            z = net(net_input(clf, perturbed(xb, d)))
+        gain = F.cross_entropy(z.float(), pred) - o.inner_reg * d.pow(2).sum()
         (g,) = torch.autograd.grad(gain, d)
         delta = (d + o.inner_lr * g).detach()
     return project(delta, o.norm_bound)
@@ -199,12 +205,16 @@ def hypergradient(clf, params, xb, yb, carry, delta, o: Options):
 
     net = clf.net
     d = delta.detach().clone().requires_grad_(True)
-    outer = F.cross_entropy(net(net_input(clf, perturbed(xb, carry * d))), yb)
+    with clf.autocast():
+        z = net(net_input(clf, perturbed(xb, carry * d)))
+    outer = F.cross_entropy(z.float(), yb)
     *direct, g_delta = torch.autograd.grad(outer, [*params, d], allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for g, p in zip(direct, params, strict=True)]
     if not o.implicit or g_delta is None:
         return grads, float(outer.detach())
-    inner = -F.cross_entropy(net(net_input(clf, perturbed(xb, d))), yb) + o.inner_reg * d.pow(2).sum()
+    with clf.autocast():
+        z = net(net_input(clf, perturbed(xb, d)))
+    inner = -F.cross_entropy(z.float(), yb) + o.inner_reg * d.pow(2).sum()
     (g_in,) = torch.autograd.grad(inner, d, create_graph=True)
     phi = d - o.fixed_point_step * g_in  # the map whose fixed point is the inner solution
     v = g_delta  # v_1; v_{k+1} = (dPhi/ddelta)^T v_k + dL_out/ddelta
@@ -237,8 +247,9 @@ def run(clf, data: DefenderData, o: Options) -> Repaired:
     y_np = tune.require_labels()
 
     torch.manual_seed(o.seed)
-    gen = torch.Generator().manual_seed(o.seed)
+    gen = torch.Generator().manual_seed(o.seed)  # CPU-only: host permutations, moved per batch
     model = clf.copy()
+    dev = model.device
     net = model.net
     net.eval()  # as the released code: BN statistics and dropout stay as given
     params = [p for p in net.parameters() if p.requires_grad]
@@ -248,9 +259,9 @@ def run(clf, data: DefenderData, o: Options) -> Repaired:
         outer_opt = torch.optim.Adam(params, lr=o.lr)
     else:
         outer_opt = torch.optim.SGD(params, lr=o.lr)
-    x01 = Unit(torch.from_numpy(tune.images))
+    x01 = Unit(torch.from_numpy(tune.images), dev)
     y_all = torch.from_numpy(y_np)
-    sel01 = Unit(torch.from_numpy(select.images))
+    sel01 = Unit(torch.from_numpy(select.images), dev)
     n = len(tune)
 
     per_pass = -(-n // o.batch_size)
@@ -270,7 +281,7 @@ def run(clf, data: DefenderData, o: Options) -> Repaired:
     for r in progress(range(o.rounds), desc="i-bau", total=o.rounds, unit="round"):
         delta = search_perturbation(model, x01, batches(), o)
         flips = 0
-        with torch.no_grad():  # how many held-back predictions the perturbation changes
+        with torch.no_grad(), model.autocast():  # how many held-back predictions delta changes
             for i in range(0, len(select), 256):
                 xs = sel01[torch.arange(i, min(i + 256, len(select)))]
                 flips += int((net(net_input(model, xs)).argmax(1)
@@ -282,7 +293,8 @@ def run(clf, data: DefenderData, o: Options) -> Repaired:
             m = k if o.outer_share >= 1 else max(1, int(k * o.outer_share))
             carry = torch.zeros((k, 1, 1, 1))
             carry[torch.randperm(k, generator=gen)[:m]] = 1.0
-            grads, loss = hypergradient(model, params, x01[idx], y_all[idx], carry, delta, o)
+            grads, loss = hypergradient(model, params, x01[idx], y_all[idx].to(dev), carry.to(dev),
+                                        delta, o)
             if not (math.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads)):
                 finite = False
                 break

@@ -166,7 +166,7 @@ def _output_shapes(clf, modules: list[tuple[str, object]]) -> list[tuple[str, tu
     handles = [m.register_forward_hook(hook(n)) for n, m in modules]
     try:
         clf.net.eval()
-        with torch.no_grad():
+        with torch.no_grad(), clf.autocast():
             clf.net(clf.to_tensor(np.zeros((1, *clf.spec.shape), np.uint8)))
     finally:
         for h in handles:
@@ -278,7 +278,7 @@ def distil(student, teacher, tune, select, layers: list[tuple[str, float]], o: O
     cfg = TrainConfig(epochs=o.epochs, lr=o.lr, batch_size=o.batch_size, optimizer=o.optimizer,
                       weight_decay=WEIGHT_DECAY, seed=o.seed)
     torch.manual_seed(o.seed)  # as `backdoorlab.train.train`: beta 0 gives its very steps
-    gen = torch.Generator().manual_seed(o.seed)
+    gen = torch.Generator().manual_seed(o.seed)  # CPU-only, as train's: host permutations and crops
     optim = _optimizer(net.parameters(), cfg)
     ce = nn.CrossEntropyLoss()
     x_all, y_all = torch.from_numpy(tune.images), torch.from_numpy(tune.require_labels())
@@ -301,13 +301,14 @@ def distil(student, teacher, tune, select, layers: list[tuple[str, float]], o: O
                               total=len(batches), unit="batch"):
                 idx = perm[i:i + o.batch_size]
                 xb = student.to_tensor(augment(x_all[idx], gen, pad, o.flip))
-                yb = y_all[idx]
-                out = net(xb)
-                loss = ce_loss = ce(out, yb)
+                yb = y_all[idx].to(student.device, non_blocking=True)
+                with student.autocast():
+                    out = net(xb)
+                loss = ce_loss = ce(out.float(), yb)
                 if active:
-                    with torch.no_grad():
+                    with torch.no_grad(), teacher.autocast():
                         tnet(xb)
-                    terms = [b * attention_loss(feats["s"][nm], feats["t"][nm], o.p)
+                    terms = [b * attention_loss(feats["s"][nm].float(), feats["t"][nm].float(), o.p)
                              for nm, b in active]
                     for (nm, _), term in zip(active, terms, strict=True):
                         per_layer[nm] += term.item() * len(idx)

@@ -103,7 +103,7 @@ class WaNetTrigger(Trigger):
 
             p = torch.from_numpy(self.control_grid())[None]  # (1, 2, k, k)
             up = F.interpolate(p, size=tuple(hw), mode="bicubic", align_corners=True)
-            self._cache[key] = up[0].permute(1, 2, 0).numpy().copy()
+            self._cache[key] = up[0].permute(1, 2, 0).numpy().copy()  # CPU-only: host image op
         return self._cache[key]
 
     def displacement(self, hw: tuple[int, int]) -> np.ndarray:
@@ -152,7 +152,7 @@ class WaNetTrigger(Trigger):
                 gb = (fixed.expand(len(xb), h, w, 2) if grids is None
                       else torch.from_numpy(np.ascontiguousarray(grids[i:i + chunk], dtype=np.float32)))
                 yb = F.grid_sample(xb, gb, mode="bilinear", padding_mode="border", align_corners=True)
-                y = yb.numpy()  # (n, C, H, W) float32
+                y = yb.numpy()  # (n, C, H, W) float32; CPU-only: triggers stamp host arrays
                 if rounded:
                     np.clip(y, 0, 255, out=y)
                     np.rint(y, out=y)
