@@ -22,6 +22,7 @@ from backdoorlab.errors import BadInput
 from backdoorlab.evaluation import accuracy
 from backdoorlab.models.classifier import Classifier
 from backdoorlab.progress import progress
+from backdoorlab.triggers.base import BatchHook
 
 
 @dataclass
@@ -77,14 +78,19 @@ def train(clf: Classifier, data: ImageSet, valid: ImageSet | None = None,
           cfg: TrainConfig | None = None, desc: str = "train",
           params: list[nn.Parameter] | None = None,
           after_step: Callable[[], None] | None = None,
-          score: Callable[[], tuple[float, dict]] | None = None) -> TrainLog:
+          score: Callable[[], tuple[float, dict]] | None = None,
+          batch_hook: BatchHook | None = None) -> TrainLog:
     """Train ``clf.net`` in place on ``data``; keep the best weights on ``valid``.
 
     ``params`` restricts which parameters are updated (default: all); ``after_step`` runs after
     every optimiser step (e.g. to re-apply a sparsity mask). ``score`` replaces validation accuracy
     as what picks the epoch to keep: called in eval mode before training (epoch 0, the model as
     given, which may be kept) and after every epoch, it returns (score, figures to log); the highest
-    score wins. Returns a `TrainLog` with per-epoch loss, training and validation accuracy.
+    score wins. ``batch_hook`` (`backdoorlab.triggers.base.BatchHook`) rewrites each batch before
+    augmentation — the one place where training-time attacks (WaNet's noise mode, BPP's negative
+    samples) change the loop; it gets the uint8 images, labels, row numbers and a generator
+    seeded from ``cfg.seed``. Returns a `TrainLog` with per-epoch loss, training and validation
+    accuracy.
     """
     cfg = cfg or TrainConfig()
     y_all = data.require_labels()
@@ -96,6 +102,7 @@ def train(clf: Classifier, data: ImageSet, valid: ImageSet | None = None,
                        "classes")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)  # CPU-only: host permutations and crops
+    hook_rng = np.random.default_rng([cfg.seed, 0x5EED])  # the batch hook's own draws
     net = clf.net
     opt = _optimizer(params if params is not None else net.parameters(), cfg)
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -122,8 +129,12 @@ def train(clf: Classifier, data: ImageSet, valid: ImageSet | None = None,
         for i in progress(batches, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}",
                           total=len(batches), unit="batch"):
             idx = perm[i:i + cfg.batch_size]
-            xb = augment(x_all[idx], gen, cfg.crop_padding, cfg.flip)
-            yb = y_t[idx].to(clf.device, non_blocking=True)
+            xb, yb = x_all[idx], y_t[idx]
+            if batch_hook is not None:
+                hx, hy = batch_hook(xb.numpy(), yb.numpy(), idx.numpy(), hook_rng)
+                xb, yb = torch.from_numpy(np.ascontiguousarray(hx)), torch.from_numpy(hy)
+            xb = augment(xb, gen, cfg.crop_padding, cfg.flip)
+            yb = yb.to(clf.device, non_blocking=True)
             with clf.autocast():
                 out = net(clf.to_tensor(xb))
                 loss = loss_fn(out.float(), yb)

@@ -12,6 +12,12 @@
 (Python's round, ties to even), drawn without replacement by ``numpy.random.default_rng(seed)``
 from the eligible rows. The returned set has the same rows in the same order, the poisoned ones
 replaced. Test-time sets keep the TRUE labels; attack targets travel in a parallel array.
+
+The training rows get ``trigger.poison`` (the test-time trigger unless the attack trains on
+another form of it), after ``trigger.prepare`` has seen the clean set. A trigger with
+``cover_rate`` > 0 also gets ``round(cover_rate * N)`` regularisation ("cover") rows, drawn from
+the rows left unpoisoned, stamped with ``trigger.cover`` and keeping their labels (Qi et al.,
+ICLR 2023); ``cover_indices`` lists them.
 """
 
 from __future__ import annotations
@@ -49,10 +55,13 @@ class PoisonInfo:
     label_changes: int
     indices: np.ndarray = field(repr=False)
     trigger: dict = field(default_factory=dict)
+    cover_count: int = 0
+    cover_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["indices"] = self.indices.tolist()
+        d["cover_indices"] = self.cover_indices.tolist()
         return d
 
 
@@ -91,6 +100,25 @@ def _count(rate: float, n: int) -> int:
     return int(round(rate * n))
 
 
+def _add_cover(images: np.ndarray, source: np.ndarray, taken: np.ndarray, trigger: Trigger,
+               rng: np.random.Generator, seed: int) -> np.ndarray:
+    """Stamp ``trigger.cover`` on ``round(trigger.cover_rate * N)`` rows not in ``taken`` (in
+    place, labels untouched); returns their sorted indices."""
+    rate = float(getattr(trigger, "cover_rate", 0.0) or 0.0)
+    if rate <= 0:
+        return np.zeros(0, np.int64)
+    n = len(images)
+    k = _count(rate, n)
+    free = np.flatnonzero(~taken)
+    if k > len(free):
+        raise BadInput(f"{trigger.name}: cover rate {rate:g} asks for {k} regularisation images but "
+                       f"only {len(free)} training images are left unpoisoned")
+    idx = np.sort(rng.choice(free, size=k, replace=False)) if k else np.zeros(0, np.int64)
+    if k:
+        images[idx] = trigger.cover(source[idx], seed)
+    return idx.astype(np.int64)
+
+
 def all2all_targets(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """All-to-all attack targets: ``(y + 1) mod num_classes``."""
     return (np.asarray(labels, dtype=np.int64) + 1) % num_classes
@@ -122,20 +150,25 @@ def poison_training_set(data: ImageSet, trigger: Trigger, target: int | None, ra
     if k > len(eligible):
         raise BadInput(f"poisoning rate {rate:g} asks for {k} of {n} training images but only "
                        f"{len(eligible)} are eligible ({what})")
+    trigger.prepare(data, None if mode == "all2all" else target, seed)
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(eligible, size=k, replace=False)) if k else np.zeros(0, np.int64)
     images = data.images.copy()
     labels = y.copy()
     if k:
-        images[idx] = trigger.apply(data.images[idx])
+        images[idx] = trigger.poison(data.images[idx], seed)
         if mode == "all2all":
             labels[idx] = all2all_targets(y[idx], data.num_classes)
         elif not clean_label:
             labels[idx] = target
+    taken = np.zeros(n, dtype=bool)
+    taken[idx] = True
+    cover = _add_cover(images, data.images, taken, trigger, rng, seed)
     info = PoisonInfo(mode=mode, target=None if mode == "all2all" else int(target), rate=float(rate),
                       clean_label=clean_label, seed=seed, total=n, eligible=int(len(eligible)),
                       count=k, label_changes=int((labels[idx] != y[idx]).sum()),
-                      indices=idx.astype(np.int64), trigger=trigger.to_dict())
+                      indices=idx.astype(np.int64), trigger=trigger.to_dict(),
+                      cover_count=len(cover), cover_indices=cover)
     meta = dict(data.meta)
     meta["poison"] = info.to_dict()
     out = ImageSet(images, labels, data.num_classes, name=f"{data.name or 'data'}+{trigger.name}",
@@ -159,6 +192,8 @@ def poison_training_set_multi(data: ImageSet, stack: TriggerStack, rate_each: fl
     images = data.images.copy()
     labels = y.copy()
     entries = []
+    for trig, tgt in stack:
+        trig.prepare(data, tgt, seed)
     for j, (trig, tgt) in enumerate(stack):
         eligible = np.flatnonzero((y != tgt) & ~taken)
         if k > len(eligible):
@@ -168,13 +203,18 @@ def poison_training_set_multi(data: ImageSet, stack: TriggerStack, rate_each: fl
         idx = np.sort(rng.choice(eligible, size=k, replace=False)) if k else np.zeros(0, np.int64)
         taken[idx] = True
         if k:
-            images[idx] = trig.apply(data.images[idx])
+            images[idx] = trig.poison(data.images[idx], seed)
             labels[idx] = tgt
         entries.append(PoisonInfo(mode="all2one", target=tgt, rate=float(rate_each), clean_label=False,
                                   seed=seed, total=n, eligible=int(len(eligible)), count=k,
                                   label_changes=k, indices=idx.astype(np.int64),
                                   trigger=trig.to_dict()))
-    info = MultiPoisonInfo(entries=entries, total=n, count=int(taken.sum()), seed=seed)
+    count = int(taken.sum())
+    for entry, (trig, _) in zip(entries, stack, strict=True):  # cover rows after every payload
+        cover = _add_cover(images, data.images, taken, trig, rng, seed)
+        taken[cover] = True
+        entry.cover_count, entry.cover_indices = len(cover), cover
+    info = MultiPoisonInfo(entries=entries, total=n, count=count, seed=seed)
     meta = dict(data.meta)
     meta["poison"] = info.to_dict()
     out = ImageSet(images, labels, data.num_classes, name=f"{data.name or 'data'}+stack",

@@ -29,6 +29,7 @@ from backdoorlab.models.classifier import Classifier
 from backdoorlab.models.spec import InputSpec
 from backdoorlab.train import TrainConfig, seeded_init, train
 from backdoorlab.triggers import Trigger, TriggerStack, make_trigger
+from backdoorlab.triggers.base import BatchHook
 
 
 @dataclass
@@ -60,6 +61,26 @@ class AttackOutcome:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def chain_hooks(hooks: list[BatchHook | None]) -> BatchHook | None:
+    """One batch hook running the given ones in order (None when there are none)."""
+    live = [h for h in hooks if h is not None]
+    if not live:
+        return None
+    if len(live) == 1:
+        return live[0]
+
+    def run(images, labels, rows, rng):
+        for h in live:
+            images, labels = h(images, labels, rows, rng)
+        return images, labels
+    return run
+
+
+def _summary(poison_info: dict) -> dict:
+    """A `PoisonInfo` dict without its row lists (they go to the poisoned set's own file)."""
+    return {k: v for k, v in poison_info.items() if k not in ("indices", "cover_indices")}
 
 
 def build_triggers(plan: AttackPlan, shape: tuple[int, int, int], num_classes: int) -> list[Trigger]:
@@ -100,19 +121,22 @@ def train_attack(train_data: ImageSet, test: ImageSet, arch: str, plan: AttackPl
     rest, valid = train_data.split(valid_fraction, seed=seed)
     valid = valid.subset(slice(None), name="valid")
     poison_info: dict = {}
+    rows: list[np.ndarray] = []  # poisoned rows per trigger, for the triggers' batch hooks
     if len(triggers) == 0:
         poisoned_train = rest
     elif len(triggers) == 1:
         tgt = plan.targets[0] if plan.mode == "all2one" else None
         poisoned_train, info = poison_training_set(rest, triggers[0], tgt, plan.rate, plan.mode,
                                                    plan.clean_label, seed)
-        poison_info = {k_: v for k_, v in info.to_dict().items() if k_ != "indices"}
+        poison_info = _summary(info.to_dict())
+        rows = [info.indices]
     else:
         stack = TriggerStack(list(zip(triggers, plan.targets, strict=True)))
         poisoned_train, minfo = poison_training_set_multi(rest, stack, plan.rate, seed)
         poison_info = {"count": minfo.count, "total": minfo.total,
-                       "entries": [{k_: v for k_, v in e.to_dict().items() if k_ != "indices"}
-                                   for e in minfo.entries]}
+                       "entries": [_summary(e.to_dict()) for e in minfo.entries]}
+        rows = [e.indices for e in minfo.entries]
+    hook = chain_hooks([t.batch_hook(r, seed) for t, r in zip(triggers, rows, strict=True)])
     seeded_init(seed)
     h, w, c = train_data.shape
     spec = InputSpec(h, w, c, scale=input_scale)
@@ -132,7 +156,7 @@ def train_attack(train_data: ImageSet, test: ImageSet, arch: str, plan: AttackPl
         log, pa_info = pruning_aware_attack(clf, rest, poisoned_train, valid, cfg, plan.pa_max_drop,
                                             probe=probe, dormant_shift=plan.pa_dormant_shift)
     else:
-        log = train(clf, poisoned_train, valid, cfg, desc="train").to_dict()
+        log = train(clf, poisoned_train, valid, cfg, desc="train", batch_hook=hook).to_dict()
     seconds = time.perf_counter() - t0
     p_sets = poisoned_test_sets(test, plan, triggers) if triggers else []
     asr = [attack_success(clf, ps, tg) for ps, tg in p_sets]

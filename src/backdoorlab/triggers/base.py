@@ -4,16 +4,38 @@ A trigger maps a batch of uint8 images ``(N, H, W, C)`` (C = 1 or 3) to a *new* 
 same shape; it never modifies its input and is deterministic (any randomness is drawn once, from a
 seed, when the trigger is built). Float arithmetic is rounded to the nearest integer (ties to
 even, ``numpy.rint``) after clipping to 0-255.
+
+``apply`` is the trigger an attacker shows at test time. Attacks whose *training* samples differ
+from it override the four training-side methods, all no-ops by default, which the poisoning
+(`backdoorlab.attacks.poison`) and the trainer (`backdoorlab.train`) call:
+
+- ``prepare(train, target, seed)``: once, before any row is chosen (a surrogate model, statistics
+  of the training set).
+- ``poison(images, seed)``: the payload stamped on the poisoned training rows (default ``apply``).
+- ``cover_rate`` / ``cover(images, seed)``: regularisation samples — a further share of the
+  training set carrying (part of) the trigger with their true labels kept.
+- ``batch_hook(poisoned_rows, seed)``: a `BatchHook` the trainer runs on every batch, for attacks
+  that change the training loop (samples drawn afresh per batch).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from backdoorlab.errors import BadInput
+
+if TYPE_CHECKING:
+    from backdoorlab.data.imageset import ImageSet
+
+#: ``hook(images, labels, rows, rng) -> (images, labels)``: one training batch (uint8 NHWC, int64
+#: labels, the batch's row numbers in the training set) before augmentation; returns the batch
+#: to train on (new arrays, same length). ``rng`` is the trainer's seeded generator.
+BatchHook = Callable[[np.ndarray, np.ndarray, np.ndarray, np.random.Generator],
+                     tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
@@ -34,6 +56,25 @@ class Trigger:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.apply(images)
+
+    # -- training side (see the module docstring); defaults: training samples = test trigger --
+
+    cover_rate: ClassVar[float] = 0.0  # instances may set their own (an option of the trigger)
+
+    def prepare(self, train: ImageSet, target: int | None, seed: int) -> None:
+        """Called once by the poisoning with the clean training set, before rows are chosen."""
+
+    def poison(self, images: np.ndarray, seed: int) -> np.ndarray:
+        """The payload for poisoned training rows (default: the test-time trigger)."""
+        return self.apply(images)
+
+    def cover(self, images: np.ndarray, seed: int) -> np.ndarray:
+        """Regularisation samples (labels kept); only called when ``cover_rate`` > 0."""
+        raise NotImplementedError(f"{self.name} trigger has no cover samples")
+
+    def batch_hook(self, poisoned_rows: np.ndarray, seed: int) -> BatchHook | None:
+        """A per-batch hook for the trainer, or None (the default: a static poisoned set)."""
+        return None
 
     def preview(self, image: np.ndarray) -> np.ndarray:
         """The trigger applied to one ``(H, W, C)`` (or ``(H, W)`` grey) image."""
