@@ -38,23 +38,24 @@ def test_spec_parsing_and_to_dict():
     t = make_trigger("wanet:strength=0.5,grid=4", (16, 16, 1))
     assert isinstance(t, WaNetTrigger) and (t.grid, t.strength, t.seed) == (4, 0.5, 0)
     assert make_trigger("wanet:grid=6,strength=1.5,seed=3", (16, 16, 1)).to_dict() == \
-        {"kind": "wanet", "grid": 6, "strength": 1.5, "seed": 3}
+        {"kind": "wanet", "grid": 6, "strength": 1.5, "seed": 3, "noise": True, "cross_ratio": 2.0}
     assert make_trigger("sig:delta=30,freq=4", (16, 16, 1)).to_dict() == \
         {"kind": "sig", "delta": 30.0, "freq": 4.0}
     assert make_trigger("bpp:bits=5,dither=false", (16, 16, 1)).to_dict() == \
-        {"kind": "bpp", "bits": 5, "dither": False}
+        {"kind": "bpp", "bits": 5, "dither": False, "negatives": 0.2}
     for kind in NEW:  # defaults are the papers'
         d = make_trigger(kind, (32, 32, 3)).to_dict()
         assert json.loads(json.dumps(d)) == d and d["kind"] == kind
     assert make_trigger("wanet", (32, 32, 3)).to_dict() == {"kind": "wanet", "grid": 4, "strength": 0.5,
-                                                            "seed": 0}
+                                                            "seed": 0, "noise": True, "cross_ratio": 2.0}
     assert make_trigger("sig", (32, 32, 3)).to_dict() == {"kind": "sig", "delta": 20.0, "freq": 6.0}
-    assert make_trigger("bpp", (32, 32, 3)).to_dict() == {"kind": "bpp", "bits": 3, "dither": True}
+    assert make_trigger("bpp", (32, 32, 3)).to_dict() == {"kind": "bpp", "bits": 3, "dither": True,
+                                                          "negatives": 0.2}
     assert make_trigger("bpp:dither=YES", (8, 8, 1)).dither is True
 
 
 @pytest.mark.parametrize("spec, msg", [
-    ("wanet:warp=2", "unknown option 'warp' for wanet \\(known: grid, strength, seed\\)"),
+    ("wanet:warp=2", "unknown option 'warp' for wanet \\(known: grid, strength, seed, noise, cross_ratio\\)"),
     ("sig:amplitude=20", "unknown option 'amplitude' for sig"),
     ("bpp:depth=3", "unknown option 'depth' for bpp"),
     ("wanet:grid=1", "grid = 1 is out of range"),
@@ -307,10 +308,12 @@ def _attack(digits_split, spec, rate, epochs, lr, clean_label=False):
 
 
 def test_wanet_implants_on_digits(digits_split):
-    """Paper trigger settings (k = 4, s = 0.5) and poisoning rate (10 %), no noise mode.
+    """Paper trigger settings (k = 4, s = 0.5) and poisoning rate (10 %), without noise mode.
     Measured: clean 98.9 %, ASR 86.5 % (30 epochs; keep_best=False: the best clean-validation
-    epoch, the runner's default, had 81.5 % ASR)."""
-    out, art = _attack(digits_split, "wanet", 0.1, 30, 5e-3)
+    epoch, the runner's default, had 81.5 % ASR). With noise mode (the default) the same budget
+    gives 42.9 % and 60 epochs 61.6 %: the cross samples' noise (±0.5 px) is larger than the
+    trigger's warp (0.23 px on average), as in the paper, which trains for far longer."""
+    out, art = _attack(digits_split, "wanet:noise=false", 0.1, 30, 5e-3)
     assert out.poison["count"] == 121 and out.poison["label_changes"] == 121
     assert out.clean_accuracy >= 0.95
     assert out.asr[0] >= 0.80
@@ -366,3 +369,85 @@ def test_the_saved_preview_is_a_labelled_figure_with_a_row_per_stage(tmp_path):
     assert b.shape[0] > 1.5 * a.shape[0]
     white_cols = np.flatnonzero((a > 250).all(axis=0))
     assert len(white_cols) >= 5 + 1  # the gaps between the six columns of images, and the margins
+
+
+# -- training-time attacks through the trainer's batch hook --------------------------------------
+
+def _hook_data(n=96, classes=3, seed=6):
+    from backdoorlab.data.imageset import ImageSet
+
+    x = rand_images(n, 16, 16, 1, seed=seed)
+    return ImageSet(x, (np.arange(n) % classes).astype(np.int64), classes, name="toy")
+
+
+def test_wanet_noise_mode_hook_draws_fresh_cross_samples_per_batch():
+    from backdoorlab.attacks.poison import poison_training_set
+
+    data = _hook_data()
+    t = make_trigger("wanet:cross_ratio=2", (16, 16, 1))
+    assert make_trigger("wanet:noise=false", (16, 16, 1)).batch_hook(np.arange(3), 0) is None
+    pois, info = poison_training_set(data, t, target=0, rate=0.1, seed=0)
+    hook = t.batch_hook(info.indices, 0)
+    rows = np.arange(len(pois))
+    rng = np.random.default_rng(0)
+    x1, y1 = hook(pois.images, pois.labels, rows, rng)
+    x2, _ = hook(pois.images, pois.labels, rows, rng)
+    np.testing.assert_array_equal(y1, pois.labels)  # labels kept
+    changed1 = np.flatnonzero((x1 != pois.images).reshape(len(rows), -1).any(1))
+    changed2 = np.flatnonzero((x2 != pois.images).reshape(len(rows), -1).any(1))
+    assert not (set(changed1) | set(changed2)) & set(info.indices.tolist())  # poisoned rows left alone
+    # 2 cross samples per poisoned row of the batch (a row may, rarely, warp to itself)
+    assert 2 * info.count - 2 <= len(changed1) <= 2 * info.count
+    assert not np.array_equal(x1, x2)  # fresh rows and noise in every batch
+    assert x1.dtype == np.uint8 and x1.shape == pois.images.shape
+    # in a half batch holding no poisoned row, nothing changes
+    clean_rows = np.setdiff1d(rows, info.indices)[:20]
+    x3, _ = hook(pois.images[clean_rows], pois.labels[clean_rows], clean_rows, rng)
+    np.testing.assert_array_equal(x3, pois.images[clean_rows])
+
+
+def test_bpp_negative_samples_hook_adds_another_images_residual():
+    from backdoorlab.attacks.poison import poison_training_set
+
+    data = _hook_data()
+    t = make_trigger("bpp:negatives=0.25", (16, 16, 1))
+    assert make_trigger("bpp:negatives=0", (16, 16, 1)).batch_hook(np.arange(3), 0) is None
+    pois, info = poison_training_set(data, t, target=0, rate=0.1, seed=0)  # prepare keeps the images
+    hook = t.batch_hook(info.indices, 0)
+    rows = np.arange(40)
+    x, y = hook(pois.images[rows], pois.labels[rows], rows, np.random.default_rng(1))
+    np.testing.assert_array_equal(y, pois.labels[rows])
+    changed = np.flatnonzero((x != pois.images[rows]).reshape(len(rows), -1).any(1))
+    assert len(changed) == 10 and not set(rows[changed]) & set(info.indices.tolist())
+    # each negative = its own image + a residual of some training image, clipped
+    residuals = t.residual(data.images)
+    for r in changed:
+        hits = [j for j in range(len(data)) if np.array_equal(
+            x[r], np.rint(np.clip(pois.images[r].astype(np.float32) + residuals[j], 0, 255)))]
+        assert hits, f"row {r} is not its image plus a training image's quantisation residual"
+    assert not np.array_equal(x[changed], t.apply(pois.images[rows][changed]))  # not the trigger
+
+
+def test_train_attack_runs_the_batch_hook(monkeypatch):
+    """The trainer calls a trigger's hook on every batch, with the batch's row numbers."""
+    from backdoorlab.attacks.runner import AttackPlan, train_attack
+    from backdoorlab.train import TrainConfig
+    from backdoorlab.triggers.wanet import WaNetTrigger
+
+    calls = []
+    real = WaNetTrigger.batch_hook
+
+    def spy(self, poisoned_rows, seed):
+        inner = real(self, poisoned_rows, seed)
+
+        def hook(images, labels, rows, rng):
+            calls.append((len(rows), int(np.isin(rows, poisoned_rows).sum())))
+            return inner(images, labels, rows, rng)
+        return hook
+    monkeypatch.setattr(WaNetTrigger, "batch_hook", spy)
+    train = _hook_data(200, 4)
+    test = _hook_data(40, 4, seed=7)
+    train_attack(train, test, "small_cnn", AttackPlan(triggers=["wanet"], targets=[0], rate=0.1),
+                 TrainConfig(epochs=2, batch_size=32, seed=0))
+    assert len(calls) == 2 * int(np.ceil(180 / 32))  # 10 % of 200 split off for validation
+    assert sum(n for n, _ in calls) == 2 * 180 and sum(p for _, p in calls) == 2 * 18  # 10 % of 180

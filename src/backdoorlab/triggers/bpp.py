@@ -26,12 +26,15 @@ the batch at once. Within a wave the below-left shares are added before the righ
 which keeps each pixel's sum of incoming errors in the raster order of the sequential algorithm:
 the result is bit-identical to dithering each image pixel by pixel.
 
-Not implemented (the paper's training side): contrastive adversarial training with negative
-samples — the paper pairs poisoned inputs with adversarial examples as negatives, and the
-release instead adds another image's quantisation residual to a share of clean images (neg_ratio
-0.2) and keeps their labels; both change the training loop, which `train_attack` does not do.
-Our poisoning also stamps fixed rows, where the release re-poisons 20 % of each batch on the fly,
-and we apply no random crop / rotation.
+Negative samples (the paper's contrastive adversarial training, training side). The paper pairs
+poisoned inputs with adversarially perturbed negatives so that the network learns this
+quantisation pattern, not any small perturbation; its released code (and BackdoorBench) instead
+adds *another* training image's quantisation residual (quantised minus original) to a share of the
+clean inputs of every batch (``neg_ratio`` 0.2) and keeps their labels. We do the latter, through
+the trainer's batch hook (`BppTrigger.batch_hook`): in every batch, ``round(negatives * B)``
+unpoisoned rows (B the batch size) get the residual of a randomly drawn training image, clipped to
+0-255, labels kept; ``negatives=0`` turns it off. Our poisoning stamps fixed rows, where the
+release re-poisons 20 % of each batch on the fly, and we apply no random crop / rotation.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ from backdoorlab.triggers.base import Trigger, to_uint8
 class Options:
     bits: int = opt(3, "colour depth kept per channel, in bits (release: 8 levels = 3 bits)", low=1, high=8)
     dither: bool = opt(True, "Floyd-Steinberg dithering (the paper's trigger)")
+    negatives: float = opt(0.2, "share of each training batch given another image's quantisation "
+                                "residual, labels kept (release neg_ratio 0.2; 0 = off)", low=0, high=1)
 
 
 @dataclass
@@ -59,9 +64,13 @@ class BppTrigger(Trigger):
     name: ClassVar[str] = "bpp"
     bits: int = 3
     dither: bool = True
+    negatives: float = 0.2
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if not (np.isfinite(self.negatives) and 0 <= self.negatives <= 1):
+            raise BadInput(f"bpp trigger: negatives must be a share in [0, 1], got {self.negatives}")
+        self.negatives = float(self.negatives)
         if int(self.bits) != self.bits or not 1 <= self.bits <= 8:
             raise BadInput(f"bpp trigger: bits must be a whole number in 1..8, got {self.bits}")
         if not isinstance(self.dither, (bool, np.bool_)):
@@ -121,8 +130,36 @@ class BppTrigger(Trigger):
             out[i:i + chunk] = to_uint8(self.dither_float(x[i:i + chunk]))
         return out
 
+    def prepare(self, train, target, seed: int) -> None:
+        """Keep the clean training images: the negatives borrow their quantisation residuals."""
+        self._cache["train"] = train.images
+
+    def residual(self, images: np.ndarray) -> np.ndarray:
+        """Quantised minus original, float32 (N, H, W, C), of uint8 ``images``."""
+        return self.apply(images).astype(np.float32) - images.astype(np.float32)
+
+    def batch_hook(self, poisoned_rows: np.ndarray, seed: int):
+        """The negative samples (see the module docstring); None when ``negatives`` is 0 or
+        `prepare` has not seen the training set."""
+        source = self._cache.get("train")
+        if self.negatives == 0 or source is None or not len(source):
+            return None
+        poisoned = np.asarray(poisoned_rows, dtype=np.int64)
+
+        def negatives(images, labels, rows, rng):
+            free = np.flatnonzero(~np.isin(rows, poisoned))
+            k = min(len(free), int(round(self.negatives * len(rows))))
+            if k == 0:
+                return images, labels
+            pick = rng.choice(free, size=k, replace=False)
+            donors = source[rng.integers(0, len(source), size=k)]
+            out = images.copy()
+            out[pick] = to_uint8(images[pick].astype(np.float32) + self.residual(donors))
+            return out, labels
+        return negatives
+
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.name, "bits": self.bits, "dither": self.dither}
+        return {"kind": self.name, "bits": self.bits, "dither": self.dither, "negatives": self.negatives}
 
     @classmethod
     def from_options(cls, opts: dict[str, str], positional: str | None,
@@ -132,6 +169,6 @@ class BppTrigger(Trigger):
         if positional is not None:
             raise BadInput(f"trigger spec 'bpp': unexpected value {positional!r} (options are key=value)")
         o = spec_options(Options, opts, "bpp")
-        return cls(bits=o.bits, dither=o.dither)
+        return cls(bits=o.bits, dither=o.dither, negatives=o.negatives)
 
     options: ClassVar[tuple[str, ...]] = tuple(f.name for f in fields(Options))

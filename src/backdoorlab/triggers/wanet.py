@@ -21,19 +21,19 @@ cubic-convolution weights with a = -0.75), so ``max|upsampled v| <= 1.375**2 * m
 divide each axis by its own side (the release divides both by the height; the same for square
 images). The paper's settings: k = 4, s = 0.5 (options ``grid`` and ``strength``, the defaults).
 
-Noise mode. To hide the backdoor from defenses, the paper trains with extra "cross" samples:
-ρ_n = 2 ρ_a of each batch (``cross_ratio`` 2) is warped by the trigger's field plus fresh
-per-pixel random noise, uniform within ±1/side in normalised units (about ±half a pixel), and
-keeps its true label. The poisoning API (`backdoorlab.attacks.poison.poison_training_set`)
-replaces rows of the training set by trigger-stamped rows and has no hook for extra rows with
-kept labels, so `train_attack` does not use noise mode. `cross_samples` builds them for callers
-who poison by hand: it replaces ``round(cross_ratio * count)`` further rows (drawn from rows
-the poisoning left alone) by noise-warped copies with their labels unchanged — fixed once,
-while the paper draws new noise for each batch.
+Noise mode (``noise=true``, the default; ``noise=false`` trains on the fixed warp alone). To hide
+the backdoor from defenses, the paper trains with extra "cross" samples: ρ_n = 2 ρ_a of each batch
+(``cross_ratio`` 2) is warped by the trigger's field plus fresh per-pixel random noise, uniform
+within ±1/side in normalised units (about ±half a pixel), and keeps its true label. `train_attack`
+does this through the trainer's batch hook (`WaNetTrigger.batch_hook`): in every batch,
+``round(cross_ratio * p)`` unpoisoned rows, p the number of poisoned rows the batch holds, are
+replaced by noise-warped copies drawn afresh, labels kept. `cross_samples` builds fixed cross rows
+instead, for callers who poison by hand.
 
 Our setting differs from the paper's: fixed poisoned rows (the paper re-poisons a share of each
-batch on the fly), no noise mode inside `train_attack`, and no random crop / rotation of the
-poisoned inputs. Pixels are rounded to the nearest integer (ties to even) after clipping to 0-255.
+batch on the fly, so its cross count is fixed per batch where ours follows the batch's poisoned
+count; the same in expectation) and no random crop / rotation of the poisoned inputs. Pixels
+are rounded to the nearest integer (ties to even) after clipping to 0-255.
 Small images work unchanged: any side >= 2 takes any k (on 8x8 images the 4x4 control points are
 2.3 pixels apart and move 0.22 px on average at s = 0.5). On the 16x16 digits with small_cnn
 the paper's settings implant (86.5 % ASR after 30 epochs at a 10 % rate); at the digits' native
@@ -65,6 +65,10 @@ class Options:
     strength: float = opt(0.5, "warping strength s (paper 0.5; a control point moves about s/2 "
                                "pixels on average)", low=0, high=10)
     seed: int = opt(0, "seed of the random control grid", low=0, high=2**32 - 1)
+    noise: bool = opt(True, "noise mode: train with noise-warped cross samples, labels kept (the "
+                             "paper's setting)")
+    cross_ratio: float = opt(2.0, "noise mode: cross samples per poisoned sample in each batch "
+                                  "(paper 2)", low=0, high=100)
 
 
 @dataclass
@@ -75,9 +79,13 @@ class WaNetTrigger(Trigger):
     grid: int = 4
     strength: float = 0.5
     seed: int = 0
+    noise: bool = True
+    cross_ratio: float = 2.0
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if not (np.isfinite(self.cross_ratio) and self.cross_ratio >= 0):
+            raise BadInput(f"wanet trigger: cross_ratio must be a number >= 0, got {self.cross_ratio}")
         if int(self.grid) != self.grid or self.grid < 2:
             raise BadInput(f"wanet trigger: grid must be a whole number >= 2, got {self.grid}")
         if not (np.isfinite(self.strength) and self.strength >= 0):
@@ -177,8 +185,27 @@ class WaNetTrigger(Trigger):
         grids = np.clip(self.sampling_grid((h, w))[None].astype(np.float64) + noise, -1.0, 1.0)
         return self._warp(x, grids.astype(np.float32), rounded=True)
 
+    def batch_hook(self, poisoned_rows: np.ndarray, seed: int):
+        """Noise mode's cross samples, drawn afresh in every batch (None without noise mode)."""
+        if not self.noise or self.cross_ratio == 0:
+            return None
+        poisoned = np.asarray(poisoned_rows, dtype=np.int64)
+
+        def cross(images, labels, rows, rng):
+            hit = np.isin(rows, poisoned)
+            free = np.flatnonzero(~hit)
+            k = min(len(free), int(round(self.cross_ratio * int(hit.sum()))))
+            if k == 0:
+                return images, labels
+            pick = rng.choice(free, size=k, replace=False)
+            out = images.copy()
+            out[pick] = self.noise_warp(images[pick], seed=int(rng.integers(2**32)))
+            return out, labels
+        return cross
+
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.name, "grid": self.grid, "strength": self.strength, "seed": self.seed}
+        return {"kind": self.name, "grid": self.grid, "strength": self.strength, "seed": self.seed,
+                "noise": self.noise, "cross_ratio": self.cross_ratio}
 
     @classmethod
     def from_options(cls, opts: dict[str, str], positional: str | None,
@@ -188,7 +215,7 @@ class WaNetTrigger(Trigger):
         if positional is not None:
             raise BadInput(f"trigger spec 'wanet': unexpected value {positional!r} (options are key=value)")
         o = spec_options(Options, opts, "wanet")
-        return cls(grid=o.grid, strength=o.strength, seed=o.seed)
+        return cls(grid=o.grid, strength=o.strength, seed=o.seed, noise=o.noise, cross_ratio=o.cross_ratio)
 
     options: ClassVar[tuple[str, ...]] = tuple(f.name for f in fields(Options))
 
