@@ -177,3 +177,58 @@ def test_cli_detect_lists_both_families(capsys):
         p.parse_args(["detect", "--help"])
     help_text = capsys.readouterr().out
     assert "neural-cleanse" in help_text and "strip" in help_text
+
+
+# -- classify --filter: any input detector as the GoodNet-style filter ----------------------------
+
+def test_cli_classify_filter_answers_class_n_for_rejected_inputs(digits_badnet, cli_files, capsys):
+    clf, art, test = digits_badnet
+    d, model = cli_files
+    argv = ["classify", model, str(d / "pois.h5"), str(d / "test.h5"), "--filter", "strip",
+            "--clean", str(d / "clean.h5"), "--far", "0.05", "--filter-option", "copies=50", "--json"]
+    assert main(argv) == 0
+    cap = capsys.readouterr()
+    rows = json.loads(cap.out)
+    assert "filter: strip" in cap.err and "class 10 = rejected" in cap.err
+    assert len(rows) == 300
+    # the same filter through the API: same threshold, same rejections
+    filt = fit_filter("strip", clf, art["valid"], {"copies": 50}, far=0.05)
+    images = np.concatenate([art["poisoned_test"][0][0].images[:150], test.images[:150]])
+    rejected = filt.reject(images)
+    plain = clf.predict(images)
+    for r, rej, k, s in zip(rows, rejected, plain, filt.scorer.score(images), strict=True):
+        assert r["backdoored"] == bool(rej) and r["suspicion"] == pytest.approx(float(s))
+        assert r["class"] == (10 if rej else int(k))
+    pois_rej = np.mean([r["backdoored"] for r in rows[:150]])
+    clean_rej = np.mean([r["backdoored"] for r in rows[150:]])
+    assert pois_rej > 0.4 and clean_rej < 0.15 and pois_rej > clean_rej + 0.3
+    # text output: the rejected ones carry the word
+    assert main(argv[:-1]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.endswith("\tbackdoored") for line in lines) == int(rejected.sum())
+    assert all(line.split("\t")[1] == "10" for line in lines if line.endswith("backdoored"))
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--filter", "strip"], "--clean"),
+    (["--clean", "CLEAN"], "only applies with --filter"),
+    (["--filter", "strip", "--clean", "CLEAN", "--filter-option", "copies"], "KEY=VALUE"),
+    (["--filter", "strip", "--clean", "CLEAN", "--filter-option", "kopies=3"], "kopies"),
+    (["--filter", "strip", "--clean", "CLEAN", "--filter-option", "copies=0"], "copies"),
+    (["--filter", "strip", "--clean", "missing.h5"], "missing.h5"),
+    (["--filter", "nope", "--clean", "CLEAN"], "--filter"),
+    (["--filter", "strip", "--clean", "CLEAN", "--far", "1"], "--far"),
+])
+def test_cli_classify_filter_bad_input_is_one_line_exit_2(cli_files, capsys, monkeypatch, extra, msg):
+    d, model = cli_files
+    monkeypatch.chdir(d)
+    called = []
+    monkeypatch.setattr("backdoorlab.input_detectors.fit_filter", lambda *a, **k: called.append(1))
+    extra = [str(d / "clean.h5") if x == "CLEAN" else x for x in extra]
+    try:
+        code = main(["classify", model, str(d / "test.h5"), *extra])
+    except SystemExit as e:  # argparse's own checks
+        code = e.code
+    assert code == 2 and not called
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and msg in err, err

@@ -131,7 +131,7 @@ def train(clf: Classifier, data: ImageSet, valid: ImageSet | None = None,
             idx = perm[i:i + cfg.batch_size]
             xb, yb = x_all[idx], y_t[idx]
             if batch_hook is not None:
-                hx, hy = batch_hook(xb.numpy(), yb.numpy(), idx.numpy(), hook_rng)
+                hx, hy = batch_hook(xb.cpu().numpy(), yb.cpu().numpy(), idx.cpu().numpy(), hook_rng)
                 xb, yb = torch.from_numpy(np.ascontiguousarray(hx)), torch.from_numpy(hy)
             xb = augment(xb, gen, cfg.crop_padding, cfg.flip)
             yb = yb.to(clf.device, non_blocking=True)

@@ -87,8 +87,49 @@ def _fit(images: np.ndarray, shape: tuple[int, int, int], where: str, resize: bo
     return np.ascontiguousarray(images)
 
 
+def _filter_options(method, pairs: list[str] | None):
+    """The input detector's options from repeated ``--filter-option KEY=VALUE``."""
+    from backdoorlab.triggers.registry import spec_options
+
+    opts: dict[str, str] = {}
+    for pair in pairs or []:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise BadInput(f"--filter-option {pair!r}: expected KEY=VALUE")
+        if key.strip() in opts:
+            raise BadInput(f"--filter-option {key.strip()}: given twice")
+        opts[key.strip()] = value
+    return spec_options(method.options, opts, method.name, where=f"--filter {method.name}")
+
+
+def _check_filter_args(args: argparse.Namespace):
+    """The --filter method and its options, or None; every mistake refused before loading."""
+    from backdoorlab import registry
+
+    if args.filter is None:
+        for flag, v in (("--clean", args.clean), ("--filter-option", args.filter_option)):
+            if v:
+                raise BadInput(f"{flag} only applies with --filter METHOD (an input detector)")
+        return None
+    method = registry.get(args.filter, "input-detector")
+    if not args.clean:
+        raise BadInput(f"--filter {args.filter}: give --clean DATA, the clean images it is fitted "
+                       "and calibrated on")
+    return method, _filter_options(method, args.filter_option)
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
-    clf = load_model_from_args(args)
+    want_filter = _check_filter_args(args)
+    clean = None
+    if want_filter is not None:
+        from backdoorlab.commands.common import load_data
+
+        clean = load_data(args.clean, args, default_split="train")
+    clf = load_model_from_args(args, clean if clean is not None and clean.labeled else None)
+    if clean is not None:
+        from backdoorlab.evaluation import check_compatible
+
+        check_compatible(clf, clean, "--clean data")
     names: list[str] = []
     batches = []
     for source in args.images:
@@ -96,12 +137,34 @@ def cmd_classify(args: argparse.Namespace) -> int:
         batches.append(_fit(x, clf.spec.shape, source, args.resize))
         names += n
     images = np.concatenate(batches)
-    pred = clf.predict(images)
-    backdoor = clf.num_classes - 1 if clf.arch in FILTER_ARCHS else None
+    suspicion = None
+    if want_filter is not None:  # GoodNet-style: a rejected input answers class N
+        from backdoorlab.input_detectors import fit_filter
+
+        method, opts = want_filter
+        filt = fit_filter(method.name, clf, clean, opts, args.far, args.calibration,
+                          seed=int(getattr(opts, "seed", 0) or 0))
+        suspicion = filt.scorer.score(images)
+        rejected = suspicion > filt.threshold
+        pred = np.where(rejected, clf.num_classes, clf.predict(images))
+        backdoor = clf.num_classes
+        import sys
+
+        print(f"filter: {method.name} ({filt.scorer.statistic}) fitted on {filt.n_fit:,} clean images, "
+              f"threshold {filt.threshold:.4g} set at {filt.far:.1%} false alarms on {filt.n_calibration:,}; "
+              f"class {backdoor} = rejected as backdoored ({int(rejected.sum())} of {len(images)})",
+              file=sys.stderr)
+    else:
+        pred = clf.predict(images)
+        backdoor = clf.num_classes - 1 if clf.arch in FILTER_ARCHS else None
     flagged = [backdoor is not None and int(k) == backdoor for k in pred]
     if args.json:
-        print(json.dumps([{"image": n, "class": int(k), "backdoored": f}
-                          for n, k, f in zip(names, pred, flagged, strict=True)], indent=2))
+        rows = [{"image": n, "class": int(k), "backdoored": f}
+                for n, k, f in zip(names, pred, flagged, strict=True)]
+        if suspicion is not None:
+            for r, s in zip(rows, suspicion, strict=True):
+                r["suspicion"] = float(s)
+        print(json.dumps(rows, indent=2))
         return 0
     for n, k, f in zip(names, pred, flagged, strict=True):
         print(f"{n}\t{int(k)}" + ("\tbackdoored" if f else ""))
@@ -117,11 +180,30 @@ def register(sub) -> None:
         description="Print 'IMAGE<TAB>CLASS' for every image: PNG/JPEG/PPM files, folders of them, or "
         "CSAW h5 data files (one line per image). For a GoodNet, class N (= its last class) is printed "
         "with 'backdoored': the BadNet and its repaired copy disagree on that input (the same for "
-        "Neural Cleanse's input filter, nc-filter: the input excites the reversed trigger's channels).")
+        "Neural Cleanse's input filter, nc-filter: the input excites the reversed trigger's channels). "
+        "With --filter METHOD --clean DATA any input detector (e.g. strip) becomes that filter for any "
+        "model: inputs it rejects at the --far false-alarm rate answer class N.")
     p.add_argument("model", metavar="MODEL", help=".safetensors model or Keras .h5")
     p.add_argument("images", metavar="IMAGE", nargs="+", help="image file, folder of images or CSAW h5")
     p.add_argument("--resize", action="store_true", help="resize images to the model's input size "
                    "(default: refuse images of another size)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    from backdoorlab import registry
+    from backdoorlab.commands.common import FRACTION, add_data_options
+
+    g = p.add_argument_group("input filter (GoodNet-style: rejected inputs answer class N)")
+    g.add_argument("--filter", choices=[m.name for m in registry.methods("input-detector")],
+                   metavar="METHOD", help="an input detector (see 'backdoorlab list') fitted on --clean; "
+                   "an input it rejects gets class N (= the model's number of classes) and 'backdoored'")
+    g.add_argument("--clean", metavar="DATA", help="clean data the defender holds: the filter is fitted "
+                   "on it and its threshold set on a held-back part")
+    g.add_argument("--far", type=FRACTION, default=0.05, metavar="RATE",
+                   help="false-alarm rate on clean inputs the threshold is set at, in (0, 1)")
+    g.add_argument("--calibration", type=FRACTION, default=0.2, metavar="FRACTION",
+                   help="share of --clean held back to set the threshold on")
+    g.add_argument("--filter-option", action="append", metavar="KEY=VALUE",
+                   help="an option of the filter's method (as in 'backdoorlab detect METHOD --help'); "
+                   "repeatable")
+    add_data_options(p, "which split of --clean data to use when it holds both (default: train)")
     add_model_options(p)
     p.set_defaults(func=cmd_classify)

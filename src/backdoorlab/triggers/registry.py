@@ -13,6 +13,8 @@ A spec is ``KIND`` or ``KIND:OPTIONS``; options are ``key=value`` separated by c
     wanet:grid=4,strength=0.5,seed=0        WaNet warp (Nguyen & Tran 2021)
     sig:delta=20,freq=6                     SIG sinusoid, with clean-label poisoning (Barni et al. 2019)
     bpp:bits=3,dither=true                  BppAttack colour squeeze (Wang et al. 2022)
+    adap-blend:cover_rate=0.1               Adaptive-Blend: partial noise blends, cover rows (Qi et al. 2023)
+    adap-patch:cover_rate=0.2               Adaptive-Patch: one of 4 corner patches per row (Qi et al. 2023)
 
 A comma-separated piece without ``=`` continues the previous value (so ``pos=2,5`` works); the
 first such piece of ``image`` and ``blend`` specs names the picture file.
@@ -128,13 +130,14 @@ def make_trigger(spec: str, image_shape: tuple[int, ...]) -> Trigger:
     return trigger
 
 
-def spec_options(options_cls: type, opts: Mapping[str, str], kind: str) -> Any:
+def spec_options(options_cls: type, opts: Mapping[str, str], kind: str, where: str | None = None) -> Any:
     """A trigger's ``Options`` dataclass from the string values of its spec, each converted to its
     field's type (whole numbers, numbers, true/false) and checked against its bounds and choices
-    (`BadInput` naming the spec and the option)."""
+    (`BadInput` naming the spec — or ``where`` — and the option). Any method's options read from
+    ``KEY=VALUE`` text the same way."""
     from backdoorlab.options import from_mapping, infos
 
-    where = f"trigger spec {kind!r}"
+    where = where or f"trigger spec {kind!r}"
     values: dict[str, Any] = {}
     known = {i.name: i for i in infos(options_cls)}
     for key, raw in opts.items():
