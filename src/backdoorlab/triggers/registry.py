@@ -13,6 +13,7 @@ A spec is ``KIND`` or ``KIND:OPTIONS``; options are ``key=value`` separated by c
     wanet:grid=4,strength=0.5,seed=0        WaNet warp (Nguyen & Tran 2021)
     sig:delta=20,freq=6                     SIG sinusoid, with clean-label poisoning (Barni et al. 2019)
     bpp:bits=3,dither=true                  BppAttack colour squeeze (Wang et al. 2022)
+    lc:eps=16,amplitude=32                  label-consistent, with clean-label poisoning (Turner et al. 2019)
     adap-blend:cover_rate=0.1               Adaptive-Blend: partial noise blends, cover rows (Qi et al. 2023)
     adap-patch:cover_rate=0.2               Adaptive-Patch: one of 4 corner patches per row (Qi et al. 2023)
 
