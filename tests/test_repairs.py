@@ -141,7 +141,7 @@ def test_nc_repairs_match_nc_mitigation(digits_badnet):
     rows = {r.method: r for r in table.methods}
     data = DefenderData(art["valid"], triggers=triggers, trigger_labels=[0])
     sets = [poisoned_set(ps)]
-    _, un = repair("nc-unlearn", clf, data, test, sets, {"epochs": 2, "lr": 1e-4})
+    _, un = repair("nc-unlearn", clf, data, test, sets, {"epochs": 2, "lr": 1e-4, "optimizer": "adam"})
     _, pr = repair("nc-prune", clf, data, test, sets)
     assert un.after.clean_accuracy == rows["unlearning"].clean_accuracy
     assert un.after.asr == rows["unlearning"].asr

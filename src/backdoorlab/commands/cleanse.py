@@ -237,8 +237,8 @@ def prepare_mitigation(args: argparse.Namespace, clf, clean) -> dict | None:
     from backdoorlab.repairs.nc_unlearn import Options as Unlearn  # the same defaults as the repair
 
     u = Unlearn()
-    cfg = TrainConfig(epochs=args.mitigate_epochs, lr=u.lr, batch_size=u.batch_size, schedule="none",
-                      seed=args.seed)
+    cfg = TrainConfig(epochs=args.mitigate_epochs, lr=u.lr, batch_size=u.batch_size, optimizer=u.optimizer,
+                      schedule="none", seed=args.seed)
     return {"methods": methods, "labels": labels, "test": test, "poisoned": load_poisoned(args, clf),
             "cfg": cfg}
 

@@ -108,7 +108,7 @@ def unlearn(clf: Classifier, valid: ImageSet, triggers: dict, labels: list[int],
     The given model always qualifies, so a repair that only costs accuracy is not kept. Unlearning
     moves clean accuracy by several points from one epoch to the next, so the last epoch is no
     safe choice. Returns (model, details: per-epoch held-back figures, the kept epoch, sizes)."""
-    cfg = cfg or TrainConfig(epochs=10, lr=5e-4, batch_size=64, schedule="none", seed=seed)
+    cfg = cfg or TrainConfig(epochs=10, lr=0.01, batch_size=64, optimizer="sgd", schedule="none", seed=seed)
     tune, select = finetune_split(valid, select_fraction, seed)
     rng = np.random.default_rng(seed)
     x = tune.images.copy()
