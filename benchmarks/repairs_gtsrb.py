@@ -102,7 +102,7 @@ def remember(attacks: dict, repairs: dict, path: Path = RECORD) -> tuple[dict, d
 
 def schedule(res: dict) -> str:
     o = res.get("options", {})
-    keys = [k for k in ("epochs", "steps", "rounds", "iterations", "lr", "drop", "u")
+    keys = [k for k in ("epochs", "steps", "rounds", "iterations", "optimizer", "lr", "drop", "u")
             if o.get(k) is not None]  # None: the method's own default (see `backdoorlab list -v`)
     sched = ", ".join(f"{k} {o[k]}" for k in keys) or "defaults"
     return f"{sched}; {res['defender_data']['clean']:,} clean images"

@@ -15,10 +15,10 @@ The optimiser is SGD with momentum 0.9 at lr 0.01 (the paper names none; SGD 0.0
 other fine-tuning repairs here use after their papers, NAD and FT-SAM). Adam at lr 5e-4, our
 earlier default, moves every weight by about the learning rate per step whatever its gradient, and
 on a small defender set the stamped images then pull clean accuracy down by 10-15 points before it
-recovers while the trigger comes back: on three digits BadNets (small_cnn, 136 defender images,
-benchmarks: /docs/repairs-gtsrb.md "Optimiser") the kept model had test ASR 46.6 / 14.3 / 14.3 %
-with Adam against 3.9 / 5.2 / 0.2 % with SGD, at 0.0 / -7.3 / -3.6 against +0.4 / -2.9 / -1.8
-points of clean accuracy. ``optimizer=adam,lr=5e-4`` gives the earlier behaviour."""
+recovers while the trigger comes back: on three digits BadNets (small_cnn, 136 defender images;
+benchmarks/nc_unlearn_optimizer.py, docs/repairs-gtsrb.md) the kept model had test ASR
+46.6 / 14.3 / 14.3 % with Adam against 3.9 / 5.2 / 0.2 % with SGD, at +0.4 / -7.3 / -3.6 against
++0.4 / -2.9 / -1.8 points of clean accuracy. ``optimizer=adam,lr=5e-4`` gives the earlier behaviour."""
 
 from __future__ import annotations
 
