@@ -78,6 +78,16 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+# the options `detect` gives every input detector besides the method's own; they are also keys of
+# an input detector's [[defense]] table in `backdoorlab run`, checked there with these same types
+INPUT_DETECT_OPTIONS: dict[str, dict] = {
+    "far": {"type": FRACTION, "default": 0.05, "metavar": "RATE",
+            "help": "false-alarm rate the threshold is set at, in (0, 1)"},
+    "calibration": {"type": FRACTION, "default": 0.2, "metavar": "FRACTION",
+                    "help": "share of --clean held back to set the threshold on"},
+}
+
+
 def _rate(v: float | None, n: int, what: str) -> str:
     return "—" if v is None else f"{v:.2%} of {n:,} {what}"
 
@@ -173,10 +183,8 @@ def register(sub) -> None:
         q.add_argument("--test", metavar="CLEAN_TEST", help="clean test data: the false-alarm rate "
                        "measured on it")
         add_poisoned_options(q, "poisoned test data: the detection rate measured on it")
-        q.add_argument("--far", type=FRACTION, default=0.05, metavar="RATE",
-                       help="false-alarm rate the threshold is set at, in (0, 1)")
-        q.add_argument("--calibration", type=FRACTION, default=0.2, metavar="FRACTION",
-                       help="share of --clean held back to set the threshold on")
+        for key, kw in INPUT_DETECT_OPTIONS.items():
+            q.add_argument("--" + key, **kw)
         add_arguments(q, m.options)
         add_out_option(q)
         add_model_options(q)

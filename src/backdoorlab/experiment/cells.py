@@ -8,8 +8,10 @@ backdoorlab version. A finished cell is a folder ``cells/<label>-<key[:12]>/`` h
 command's usual outputs and, written last, ``cell.json``; a cell whose ``cell.json`` exists with
 the same key is not computed again, so a re-run recomputes only cells whose inputs changed.
 
-Each cell runs the same code as the corresponding command (``attack``, ``prune``,
-``fine-prune``, ``cleanse``), in-process, its output captured in ``logs/<label>.log``.
+Each cell runs the same code as the corresponding command (``attack``, ``repair``, ``cleanse``,
+``detect``), in-process, its output captured in ``logs/<label>.log``. Which command a defense cell
+runs follows the registered family of its method (`defense_args`): a repair, a model detector or an
+input detector.
 """
 
 from __future__ import annotations
@@ -47,6 +49,17 @@ class Cell:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def family(self) -> str | None:
+        """The registry family of a defense cell's method (None for attack, given and scan cells)."""
+        if self.kind in ("attack", "given", "scan"):
+            return None
+        return self.spec.get("family", "repair")  # repairs' specs leave it out (their keys predate it)
+
+
+# families whose cells judge the attack model without changing it: their own summary tables
+DETECTOR_FAMILIES = ("model-detector", "input-detector")
 
 
 def digest(obj) -> str:
@@ -116,8 +129,11 @@ def plan_cells(exp: Experiment) -> list[Cell]:
                 dspec: dict = {"method": d.method, "options": d.options}
                 if exp.compute:
                     dspec["compute"] = exp.compute
-                if registry.get(d.method).family == "model-detector":
-                    dspec["family"] = "model-detector"
+                family = registry.get(d.method).family
+                if family != "repair":
+                    dspec["family"] = family
+                    if d.family_options:  # e.g. an input detector's far
+                        dspec["family_options"] = d.family_options
                 elif "backdoored" in registry.get(d.method, "repair").needs:
                     dspec["guide"] = d.guide
                 parent = key
@@ -200,20 +216,67 @@ def attack_targets(pres: dict) -> list[int]:
     return [] if plan.get("mode") == "all2all" else [int(t) for t in plan.get("targets") or []]
 
 
-def detect_args(cell: Cell, model_dir: Path, out: Path, pres: dict) -> list[str]:
-    """``backdoorlab detect METHOD`` on the model, scored against the attack's target(s)."""
-    from backdoorlab import registry
-    from backdoorlab.options import infos, to_flags
+def _seeded(method, cell: Cell) -> dict:
+    """The cell's method options, with the cell's seed where the method has a seed option."""
+    from backdoorlab.options import infos
 
-    files = pres["files"]
-    method = registry.get(cell.spec["method"], "model-detector")
     opts = dict(cell.spec["options"])
     if "seed" in {i.name for i in infos(method.options)}:
         opts["seed"] = cell.seed
+    return opts
+
+
+def _poisoned_args(model_dir: Path, pres: dict) -> list[str]:
+    """--poisoned for every poisoned test set of the attack (one per trigger), each with its
+    --target when one was given, and the label rule of a given model's files."""
+    files = pres["files"]
+    pz = []
+    for f in files["poisoned_test"]:
+        pz += ["--poisoned", str(model_dir / f)]
+    for t in as_list(pres.get("target")) if files["poisoned_test"] else []:
+        pz += ["--target", str(t)]
+    if pres.get("poisoned_labels", "auto") != "auto":
+        pz += ["--poisoned-labels", pres["poisoned_labels"]]
+    return pz
+
+
+def defense_args(cell: Cell, model_dir: Path, out: Path, pres: dict, scan_dir: Path | None = None
+                 ) -> list[str]:
+    """The command line of a defense cell, by the registered family of its method."""
+    if cell.family == "model-detector":
+        return detect_args(cell, model_dir, out, pres)
+    if cell.family == "input-detector":
+        return input_detect_args(cell, model_dir, out, pres)
+    return repair_args(cell, model_dir, out, pres, scan_dir)
+
+
+def detect_args(cell: Cell, model_dir: Path, out: Path, pres: dict) -> list[str]:
+    """``backdoorlab detect METHOD`` on the model, scored against the attack's target(s)."""
+    from backdoorlab import registry
+    from backdoorlab.options import to_flags
+
+    files = pres["files"]
+    method = registry.get(cell.spec["method"], "model-detector")
+    opts = _seeded(method, cell)
     targets = [x for t in attack_targets(pres) for x in ("--target", str(t))]
     clean = ["--clean", str(model_dir / files["clean_valid"])] if "clean" in method.needs else []
     return ["detect", method.name, str(model_dir / files["model"]), *clean, *targets,
             *to_flags(method.options, opts), "--out", str(out)]
+
+
+def input_detect_args(cell: Cell, model_dir: Path, out: Path, pres: dict) -> list[str]:
+    """``backdoorlab detect METHOD`` of an input detector: fitted, and its threshold set, on the
+    attack's clean validation split; false alarms measured on its clean test set, the detection
+    rate on its poisoned test set(s); the family's own options (``--far`` …) as the file sets them."""
+    from backdoorlab import registry
+    from backdoorlab.options import to_flags
+
+    files = pres["files"]
+    method = registry.get(cell.spec["method"], "input-detector")
+    return ["detect", method.name, str(model_dir / files["model"]), "--clean",
+            str(model_dir / files["clean_valid"]), "--test", str(model_dir / files["clean_test"]),
+            *_poisoned_args(model_dir, pres), *_flags(cell.spec.get("family_options", {})),
+            *to_flags(method.options, _seeded(method, cell)), "--out", str(out)]
 
 
 def repair_args(cell: Cell, model_dir: Path, out: Path, pres: dict, scan_dir: Path | None = None
@@ -222,21 +285,13 @@ def repair_args(cell: Cell, model_dir: Path, out: Path, pres: dict, scan_dir: Pa
     (registered needs): the attack's poisoned validation images, or the reversed triggers of the
     scan in ``scan_dir`` (``{flagged}`` stands for the labels the scan flags)."""
     from backdoorlab import registry
-    from backdoorlab.options import infos, to_flags
+    from backdoorlab.options import to_flags
 
     files = pres["files"]
     spec = cell.spec
     method = registry.get(spec["method"], "repair")
-    opts = dict(spec["options"])
-    if "seed" in {i.name for i in infos(method.options)}:
-        opts["seed"] = cell.seed
-    pz = []  # every poisoned test set (one per trigger), each with its target when one was given
-    for f in files["poisoned_test"]:
-        pz += ["--poisoned", str(model_dir / f)]
-    for t in as_list(pres.get("target")) if files["poisoned_test"] else []:
-        pz += ["--target", str(t)]
-    if pres.get("poisoned_labels", "auto") != "auto":
-        pz += ["--poisoned-labels", pres["poisoned_labels"]]
+    opts = _seeded(method, cell)
+    pz = _poisoned_args(model_dir, pres)
     held: list[str] = []
     stage = _stage(method.name, spec.get("guide"))
     if stage == "scan":
@@ -307,10 +362,8 @@ def check_options(cells: list[Cell]) -> None:
             lines = [[*attack_args(c), "--out", "x"]]
         elif c.kind == "scan":
             lines = [scan_args(c, Path("parent"), Path("x"), {"files": fake})]
-        elif c.spec.get("family") == "model-detector":
-            lines = [detect_args(c, Path("parent"), Path("x"), {"files": fake})]
         else:
-            lines = [repair_args(c, Path("parent"), Path("x"), {"files": fake}, Path("scan"))]
+            lines = [defense_args(c, Path("parent"), Path("x"), {"files": fake}, Path("scan"))]
         for args in lines:
             err = io.StringIO()
             try:
@@ -328,6 +381,18 @@ def _flagged_text(flagged: list[int]) -> str:
     return f"flagged label{'s' if len(flagged) > 1 else ''} {', '.join(map(str, flagged))}"
 
 
+def _input_detect_text(res: dict) -> str:
+    """"detects 97.0 % of 270 poisoned inputs; 4.7 % of 300 clean ones rejected (5.0 % set);
+    AUROC 0.991" — what `detect` measured (— where it had no data)."""
+    def rate(v) -> str:
+        return "—" if v is None else f"{100 * v:.1f} %"
+
+    auroc = "—" if res["auroc"] is None else f"{res['auroc']:.3f}"
+    return (f"detects {rate(res['detection_rate'])} of {res['n_poisoned']:,} poisoned inputs; "
+            f"{rate(res['far_measured'])} of {res['n_clean']:,} clean ones rejected "
+            f"({rate(res['far_requested'])} set); AUROC {auroc}")
+
+
 def _summary(cell: Cell, d: Path, parent_dir: Path | None) -> dict:
     """Figures for the summary table: clean test accuracy and ASR, before and after."""
     res = json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else {}
@@ -342,12 +407,20 @@ def _summary(cell: Cell, d: Path, parent_dir: Path | None) -> dict:
                 "detail": _flagged_text(flagged)}
     p = json.loads((parent_dir / "results.json").read_text())
     before = {"accuracy": p["clean_accuracy"], "asr": p["asr"][0] if p.get("asr") else None}
-    if cell.spec.get("family") == "model-detector":
+    if cell.family == "model-detector":
         return {**before, "flagged": res["flagged"], "backdoored": res["backdoored"],
                 "right_target": res["right_target"], "statistic": res["statistic"],
                 "statistic_name": res["statistic_name"], "detect_seconds": res["cost"]["seconds"],
                 "image_passes": res["cost"]["image_passes"],
                 "detail": _flagged_text(res["flagged"])}
+    if cell.family == "input-detector":
+        per_set = (res.get("details") or {}).get("per_set") or {}
+        return {**before, "detection_rate": res["detection_rate"], "far_measured": res["far_measured"],
+                "far_requested": res["far_requested"], "auroc": res["auroc"],
+                "threshold": res["threshold"], "n_clean": res["n_clean"], "n_poisoned": res["n_poisoned"],
+                "detection_per_set": {k: v["detection_rate"] for k, v in per_set.items()},
+                "detect_seconds": res["cost"]["seconds"], "image_passes": res["cost"]["image_passes"],
+                "detail": _input_detect_text(res)}
     if not res:  # the scan flagged no label: nothing to repair with, the model is left as it is
         return {**before, "detail": "no label flagged: model unchanged", "der": None}
     after = res["after"]
@@ -439,8 +512,8 @@ def _compute_cell(cell: Cell, d: Path, model_dir: Path | None, scan_dir: Path | 
             pres = json.loads((model_dir / "results.json").read_text())
             if cell.kind == "scan":
                 _run_cli([*scan_args(cell, model_dir, d, pres), *compute], log)
-            elif cell.spec.get("family") == "model-detector":
-                _run_cli([*detect_args(cell, model_dir, d, pres), *compute], log)
+            elif cell.family != "repair":
+                _run_cli([*defense_args(cell, model_dir, d, pres), *compute], log)
             else:
                 args = repair_args(cell, model_dir, d, pres, scan_dir)
                 flagged = json.loads((scan_dir / "results.json").read_text())["flagged"] if scan_dir else None

@@ -22,9 +22,13 @@ rate = 0.05
 
 [[defense]]
 name = "fine-pruning"
-kind = "fine-prune"         # a repair of `backdoorlab list` (prune, guided-prune, nc-unlearn …)
+kind = "fine-prune"         # a repair of `backdoorlab list` (prune, guided-prune, nc-unlearn …),
+                            # a model detector or an input detector (`GRID_FAMILIES`)
 epochs = 5                  # other keys are the method's options; a list of values is a grid axis
 ```
+
+An input detector's table also takes the options `backdoorlab detect` gives every input detector
+(``far``, ``calibration``: `family_options`), checked with the command's own types.
 
 Paths may use ``${VAR}`` and ``${VAR:-default}``; relative paths are taken from the working
 directory, as on the command line. Every key is checked: a typo is an error, not a silent default.
@@ -58,6 +62,8 @@ GIVEN_KEYS = {"name", "model", "arch", "input_scale", "valid", "test", "poisoned
 # (`backdoorlab list -v`), or with the prefix nc_ options of the Neural Cleanse scan that gives a
 # method its reversed triggers
 DEFENSE_OWN_KEYS = {"name", "kind", "guide", "mitigate"}
+# the method families a [[defense]] may name (`backdoorlab.registry.FAMILIES`)
+GRID_FAMILIES = ("repair", "model-detector", "input-detector")
 # kinds and keys of earlier experiment files, still read
 KIND_ALIASES = {"guided": "guided-prune"}
 CLEANSE_MITIGATIONS = {"unlearn": "nc-unlearn", "prune": "nc-prune", "filter": "nc-filter"}
@@ -105,13 +111,16 @@ class DefenseSpec:
 
     ``guide`` (methods that need backdoored inputs): ``"poisoned"`` = the attack's poisoned
     validation images (the defender holds some), ``"cleanse"`` = Neural Cleanse's reversed
-    triggers; ``scan``: options of that Neural Cleanse scan (methods needing triggers)."""
+    triggers; ``scan``: options of that Neural Cleanse scan (methods needing triggers);
+    ``family_options``: options the family's command gives every method of it (input detectors:
+    ``far`` and ``calibration`` of `backdoorlab detect`, `family_options`)."""
 
     name: str
     method: str
     options: dict   # only the options the file sets (checked against the method's dataclass)
     guide: str = "poisoned"
     scan: dict = field(default_factory=dict)
+    family_options: dict = field(default_factory=dict)  # only those the file sets
 
 
 @dataclass
@@ -303,6 +312,30 @@ def _legacy_cleanse(d: dict, where: str) -> dict:
     return out
 
 
+def family_options(family: str) -> dict[str, dict]:
+    """The options the command of a method family gives every method of it, besides the method's
+    own: {key: the argparse keywords of its flag ``--key``} (input detectors: `backdoorlab detect`'s
+    ``--far`` and ``--calibration``). A [[defense]] table takes them as keys."""
+    if family == "input-detector":
+        from backdoorlab.commands.detect import INPUT_DETECT_OPTIONS
+
+        return INPUT_DETECT_OPTIONS
+    return {}
+
+
+def _check_family_option(spec: dict, key: str, v, where: str):
+    """``v`` checked by the command's own argparse type of ``--key`` (its bounds, its message)."""
+    import argparse
+
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise BadInput(f"{where}: {key} must be a number, got {v!r}")
+    try:
+        spec["type"](str(v))
+    except argparse.ArgumentTypeError as e:
+        raise BadInput(f"{where}: {key}: {e}") from None
+    return v
+
+
 def parse_defense(d, where: str) -> list[DefenseSpec]:
     """A [[defense]] table → its DefenseSpecs: an option given as a list of values is an axis of
     the grid (one defense per value, named ``NAME-OPTIONVALUE``, e.g. ``pruning-drop2``)."""
@@ -324,13 +357,15 @@ def parse_defense(d, where: str) -> list[DefenseSpec]:
         method = registry.get(KIND_ALIASES.get(d["kind"], d["kind"]))
     except BadInput as e:
         raise BadInput(f"{where}: kind: {e}") from None
-    if method.family not in ("repair", "model-detector"):
+    if method.family not in GRID_FAMILIES:
         raise BadInput(f"{where}: kind {kind!r} is a {method.family}, not a defense of the grid")
     name = _name_ok(d.get("name", kind), where)
     where = f"{where} ({name})"
     own = {i.name for i in infos(method.options)}
+    fam_specs = family_options(method.family)
     opts: dict = {}
     scan: dict = {}
+    fam: dict = {}
     for k, v in d.items():
         if k in DEFENSE_OWN_KEYS:
             continue
@@ -343,10 +378,13 @@ def parse_defense(d, where: str) -> list[DefenseSpec]:
             scan[key[3:]] = v
         elif key in own:
             opts[key] = v
+        elif key in fam_specs:
+            fam[key] = v
         else:
+            known = sorted(own) + sorted(set(fam_specs) - own)
             raise BadInput(f"{where}: unknown option {k} for {method.name} (options: "
-                           f"{', '.join(sorted(own)) or 'none'}; 'backdoorlab list -v' shows them)")
-    if method.family == "model-detector" and "guide" in d:
+                           f"{', '.join(known) or 'none'}; 'backdoorlab list -v' shows them)")
+    if method.family != "repair" and "guide" in d:
         raise BadInput(f"{where}: guide is for repairs, not the detector {method.name}")
     needs_scan = "triggers" in method.needs or ("backdoored" in method.needs and d.get("guide") == "cleanse")
     if scan and not needs_scan:
@@ -356,16 +394,18 @@ def parse_defense(d, where: str) -> list[DefenseSpec]:
         raise BadInput(f"{where}: guide is for methods that use backdoored inputs, not {method.name}")
     if guide not in ("poisoned", "cleanse"):
         raise BadInput(f"{where}: guide must be \"poisoned\" or \"cleanse\", got {guide!r}")
-    axes = {k: v for k, v in opts.items() if isinstance(v, list)}
+    axes = {k: v for k, v in {**opts, **fam}.items() if isinstance(v, list)}
     for k, v in axes.items():
         if not v or len(set(map(str, v))) != len(v):
             raise BadInput(f"{where}: {k} lists no values or repeats one: {v!r}")
     out = []
     for combo in itertools.product(*axes.values()) if axes else [()]:
-        values = {**opts, **dict(zip(axes, combo, strict=True))}
+        chosen = dict(zip(axes, combo, strict=True))
+        values = {k: chosen.get(k, v) for k, v in opts.items()}
         from_mapping(method.options, values, where)  # types, bounds, choices
-        label = name + "".join(f"-{k.replace('_', '-')}{_short(v)}" for k, v in zip(axes, combo, strict=True))
-        out.append(DefenseSpec(_name_ok(label, where), method.name, values, guide, scan))
+        fvalues = {k: _check_family_option(fam_specs[k], k, chosen.get(k, v), where) for k, v in fam.items()}
+        label = name + "".join(f"-{k.replace('_', '-')}{_short(v)}" for k, v in chosen.items())
+        out.append(DefenseSpec(_name_ok(label, where), method.name, values, guide, scan, fvalues))
     return out
 
 

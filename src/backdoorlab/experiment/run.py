@@ -17,8 +17,11 @@ from backdoorlab.experiment.summary import (
     DETECT_HEAD,
     DETECTION_NOTE,
     HEAD,
+    INPUT_DETECT_HEAD,
+    INPUT_DETECTION_NOTE,
     detection_rows,
     heatmap_values,
+    input_detection_rows,
     summary_rows,
 )
 from backdoorlab.io import atomic_path, check_out_dir, claim_now, write_json
@@ -86,6 +89,7 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
         console.close()
     rows = summary_rows(cells, records)
     detect_rows = detection_rows(cells, records)
+    input_rows = input_detection_rows(cells, records)
     seconds = time.perf_counter() - t0
     computed = sum(not r["cached"] for r in records.values())
     desc = (f"{exp.description} " if exp.description else "") + (
@@ -100,6 +104,8 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
               "seeds": exp.seeds, "executor": executor, "threads_per_cell": threads,
               "table": {"head": HEAD, "rows": rows},
               "detection_table": {"head": DETECT_HEAD, "rows": detect_rows} if detect_rows else None,
+              "input_detection_table": ({"head": INPUT_DETECT_HEAD, "rows": input_rows} if input_rows
+                                        else None),
               "cells": [{k: v for k, v in r.items()} for r in records.values()],
               "errors": errors, "computed_cells": computed, "cached_cells": len(records) - computed,
               "seconds": round(seconds, 1)}
@@ -107,6 +113,8 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
     with atomic_path(root / "summary.md") as tmp:
         detectors = (f"\n## Model detectors\n\n{DETECTION_NOTE}\n\n"
                      + markdown(DETECT_HEAD, detect_rows)) if detect_rows else ""
+        detectors += (f"\n## Input detectors\n\n{INPUT_DETECTION_NOTE}\n\n"
+                      + markdown(INPUT_DETECT_HEAD, input_rows)) if input_rows else ""
         tmp.write_text(f"# {exp.name}\n\n{desc}\n\n" + markdown(HEAD, rows) + detectors)
     with atomic_path(root / "summary.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
@@ -120,7 +128,7 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
         plot_heatmap(acc, attacks, defenses, "change in clean accuracy (points)",
                      root / "heatmap_accuracy.png", cmap="RdBu", center=0.0, unit="points")
     print()
-    for head, body in ((HEAD, rows), (DETECT_HEAD, detect_rows)):
+    for head, body in ((HEAD, rows), (DETECT_HEAD, detect_rows), (INPUT_DETECT_HEAD, input_rows)):
         if body:
             print_table(head, body)
             print()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from backdoorlab.experiment.cells import Cell
+from backdoorlab.experiment.cells import DETECTOR_FAMILIES, Cell
 
 HEAD = ["attack", "defense", "seeds", "clean acc before", "ASR before", "clean acc after", "ASR after",
         "Δ acc (pts)", "robust acc after", "DER", "repair s", "image passes", "notes"]
@@ -63,8 +63,9 @@ def model_record(c: Cell, by_key: dict[str, Cell], records: dict[str, dict]) -> 
 def summary_rows(cells: list[Cell], records: dict[str, dict]) -> list[list[str]]:
     """Rows in grid order; cells without a record (failed) are left out of the means."""
     by_key = {c.key: c for c in cells}
-    # scans only feed repairs (no row of their own); detectors have their table (`detection_rows`)
-    cells = [c for c in cells if c.kind != "scan" and c.spec.get("family") != "model-detector"]
+    # scans only feed repairs (no row of their own); detectors have their tables (`detection_rows`,
+    # `input_detection_rows`)
+    cells = [c for c in cells if c.kind != "scan" and c.family not in DETECTOR_FAMILIES]
     order: list[tuple[str, str | None]] = []
     for c in cells:
         if (c.attack, c.defense) not in order:
@@ -116,8 +117,7 @@ def heatmap_values(cells: list[Cell], records: dict[str, dict]) -> tuple[list[st
     """(attacks, repairs, ASR after in %, Δ clean accuracy in points): means over seeds, None where
     no seed finished."""
     by_key = {c.key: c for c in cells}
-    reps = [c for c in cells if c.defense is not None and c.kind != "scan"
-            and c.spec.get("family") != "model-detector"]
+    reps = [c for c in cells if c.family == "repair"]
     attacks = list(dict.fromkeys(c.attack for c in reps))
     defenses = list(dict.fromkeys(c.defense for c in reps))
     asr, acc = [], []
@@ -150,7 +150,7 @@ def detection_rows(cells: list[Cell], records: dict[str, dict]) -> list[list[str
     On a clean model (an attack that did not implant) a flag is a false alarm."""
     rows = []
     order: list[tuple[str, str | None]] = []
-    dets = [c for c in cells if c.spec.get("family") == "model-detector"]
+    dets = [c for c in cells if c.family == "model-detector"]
     for c in dets:
         if (c.attack, c.defense) not in order:
             order.append((c.attack, c.defense))
@@ -172,4 +172,48 @@ def detection_rows(cells: list[Cell], records: dict[str, dict]) -> list[list[str
                      fmt(mean_std([r.get("detect_seconds") for r in recs]), 1.0, 1),
                      f"{mean_std([r.get('image_passes') for r in recs])[0]:,.0f}",
                      "; ".join(notes[:3])])
+    return rows
+
+
+INPUT_DETECTION_NOTE = ("Per attack × input detector: fitted, and its threshold set at the false-alarm "
+                        "rate the file asks for (FAR requested; default 0.05), on the attack model's "
+                        "clean validation split; the share of poisoned test inputs it rejects (detection "
+                        "rate), the share of clean test inputs it rejects (FAR measured), in %, and the "
+                        "AUROC of its scores, poisoned against clean — mean ± std over seeds; its time "
+                        "and image passes. On a model whose attack did not implant a rejected poisoned "
+                        "input is no evidence of a backdoor.")
+INPUT_DETECT_HEAD = ["attack", "detector", "seeds", "ASR of the model", "FAR requested", "detection rate",
+                     "FAR measured", "AUROC", "detect s", "image passes", "notes"]
+
+
+def input_detection_rows(cells: list[Cell], records: dict[str, dict]) -> list[list[str]]:
+    """One row per attack × input detector: detection rate, false-alarm rate set and measured, AUROC
+    (mean ± std over seeds) and cost; the notes give each trigger's detection rate when the attack
+    has several poisoned sets."""
+    rows = []
+    dets = [c for c in cells if c.family == "input-detector"]
+    order = list(dict.fromkeys((c.attack, c.defense) for c in dets))
+    for attack, defense in order:
+        recs = [records[c.key] for c in dets if c.attack == attack and c.defense == defense
+                and c.key in records]
+        if not recs:
+            rows.append([attack, defense or "", "0", *["—"] * 7, "failed"])
+            continue
+        asr = mean_std([r.get("asr") for r in recs])
+        notes = ["did not implant"] if asr is not None and asr[0] < IMPLANTED else []
+        if all(r.get("detection_rate") is None for r in recs):
+            notes.append("no poisoned test data: detection rate not measured")
+        per = [r.get("detection_per_set") or {} for r in recs]
+        names = list(dict.fromkeys(k for p in per for k in p))
+        if len(names) > 1:
+            notes.append("detection per trigger: " + "; ".join(
+                f"{n} {fmt(mean_std([p.get(n) for p in per]))}" for n in names))
+        passes = mean_std([r.get("image_passes") for r in recs])
+        rows.append([attack, defense or "", str(len(recs)), fmt(asr),
+                     fmt(mean_std([r.get("far_requested") for r in recs])),
+                     fmt(mean_std([r.get("detection_rate") for r in recs])),
+                     fmt(mean_std([r.get("far_measured") for r in recs])),
+                     fmt(mean_std([r.get("auroc") for r in recs]), 1.0, 3),
+                     fmt(mean_std([r.get("detect_seconds") for r in recs]), 1.0, 1),
+                     "—" if passes is None else f"{passes[0]:,.0f}", "; ".join(notes)])
     return rows

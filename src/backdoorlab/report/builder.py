@@ -1,9 +1,10 @@
 """Build `report.md` and a self-contained `report.html` from any run folder backdoorlab wrote.
 
 The builder reads every ``results.json`` in the folder and its sub-folders (attack, prune,
-fine-prune, magnitude-prune, repair, cleanse, experiment, demo), renders one section per run — tables,
-curves, trigger and reversed-trigger images — and a provenance section (versions, seeds, input
-files with SHA-256). HTML embeds the images as data URIs, so the file can be mailed as is.
+fine-prune, magnitude-prune, repair, detect, input-detect, cleanse, experiment, demo), renders one
+section per run — tables, curves, trigger and reversed-trigger images — and a provenance section
+(versions, seeds, input files with SHA-256). HTML embeds the images as data URIs, so the file can
+be mailed as is.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from backdoorlab.errors import BadInput
 from backdoorlab.io import atomic_path, file_sha256
 
 KIND_ORDER = ["demo", "experiment", "attack", "prune", "fine-prune", "magnitude-prune", "repair", "detect",
-              "cleanse", "mitigate"]
+              "input-detect", "cleanse", "mitigate"]
 
 
 @dataclass
@@ -239,6 +240,26 @@ def detect_section(name: str, d: Path, r: dict) -> Section:
     return s
 
 
+def input_detect_section(name: str, d: Path, r: dict) -> Section:
+    """Any input detector of the registry (``backdoorlab detect``): threshold, detection rate, false
+    alarms, AUROC (per poisoned set when there are several), cost."""
+    s = Section(f"Input detector {r['method']}: {name}")
+    split = (r.get("details") or {}).get("clean_split") or {}
+    s.p(f"{r.get('paper', r['method'])}. Score: {r['statistic']}. Fitted on "
+        f"{split.get('fitted_on', 0):,} clean images; threshold {r['threshold']:.4g} set at "
+        f"{pct(r['far_requested'])} false alarms on {split.get('threshold_set_on', 0):,} held-back "
+        f"ones; {r['cost']['seconds']:.1f} s, {r['cost']['image_passes']:,} image passes.")
+    auroc = "—" if r.get("auroc") is None else f"{r['auroc']:.4f}"
+    rows = [["clean test inputs rejected (false alarms)", r["n_clean"], pct(r["far_measured"]), ""],
+            ["poisoned test inputs rejected (detection)", r["n_poisoned"], pct(r["detection_rate"]), auroc]]
+    per_set = (r.get("details") or {}).get("per_set") or {}
+    if len(per_set) > 1:
+        rows += [[f"  {k}", v["n"], pct(v["detection_rate"]),
+                  "—" if v.get("auroc") is None else f"{v['auroc']:.4f}"] for k, v in per_set.items()]
+    s.table(["inputs", "n", "rejected", "AUROC"], rows)
+    return s
+
+
 def demo_section(d: Path, r: dict) -> Section:
     s = Section("Summary")
     s.p(r.get("summary", ""))
@@ -261,6 +282,11 @@ def experiment_section(d: Path, r: dict) -> Section:
 
         s.p(DETECTION_NOTE)
         s.table(r["detection_table"]["head"], r["detection_table"]["rows"])
+    if r.get("input_detection_table"):
+        from backdoorlab.experiment.summary import INPUT_DETECTION_NOTE
+
+        s.p(INPUT_DETECTION_NOTE)
+        s.table(r["input_detection_table"]["head"], r["input_detection_table"]["rows"])
     for png, caption in (("heatmap_asr.png", "ASR after each repair, attack × defense (%)."),
                          ("heatmap_accuracy.png", "Change in clean accuracy by each repair, attack × "
                           "defense (points).")):
@@ -313,6 +339,8 @@ def _add_sections(out: list[Section], kind: str, d: Path, r: dict, root: Path) -
                                   f"zeroed ({r['sparsity']:.0%}, {r['scope']}), then fine-tuned."))
     elif kind == "detect":
         out.append(detect_section(name, d, r))
+    elif kind == "input-detect":
+        out.append(input_detect_section(name, d, r))
     elif kind == "repair":
         out.append(repair_section(name, d, r))
     elif kind == "cleanse":
