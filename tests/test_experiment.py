@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -141,6 +142,25 @@ def test_keys_change_only_with_what_a_cell_depends_on():
                                           defense=[{"name": "p2", "kind": "prune"},
                                                    {"name": "f", "kind": "fine-prune", "epochs": 2}])))
     assert [c.key for c in ren] == [c.key for c in base] and ren[0].label == "zz-s0"
+    # a default spelled out is the same cell; a method whose default changes is a new one
+    from backdoorlab import registry
+    from backdoorlab.options import infos
+
+    default_epochs = next(i.default for i in infos(registry.get("fine-prune").options) if i.name == "epochs")
+    spelled = plan_cells(parse_experiment(doc(defense=[{"name": "p", "kind": "prune"},
+                                                       {"name": "f", "kind": "fine-prune"}])))
+    explicit = plan_cells(parse_experiment(doc(defense=[{"name": "p", "kind": "prune"},
+                                                        {"name": "f", "kind": "fine-prune",
+                                                         "epochs": default_epochs}])))
+    assert [c.key for c in spelled] == [c.key for c in explicit]
+    method = registry.get("fine-prune")
+    later = dataclasses.field(default=default_epochs + 1)  # as if a release changed the default
+    moved = dataclasses.make_dataclass("Moved", [("epochs", int, later)], bases=(method.options,))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(registry._METHODS, "fine-prune", dataclasses.replace(method, options=moved))
+        changed = plan_cells(parse_experiment(doc(defense=[{"name": "p", "kind": "prune"},
+                                                           {"name": "f", "kind": "fine-prune"}])))
+    assert [a.key == b.key for a, b in zip(spelled, changed, strict=True)] == [True, True, False]
     # seeds multiply the grid
     two = plan_cells(parse_experiment(doc(seeds=[0, 1])))
     assert len(two) == 4 and len({c.key for c in two}) == 4

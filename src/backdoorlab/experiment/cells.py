@@ -62,6 +62,16 @@ class Cell:
 DETECTOR_FAMILIES = ("model-detector", "input-detector")
 
 
+def resolved_options(method: str, given: dict) -> dict:
+    """Every option of a registered method: the given values over the method's defaults."""
+    from dataclasses import asdict
+
+    from backdoorlab import registry
+    from backdoorlab.options import from_mapping
+
+    return asdict(from_mapping(registry.get(method).options, given, f"defense {method}"))
+
+
 def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -146,8 +156,10 @@ def plan_cells(exp: Experiment) -> list[Cell]:
                                            key)
                         cells.append(scans[skey])
                     parent = skey
+                # keyed on every option's value, defaults included: a method whose default changes
+                # in a new release is computed again, and spelling out a default changes nothing
                 dkey = digest({"kind": "defense", "version": __version__, "seed": seed, "parent": parent,
-                               "defense": dspec})
+                               "defense": {**dspec, "options": resolved_options(d.method, d.options)}})
                 cells.append(Cell(dkey, f"{a.name}-{d.name}-s{seed}", d.method, a.name, d.name, seed,
                                   dspec, parent))
     return cells
