@@ -189,7 +189,7 @@ def register(sub) -> None:
                    "(default: refuse images of another size)")
     p.add_argument("--json", action="store_true", help="print JSON")
     from backdoorlab import registry
-    from backdoorlab.commands.common import FRACTION, add_data_options
+    from backdoorlab.commands.common import add_data_options
 
     g = p.add_argument_group("input filter (GoodNet-style: rejected inputs answer class N)")
     g.add_argument("--filter", choices=[m.name for m in registry.methods("input-detector")],
@@ -197,10 +197,10 @@ def register(sub) -> None:
                    "an input it rejects gets class N (= the model's number of classes) and 'backdoored'")
     g.add_argument("--clean", metavar="DATA", help="clean data the defender holds: the filter is fitted "
                    "on it and its threshold set on a held-back part")
-    g.add_argument("--far", type=FRACTION, default=0.05, metavar="RATE",
-                   help="false-alarm rate on clean inputs the threshold is set at, in (0, 1)")
-    g.add_argument("--calibration", type=FRACTION, default=0.2, metavar="FRACTION",
-                   help="share of --clean held back to set the threshold on")
+    from backdoorlab.commands.detect import INPUT_DETECT_OPTIONS
+
+    for key, kw in INPUT_DETECT_OPTIONS.items():  # the same --far and --calibration as `detect`
+        g.add_argument("--" + key, **kw)
     g.add_argument("--filter-option", action="append", metavar="KEY=VALUE",
                    help="an option of the filter's method (as in 'backdoorlab detect METHOD --help'); "
                    "repeatable")
