@@ -35,13 +35,14 @@ RECORD = ROOT / "benchmarks" / "results" / "attacks-gtsrb.json"
 GOAL_ASR, GOAL_DROP = 0.90, 0.01
 
 
-def ms(values: list, scale: float = 100.0, digits: int = 1) -> str:
+def ms(values: list, scale: float = 100.0, digits: int = 1, sign: bool = False) -> str:
     """'mean ± sd' of the values that are not None (sd only with two or more), '—' for none."""
     v = [x for x in values if x is not None]
     if not v:
         return "—"
     m = scale * statistics.fmean(v)
-    return f"{m:.{digits}f}" + (f" ± {scale * statistics.stdev(v):.{digits}f}" if len(v) > 1 else "")
+    sd = f" ± {scale * statistics.stdev(v):.{digits}f}" if len(v) > 1 else ""
+    return f"{m:{'+' if sign else ''}.{digits}f}" + sd
 
 
 def compact(res: dict) -> dict:
@@ -109,7 +110,8 @@ def table(rec: dict, order: list[str]) -> str:
             + (f" + {f0['cover']:,} cover" if f0.get("cover") else ""))
         lines.append(
             f"| {attack} | {trig} | {rate} | {len(figs)} | {ms([f['clean_accuracy'] for f in figs])} | "
-            f"{ms(deltas, 100.0, 2) if attack != 'clean' else '—'} | {ms([f['asr'] for f in figs])} | "
+            f"{ms(deltas, 100.0, 2, sign=True) if attack != 'clean' else '—'} | "
+            f"{ms([f['asr'] for f in figs])} | "
             f"{ms([f['psnr'] for f in figs], 1.0, 1)} | {ms([f['ssim'] for f in figs], 1.0, 3)} | "
             f"{ms([f['train_seconds'] for f in figs], 1.0, 0)} | {met} |")
     return "\n".join(lines)
