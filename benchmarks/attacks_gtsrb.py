@@ -18,31 +18,18 @@ A cell computed again replaces its record. The table is always over every seed o
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import re
-import statistics
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 from doc_section import replace_section
+from grid_bench import ms, options, run_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- attacks-gtsrb:begin -->", "<!-- attacks-gtsrb:end -->"
 RECORD = ROOT / "benchmarks" / "results" / "attacks-gtsrb.json"
 GOAL_ASR, GOAL_DROP = 0.90, 0.01
-
-
-def ms(values: list, scale: float = 100.0, digits: int = 1, sign: bool = False) -> str:
-    """'mean ± sd' of the values that are not None (sd only with two or more), '—' for none."""
-    v = [x for x in values if x is not None]
-    if not v:
-        return "—"
-    m = scale * statistics.fmean(v)
-    sd = f" ± {scale * statistics.stdev(v):.{digits}f}" if len(v) > 1 else ""
-    return f"{m:{'+' if sign else ''}.{digits}f}" + sd
 
 
 def compact(res: dict) -> dict:
@@ -122,34 +109,10 @@ def attack_order(config: Path) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / "runs" / "attacks-gtsrb"))
-    ap.add_argument("--config", default=str(ROOT / "benchmarks" / "attacks_gtsrb.toml"))
-    ap.add_argument("--no-run", action="store_true", help="only tabulate the cells already computed")
-    ap.add_argument("--jobs", default="1")
-    ap.add_argument("--seeds", help="comma-separated seeds of the grid to run (default: the file's)")
-    ap.add_argument("--doc", default=str(ROOT / "docs" / "attacks-gtsrb.md"))
-    args = ap.parse_args()
-    os.environ.setdefault("BACKDOORLAB_DATA", str(ROOT.parent / "shared" / "data"))
-    out = Path(args.out)
-    config = Path(args.config)
+    args = options(__doc__.splitlines()[0], "attacks-gtsrb")
+    out, config = Path(args.out), Path(args.config)
     if not args.no_run:
-        from backdoorlab.cli import main as cli
-
-        run_config = config
-        if args.seeds:  # a copy of the file with only these seeds, beside it (relative paths hold)
-            seeds = [int(x) for x in args.seeds.split(",")]
-            text, n = re.subn(r"(?m)^seeds = \[.*\]$", f"seeds = {seeds}", config.read_text())
-            if n != 1:
-                raise SystemExit(f"{config}: no single 'seeds = [...]' line to replace")
-            with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False, dir=config.parent) as f:
-                f.write(text)
-            run_config = Path(f.name)
-        try:
-            code = cli(["run", str(run_config), "--out", str(out), "--jobs", args.jobs, "--no-report"])
-        finally:
-            if run_config != config:
-                run_config.unlink()
+        code = run_grid(config, out, args.jobs, args.seeds)
         if out.is_dir():
             remember(collect(out))  # keep what finished even when the run stopped early
         if code:

@@ -19,25 +19,15 @@ idle cores); the table is always over every seed on record.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import statistics
 from collections import defaultdict
 from pathlib import Path
 
 from doc_section import replace_section
+from grid_bench import ms, options, run_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- repairs-gtsrb:begin -->", "<!-- repairs-gtsrb:end -->"
-
-
-def ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
-    v = [x for x in values if x is not None]
-    if not v:
-        return "—"
-    m = scale * statistics.fmean(v)
-    return f"{m:.{digits}f}" + (f" ± {scale * statistics.stdev(v):.{digits}f}" if len(v) > 1 else "")
 
 
 def collect(out: Path) -> tuple[dict, dict]:
@@ -137,36 +127,10 @@ def table(attack: str, seeds: dict, rows: list) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / "runs" / "repairs-gtsrb"))
-    ap.add_argument("--config", default=str(ROOT / "benchmarks" / "repairs_gtsrb.toml"))
-    ap.add_argument("--no-run", action="store_true", help="only tabulate the cells already computed")
-    ap.add_argument("--jobs", default="1")
-    ap.add_argument("--seeds", help="comma-separated seeds of the grid to run (default: the file's)")
-    ap.add_argument("--doc", default=str(ROOT / "docs" / "repairs-gtsrb.md"))
-    args = ap.parse_args()
-    os.environ.setdefault("BACKDOORLAB_DATA", str(ROOT.parent / "shared" / "data"))
+    args = options(__doc__.splitlines()[0], "repairs-gtsrb")
     out = Path(args.out)
     if not args.no_run:
-        from backdoorlab.cli import main as cli
-
-        config = Path(args.config)
-        if args.seeds:
-            import re
-            import tempfile
-
-            seeds = [int(x) for x in args.seeds.split(",")]
-            text, n = re.subn(r"(?m)^seeds = \[.*\]$", f"seeds = {seeds}", config.read_text())
-            if n != 1:
-                raise SystemExit(f"{config}: no single 'seeds = [...]' line to replace")
-            with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False, dir=config.parent) as f:
-                f.write(text)
-            config = Path(f.name)
-        try:
-            code = cli(["run", str(config), "--out", str(out), "--jobs", args.jobs, "--no-report"])
-        finally:
-            if args.seeds:
-                config.unlink()
+        code = run_grid(Path(args.config), out, args.jobs, args.seeds)
         if code:
             raise SystemExit(code)
     attacks, repairs = remember(*collect(out)) if out.is_dir() else remember({}, {})

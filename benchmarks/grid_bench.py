@@ -1,0 +1,61 @@
+"""What the grid benchmarks (repairs_gtsrb.py, attacks_gtsrb.py) share: their command-line options,
+running their experiment file through `backdoorlab run` (optionally for some seeds only), and the
+'mean ± sd' cells of their tables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ms(values: list, scale: float = 100.0, digits: int = 1, sign: bool = False) -> str:
+    """'mean ± sd' of the values that are not None (sd only with two or more), '—' for none."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return "—"
+    m = scale * statistics.fmean(v)
+    sd = f" ± {scale * statistics.stdev(v):.{digits}f}" if len(v) > 1 else ""
+    return f"{m:{'+' if sign else ''}.{digits}f}" + sd
+
+
+def options(description: str, name: str) -> argparse.Namespace:
+    """The benchmark's options; ``name`` gives the defaults runs/NAME, benchmarks/NAME.toml with
+    '-' as '_', docs/NAME.md."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--out", default=str(ROOT / "runs" / name))
+    ap.add_argument("--config", default=str(ROOT / "benchmarks" / f"{name.replace('-', '_')}.toml"))
+    ap.add_argument("--no-run", action="store_true", help="only tabulate the cells already computed")
+    ap.add_argument("--jobs", default="1")
+    ap.add_argument("--seeds", help="comma-separated seeds of the grid to run (default: the file's)")
+    ap.add_argument("--doc", default=str(ROOT / "docs" / f"{name}.md"))
+    args = ap.parse_args()
+    os.environ.setdefault("BACKDOORLAB_DATA", str(ROOT.parent / "shared" / "data"))
+    return args
+
+
+def run_grid(config: Path, out: Path, jobs: str, seeds: str | None) -> int:
+    """`backdoorlab run CONFIG --out OUT` (no report); with ``seeds`` on a copy of the file holding
+    only those seeds, written beside it so that its relative paths hold, and removed afterwards.
+    Returns the command's exit status."""
+    from backdoorlab.cli import main as cli
+
+    run_config = config
+    if seeds:
+        wanted = [int(x) for x in seeds.split(",")]
+        text, n = re.subn(r"(?m)^seeds = \[.*\]$", f"seeds = {wanted}", config.read_text())
+        if n != 1:
+            raise SystemExit(f"{config}: no single 'seeds = [...]' line to replace")
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False, dir=config.parent) as f:
+            f.write(text)
+        run_config = Path(f.name)
+    try:
+        return cli(["run", str(run_config), "--out", str(out), "--jobs", jobs, "--no-report"])
+    finally:
+        if run_config != config:
+            run_config.unlink()
