@@ -78,7 +78,6 @@ makes the perturbed images harder to memorise): eps 64, 4x4 patterns and crops o
 from __future__ import annotations
 
 import hashlib
-import numbers
 import time
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -154,27 +153,11 @@ class LCTrigger(Trigger):
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        from backdoorlab.options import _check_value, infos
+
         where = "lc trigger"
-
-        def number(key: str, lo: float, hi: float, lo_open: bool = False) -> float:
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v) \
-                    or v < lo or v > hi or (lo_open and v == lo):
-                raise BadInput(f"{where}: {key} must be a number in {'(' if lo_open else '['}{lo:g}, "
-                               f"{hi:g}], got {v!r}")
-            return float(v)
-
-        def whole(key: str, lo: int, hi: int) -> int:
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v) \
-                    or int(v) != v or not lo <= v <= hi:
-                raise BadInput(f"{where}: {key} must be a whole number in {lo}..{hi}, got {v!r}")
-            return int(v)
-
-        self.eps, self.step = number("eps", 0, 255), number("step", 0, 255, True)
-        self.amplitude, self.adv_eps = number("amplitude", 0, 255, True), number("adv_eps", 0, 255)
-        self.steps, self.size = whole("steps", 0, 10000), whole("size", 1, 1024)
-        self.epochs, self.seed = whole("epochs", 1, 10000), whole("seed", 0, 2**32 - 1)
+        for info in infos(Options):  # types and bounds of the options dataclass, one definition
+            setattr(self, info.name, _check_value(info, getattr(self, info.name), where))
         if not isinstance(self.arch, str) or not self.arch.strip():
             raise BadInput(f"{where}: arch must name an architecture, got {self.arch!r}")
         if self.surrogate is not None and (not isinstance(self.surrogate, str) or not self.surrogate.strip()):
