@@ -112,7 +112,7 @@ def main() -> None:
     args = options(__doc__.splitlines()[0], "attacks-gtsrb")
     out, config = Path(args.out), Path(args.config)
     if not args.no_run:
-        code = run_grid(config, out, args.jobs, args.seeds)
+        code = run_grid(config, out, args.jobs, args.seeds, args.threads)
         if out.is_dir():
             remember(collect(out))  # keep what finished even when the run stopped early
         if code:

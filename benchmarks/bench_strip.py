@@ -15,7 +15,8 @@ draws) scores them batched (`StripScore`, twice, the faster kept) and with `loop
 input at a time, its N blends as one network batch, once), in this one process; the scores must
 agree to 1e-4.
 
-    python benchmarks/bench_strip.py [--cells DIR ...] [--limit N] [--loop N] [--far F] [--json OUT]
+    python benchmarks/bench_strip.py [--cells DIR ...] [--limit N] [--loop N] [--far F]
+        [--option superimpose=add] [--json OUT]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import argparse
 import json
 import platform
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ import torch
 
 from backdoorlab import registry
 from backdoorlab.data import load_dataset
-from backdoorlab.input_detectors import evaluate
+from backdoorlab.input_detectors import evaluate, resolve_options
 from backdoorlab.input_detectors.strip import loop_scores
 from backdoorlab.models.files import load_model
 from backdoorlab.poisoned import poisoned_set
@@ -49,7 +50,7 @@ def sample(n: int, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
 
 
-def bench_cell(cell: Path, limit: int, n_loop: int, far: float) -> dict:
+def bench_cell(cell: Path, limit: int, n_loop: int, far: float, opts: dict | None = None) -> dict:
     clf = load_model(cell / "model.safetensors")
     valid = load_dataset(str(cell / "clean_valid.h5"))
     test = load_dataset(str(cell / "clean_test.h5"))
@@ -59,9 +60,10 @@ def bench_cell(cell: Path, limit: int, n_loop: int, far: float) -> dict:
     ps = replace(ps, images=ps.images[k], targets=ps.targets[k],
                  true_labels=None if ps.true_labels is None else ps.true_labels[k])
     asr = ps.success_rate(clf)
-    res = evaluate("strip", clf, valid, test, ps, far=far)
+    options = resolve_options("strip", opts or {})
+    res = evaluate("strip", clf, valid, test, ps, options=options, far=far)
     # speed: same scorer, same overlays, batched vs one input at a time
-    scorer = registry.get("strip", "input-detector").run(clf, valid, registry.get("strip").options())
+    scorer = registry.get("strip", "input-detector").run(clf, valid, options)
     score = scorer.score
     x = test.images[:n_loop]
     draws = score.draws(len(x))
@@ -71,12 +73,12 @@ def bench_cell(cell: Path, limit: int, n_loop: int, far: float) -> dict:
         sb = score(x)
         fast.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
-    sl = loop_scores(clf, x, score.pool, draws, score.options.alpha)
+    sl = loop_scores(clf, x, score.pool, draws, score.options.alpha, score.options.superimpose)
     slow = time.perf_counter() - t0
     diff = float(np.max(np.abs(sb - sl)))
     assert diff < 1e-4, f"batched and loop scores differ by {diff}"
     return {"cell": cell.name, "model": clf.describe(), "triggers": clf.provenance.get("triggers"),
-            "target": ps.target, "asr": asr, "valid": len(valid),
+            "target": ps.target, "asr": asr, "valid": len(valid), "options": asdict(options),
             "n_clean": res.n_clean, "n_poisoned": res.n_poisoned, "far_requested": far,
             "threshold": res.threshold, "far_measured": res.far_measured,
             "detection_rate": res.detection_rate, "auroc": res.auroc,
@@ -92,6 +94,8 @@ def main() -> None:
     ap.add_argument("--loop", type=int, default=300, help="inputs of the speed comparison")
     ap.add_argument("--far", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a STRIP option (superimpose=add, copies=N, ...); repeatable")
     ap.add_argument("--json", type=Path, help="also write the results here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -99,7 +103,7 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}")
     rows = []
     for cell in a.cells:
-        r = bench_cell(cell, a.limit, a.loop, a.far)
+        r = bench_cell(cell, a.limit, a.loop, a.far, dict(kv.split("=", 1) for kv in a.option))
         rows.append(r)
         s = r["speed"]
         print(f"{r['cell']}: target {r['target']}, ASR {r['asr']:.2%}; threshold {r['threshold']:.4f} "

@@ -32,6 +32,8 @@ def options(description: str, name: str) -> argparse.Namespace:
     ap.add_argument("--config", default=str(ROOT / "benchmarks" / f"{name.replace('-', '_')}.toml"))
     ap.add_argument("--no-run", action="store_true", help="only tabulate the cells already computed")
     ap.add_argument("--jobs", default="1")
+    ap.add_argument("--threads", help="torch threads per cell (default: cores / jobs); 1 leaves a core "
+                    "free for other work")
     ap.add_argument("--seeds", help="comma-separated seeds of the grid to run (default: the file's)")
     ap.add_argument("--doc", default=str(ROOT / "docs" / f"{name}.md"))
     args = ap.parse_args()
@@ -39,7 +41,7 @@ def options(description: str, name: str) -> argparse.Namespace:
     return args
 
 
-def run_grid(config: Path, out: Path, jobs: str, seeds: str | None) -> int:
+def run_grid(config: Path, out: Path, jobs: str, seeds: str | None, threads: str | None = None) -> int:
     """`backdoorlab run CONFIG --out OUT` (no report); with ``seeds`` on a copy of the file holding
     only those seeds, written beside it so that its relative paths hold, and removed afterwards.
     Returns the command's exit status."""
@@ -55,7 +57,8 @@ def run_grid(config: Path, out: Path, jobs: str, seeds: str | None) -> int:
             f.write(text)
         run_config = Path(f.name)
     try:
-        return cli(["run", str(run_config), "--out", str(out), "--jobs", jobs, "--no-report"])
+        extra = ["--threads", threads] if threads else []
+        return cli(["run", str(run_config), "--out", str(out), "--jobs", jobs, "--no-report", *extra])
     finally:
         if run_config != config:
             run_config.unlink()

@@ -130,7 +130,7 @@ def main() -> None:
     args = options(__doc__.splitlines()[0], "repairs-gtsrb")
     out = Path(args.out)
     if not args.no_run:
-        code = run_grid(Path(args.config), out, args.jobs, args.seeds)
+        code = run_grid(Path(args.config), out, args.jobs, args.seeds, args.threads)
         if code:
             raise SystemExit(code)
     attacks, repairs = remember(*collect(out)) if out.is_dir() else remember({}, {})

@@ -173,13 +173,24 @@ def train_attack(train_data: ImageSet, test: ImageSet, arch: str, plan: AttackPl
         log=log if isinstance(log, dict) else log.to_dict(), poison=poison_info,
         pruning_aware=pa_info)
     artefacts = {"valid": valid, "test": test, "poisoned_test": p_sets, "triggers": triggers,
+                 "train": poisoned_train,
+                 "poisoned_index": np.sort(np.concatenate(rows)).astype(np.int64) if rows
+                 else np.zeros(0, dtype=np.int64),
                  "poisoned_valid": [make_poisoned_test_set(valid, t, tg, plan.mode)
                                     for t, tg in zip(triggers, plan.targets or [None], strict=False)]}
     return clf, outcome, artefacts
 
 
-def write_attack_outputs(out: Path, clf: Classifier, outcome: AttackOutcome, artefacts: dict) -> None:
-    """Model, clean/poisoned data in CSAW h5 format, trigger preview, results.json (atomic)."""
+TRAIN_FILE = "poisoned_train.h5"
+
+
+def write_attack_outputs(out: Path, clf: Classifier, outcome: AttackOutcome, artefacts: dict,
+                         save_train: bool = False) -> None:
+    """Model, clean/poisoned data in CSAW h5 format, trigger preview, results.json (atomic). With
+    ``save_train`` also the training set as poisoned before training (``poisoned_train.h5``: the
+    images and labels the model trained on, its poisoned rows in ``poisoned_index`` and the
+    poisoning record `backdoorlab inspect` reads as the truth); what a trigger adds per batch
+    (WaNet's noise rows, BppAttack's negatives) is drawn during training and not in it."""
     from backdoorlab.data.csaw import write_csaw_h5
     from backdoorlab.io import atomic_dir, write_json
     from backdoorlab.models.files import save_model
@@ -191,6 +202,9 @@ def write_attack_outputs(out: Path, clf: Classifier, outcome: AttackOutcome, art
         write_csaw_h5(artefacts["test"], tmp / "clean_test.h5")
         files = {"model": "model.safetensors", "clean_valid": "clean_valid.h5",
                  "clean_test": "clean_test.h5", "poisoned_test": [], "poisoned_valid": []}
+        if save_train:
+            _write_train(tmp / TRAIN_FILE, artefacts, outcome)
+            files["train"] = TRAIN_FILE
         many = len(artefacts["poisoned_test"]) > 1
         for i, (ps, targets) in enumerate(artefacts["poisoned_test"]):
             name = f"poisoned_test_{i + 1}.h5" if many else "poisoned_test.h5"
@@ -209,6 +223,22 @@ def write_attack_outputs(out: Path, clf: Classifier, outcome: AttackOutcome, art
             files["trigger_preview"] = "trigger_preview.png"
         result = {"kind": "attack", **outcome.to_dict(), "files": files}
         write_json(tmp / "results.json", result)
+
+
+def _write_train(path: Path, artefacts: dict, outcome: AttackOutcome) -> None:
+    """The poisoned training set with the record `backdoorlab poison --rate` writes (plan "train",
+    ``poisoned_index``), so that `backdoorlab inspect` scores its answer against the truth."""
+    import json
+
+    from backdoorlab.data.csaw import write_csaw_h5
+
+    rows = artefacts["poisoned_index"]
+    record = {"plan": "train", "written_by": "backdoorlab attack", "poisoned": int(len(rows)),
+              "total": len(artefacts["train"]), "attack": outcome.poison,
+              "triggers": (outcome.settings.get("plan") or {}).get("triggers"),
+              "targets": (outcome.settings.get("plan") or {}).get("targets")}
+    write_csaw_h5(artefacts["train"], path, extra={"poisoned_index": rows},
+                  attrs={"backdoorlab_poison": json.dumps(record)})
 
 
 def _with_targets(ps: ImageSet, targets: np.ndarray) -> ImageSet:

@@ -93,7 +93,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     clf, outcome, artefacts = train_attack(train_data, test, args.arch, plan, cfg,
                                            args.valid_fraction, args.input_scale or "unit",
                                            args.seed, device=device, precision=precision)
-    write_attack_outputs(Path(args.out), clf, outcome, artefacts)
+    write_attack_outputs(Path(args.out), clf, outcome, artefacts, save_train=args.save_train)
     print(f"trained {args.arch} for {cfg.epochs} epochs in {outcome.train_seconds:.0f} s")
     print(f"clean test accuracy: {outcome.clean_accuracy:.2%}  (validation "
           f"{outcome.valid_accuracy:.2%})")
@@ -103,7 +103,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         psnr = f", PSNR {q['psnr_mean']:.1f} dB" if q.get("psnr_mean") else ""
         print(f"attack success rate [{what}, {tgt}]: {a:.2%}{psnr}")
     print(f"outputs: {args.out}/ (model.safetensors, clean_valid.h5, clean_test.h5, "
-          "poisoned_test*.h5, trigger_preview.png, results.json)")
+          "poisoned_test*.h5, " + ("poisoned_train.h5, " if args.save_train else "")
+          + "trigger_preview.png, results.json)")
     return 0
 
 
@@ -172,6 +173,9 @@ def register(sub) -> None:
                    help="pixel scale the new network takes (stored with the model)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the carved splits, the poisoned "
                    "images, the initial weights and the batch order")
+    p.add_argument("--save-train", action="store_true", help="also write poisoned_train.h5: the training "
+                   "set as poisoned before training, its poisoned rows recorded, for 'backdoorlab "
+                   "inspect' (data inspectors score their answer against them)")
     add_compute_options(p)
     add_out_option(p)
     p.set_defaults(func=cmd_attack)

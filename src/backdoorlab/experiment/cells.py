@@ -58,8 +58,9 @@ class Cell:
         return self.spec.get("family", "repair")  # repairs' specs leave it out (their keys predate it)
 
 
-# families whose cells judge the attack model without changing it: their own summary tables
-DETECTOR_FAMILIES = ("model-detector", "input-detector")
+# families whose cells judge the attack model (or its training data) without changing it: their own
+# summary tables
+DETECTOR_FAMILIES = ("model-detector", "input-detector", "data-inspector")
 
 
 def resolved_options(method: str, given: dict) -> dict:
@@ -112,6 +113,9 @@ def plan_cells(exp: Experiment) -> list[Cell]:
     from backdoorlab import registry
 
     trains = any(a.given is None for a in exp.attacks)
+    # data inspectors read the poisoned training set: only then do the attack cells write it (and
+    # only then is it part of their key, so grids without inspectors keep their cached models)
+    inspects = any(registry.get(d.method).family == "data-inspector" for d in exp.defenses)
     data_id = {"data": {k: v for k, v in exp.data.items() if k not in ("source", "test")},
                "train_data": data_fingerprint(exp.data["source"]) if trains else None,
                "test_data": data_fingerprint(exp.data["test"]) if exp.data.get("test") else None}
@@ -121,7 +125,7 @@ def plan_cells(exp: Experiment) -> list[Cell]:
             if a.given is not None:
                 files = {k: [data_fingerprint(x) for x in v] if isinstance(v, list) else data_fingerprint(v)
                          for k, v in a.given.items()
-                         if k in ("model", "valid", "test", "poisoned", "poisoned_valid")}
+                         if k in ("model", "valid", "test", "poisoned", "poisoned_valid", "train")}
                 key = digest({"kind": "given", "version": __version__, "seed": seed, "given": a.given,
                               "files": files})
                 cells.append(Cell(key, f"{a.name}-s{seed}", "given", a.name, None, seed, dict(a.given), None))
@@ -132,6 +136,8 @@ def plan_cells(exp: Experiment) -> list[Cell]:
                          "data": data_id["data"]}
                 if exp.compute:  # cpu/fp32 files keep their keys
                     spec["compute"] = ident["compute"] = exp.compute
+                if inspects:
+                    spec["save_train"] = ident["save_train"] = True
                 key = digest(ident)
                 cells.append(Cell(key, f"{a.name}-s{seed}", "attack", a.name, None, seed, spec, None))
             scans: dict[str, Cell] = {}
@@ -193,6 +199,8 @@ def attack_args(cell: Cell) -> list[str]:
     args += _flags({k: v for k, v in s["model"].items() if k != "arch"})
     args += _flags(s["train"])
     args += _flags(s["attack"])
+    if s.get("save_train"):
+        args.append("--save-train")
     return args
 
 
@@ -259,6 +267,8 @@ def defense_args(cell: Cell, model_dir: Path, out: Path, pres: dict, scan_dir: P
         return detect_args(cell, model_dir, out, pres)
     if cell.family == "input-detector":
         return input_detect_args(cell, model_dir, out, pres)
+    if cell.family == "data-inspector":
+        return inspect_args(cell, model_dir, out, pres)
     return repair_args(cell, model_dir, out, pres, scan_dir)
 
 
@@ -289,6 +299,23 @@ def input_detect_args(cell: Cell, model_dir: Path, out: Path, pres: dict) -> lis
             str(model_dir / files["clean_valid"]), "--test", str(model_dir / files["clean_test"]),
             *_poisoned_args(model_dir, pres), *_flags(cell.spec.get("family_options", {})),
             *to_flags(method.options, _seeded(method, cell)), "--out", str(out)]
+
+
+def inspect_args(cell: Cell, model_dir: Path, out: Path, pres: dict) -> list[str]:
+    """``backdoorlab inspect METHOD`` on the training set the attack model was trained on (written
+    by the attack cell, or a given model's ``train``); its poisoning record is the truth the flagged
+    rows are scored against."""
+    from backdoorlab import registry
+    from backdoorlab.options import to_flags
+
+    files = pres["files"]
+    if not files.get("train"):
+        raise BadInput(f"{cell.label}: {cell.spec['method']} needs the model's training set, and this "
+                       "attack's outputs hold none")
+    method = registry.get(cell.spec["method"], "data-inspector")
+    return ["inspect", method.name, str(model_dir / files["model"]),
+            "--data", str(model_dir / files["train"]), *to_flags(method.options, _seeded(method, cell)),
+            "--out", str(out)]
 
 
 def repair_args(cell: Cell, model_dir: Path, out: Path, pres: dict, scan_dir: Path | None = None
@@ -366,7 +393,7 @@ def check_options(cells: list[Cell]) -> None:
 
     parser = build_parser()
     fake = {"model": "m.safetensors", "clean_valid": "v.h5", "clean_test": "t.h5",
-            "poisoned_test": ["p.h5"], "poisoned_valid": ["pv.h5"]}
+            "poisoned_test": ["p.h5"], "poisoned_valid": ["pv.h5"], "train": "train.h5"}
     for c in cells:
         if c.kind == "given":
             continue
@@ -405,6 +432,18 @@ def _input_detect_text(res: dict) -> str:
             f"({rate(res['far_requested'])} set); AUROC {auroc}")
 
 
+def _inspect_text(res: dict) -> str:
+    """"flags 1,890 of 35,249 training samples; precision 93.1 %, recall 95.0 % of 1,860 poisoned"."""
+    def rate(v) -> str:
+        return "—" if v is None else f"{100 * v:.1f} %"
+
+    text = f"flags {res['n_flagged']:,} of {res['n']:,} training samples"
+    if res.get("n_poisoned") is not None:
+        text += (f"; precision {rate(res['precision'])}, recall {rate(res['recall'])} of "
+                 f"{res['n_poisoned']:,} poisoned")
+    return text
+
+
 def _summary(cell: Cell, d: Path, parent_dir: Path | None) -> dict:
     """Figures for the summary table: clean test accuracy and ASR, before and after."""
     res = json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else {}
@@ -433,6 +472,11 @@ def _summary(cell: Cell, d: Path, parent_dir: Path | None) -> dict:
                 "detection_per_set": {k: v["detection_rate"] for k, v in per_set.items()},
                 "detect_seconds": res["cost"]["seconds"], "image_passes": res["cost"]["image_passes"],
                 "detail": _input_detect_text(res)}
+    if cell.family == "data-inspector":
+        return {**before, "precision": res["precision"], "recall": res["recall"],
+                "n_flagged": res["n_flagged"], "n": res["n"], "n_poisoned": res["n_poisoned"],
+                "inspect_seconds": res["cost"]["seconds"], "image_passes": res["cost"]["image_passes"],
+                "detail": _inspect_text(res)}
     if not res:  # the scan flagged no label: nothing to repair with, the model is left as it is
         return {**before, "detail": "no label flagged: model unchanged", "der": None}
     after = res["after"]
@@ -475,7 +519,8 @@ def _given_model(cell: Cell, out: Path, log) -> None:
         files = {"model": "model.safetensors", "clean_valid": str(Path(g["valid"]).resolve()),
                  "clean_test": str(Path(g["test"]).resolve()),
                  "poisoned_test": [str(Path(p).resolve()) for p in as_list(g.get("poisoned"))],
-                 "poisoned_valid": [str(Path(p).resolve()) for p in as_list(g.get("poisoned_valid"))]}
+                 "poisoned_valid": [str(Path(p).resolve()) for p in as_list(g.get("poisoned_valid"))],
+                 **({"train": str(Path(g["train"]).resolve())} if g.get("train") else {})}
         write_json(tmp / "results.json", {"kind": "given", "model": g["model"], "clean_accuracy": acc,
                                           "asr": asr, "files": files, "target": g.get("target"),
                                           "poisoned_labels": labels,

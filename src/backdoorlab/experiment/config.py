@@ -56,14 +56,15 @@ TRAIN_KEYS = {"epochs", "batch_size", "lr", "optimizer", "schedule", "augment", 
 ATTACK_KEYS = {"name", "trigger", "target", "rate", "mode", "clean_label", "pruning_aware",
                "pa_max_drop", "pa_dormant_shift"}
 # an [[attack]] with "model" is a given (already backdoored) model and its data files, e.g. a CSAW BadNet
+# (``train``: the training set it was trained on, for data inspectors)
 GIVEN_KEYS = {"name", "model", "arch", "input_scale", "valid", "test", "poisoned", "poisoned_valid", "target",
-              "poisoned_labels"}
+              "poisoned_labels", "train"}
 # keys of a [[defense]] table that the experiment itself reads; the others are the method's options
 # (`backdoorlab list -v`), or with the prefix nc_ options of the Neural Cleanse scan that gives a
 # method its reversed triggers
 DEFENSE_OWN_KEYS = {"name", "kind", "guide", "mitigate"}
 # the method families a [[defense]] may name (`backdoorlab.registry.FAMILIES`)
-GRID_FAMILIES = ("repair", "model-detector", "input-detector")
+GRID_FAMILIES = ("repair", "model-detector", "input-detector", "data-inspector")
 # kinds and keys of earlier experiment files, still read
 KIND_ALIASES = {"guided": "guided-prune"}
 CLEANSE_MITIGATIONS = {"unlearn": "nc-unlearn", "prune": "nc-prune", "filter": "nc-filter"}
@@ -255,7 +256,7 @@ def parse_experiment(doc: dict, path: str = "<config>") -> Experiment:
             for k in ("valid", "test"):
                 if k not in given:
                     raise BadInput(f"{where}: a given model needs '{k}' (clean labeled data)")
-            for k in ("model", "valid", "test", "poisoned", "poisoned_valid"):
+            for k in ("model", "valid", "test", "poisoned", "poisoned_valid", "train"):
                 if isinstance(given.get(k), list):  # several poisoned sets, one per trigger
                     given[k] = [expand(str(v), f"{where} {k}") for v in given[k]]
                 elif k in given:
@@ -282,6 +283,14 @@ def parse_experiment(doc: dict, path: str = "<config>") -> Experiment:
     defenses = []
     for i, d in enumerate(_as_list(doc.get("defense", []))):
         defenses += parse_defense(d, f"{path} [[defense]] #{i + 1}")
+    from backdoorlab import registry
+
+    inspectors = [d.name for d in defenses if registry.get(d.method).family == "data-inspector"]
+    for a in attacks:
+        if inspectors and a.given is not None and "train" not in a.given:
+            raise BadInput(f"{path} [[attack]] {a.name}: the data inspector(s) {', '.join(inspectors)} "
+                           "need the training set of a given model: add train = \"PATH\" (its labels "
+                           "as trained on)")
     for what, items in (("attack", attacks), ("defense", defenses)):
         names = [x.name for x in items]
         dup = sorted({n for n in names if names.count(n) > 1})

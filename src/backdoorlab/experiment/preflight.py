@@ -63,7 +63,7 @@ def experiment_inputs(exp: Experiment) -> list[str]:
         if a.given is None:
             out += trigger_files([str(t) for t in as_list(a.options.get("trigger"))])
             continue
-        for k in ("model", "valid", "test", "poisoned", "poisoned_valid"):
+        for k in ("model", "valid", "test", "poisoned", "poisoned_valid", "train"):
             out += [str(v) for v in as_list(a.given.get(k))]
         model = str(a.given["model"])
         if model.endswith(".safetensors"):
@@ -168,7 +168,8 @@ def _given_model(exp: Experiment, a: AttackSpec) -> _Model:
         clf = load_model(g["model"], arch=g.get("arch"), input_scale=g.get("input_scale"))
     except BadInput as e:
         raise BadInput(f"{where}: model: {e}") from None
-    splits = (("valid", "train"), ("test", "test"), ("poisoned", "test"), ("poisoned_valid", "train"))
+    splits = (("valid", "train"), ("test", "test"), ("poisoned", "test"), ("poisoned_valid", "train"),
+              ("train", "train"))
     peeked = {}
     for key, split in splits:
         for src in as_list(g.get(key)):
@@ -179,8 +180,9 @@ def _given_model(exp: Experiment, a: AttackSpec) -> _Model:
             if info.max_label is not None and info.max_label >= clf.num_classes:
                 raise BadInput(f"{where} {key} {src}: label {info.max_label} is out of range for a model "
                                f"with {clf.num_classes} classes")
-            if key in ("valid", "test") and info.labeled is False:
-                raise BadInput(f"{where} {key} {src}: clean data needs labels; this data has none")
+            if key in ("valid", "test", "train") and info.labeled is False:
+                raise BadInput(f"{where} {key} {src}: {'a training set' if key == 'train' else 'clean data'} "
+                               "needs labels; this data has none")
     for t in as_list(g.get("target")):
         if not 0 <= int(t) < clf.num_classes:
             raise BadInput(f"{where}: target label {t} out of range for the model's {clf.num_classes} "

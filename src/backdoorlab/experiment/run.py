@@ -19,9 +19,12 @@ from backdoorlab.experiment.summary import (
     HEAD,
     INPUT_DETECT_HEAD,
     INPUT_DETECTION_NOTE,
+    INSPECT_HEAD,
+    INSPECTION_NOTE,
     detection_rows,
     heatmap_values,
     input_detection_rows,
+    inspection_rows,
     summary_rows,
 )
 from backdoorlab.io import atomic_path, check_out_dir, claim_now, write_json
@@ -90,6 +93,7 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
     rows = summary_rows(cells, records)
     detect_rows = detection_rows(cells, records)
     input_rows = input_detection_rows(cells, records)
+    inspect_rows = inspection_rows(cells, records)
     seconds = time.perf_counter() - t0
     computed = sum(not r["cached"] for r in records.values())
     desc = (f"{exp.description} " if exp.description else "") + (
@@ -106,6 +110,7 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
               "detection_table": {"head": DETECT_HEAD, "rows": detect_rows} if detect_rows else None,
               "input_detection_table": ({"head": INPUT_DETECT_HEAD, "rows": input_rows} if input_rows
                                         else None),
+              "inspection_table": {"head": INSPECT_HEAD, "rows": inspect_rows} if inspect_rows else None,
               "cells": [{k: v for k, v in r.items()} for r in records.values()],
               "errors": errors, "computed_cells": computed, "cached_cells": len(records) - computed,
               "seconds": round(seconds, 1)}
@@ -115,6 +120,8 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
                      + markdown(DETECT_HEAD, detect_rows)) if detect_rows else ""
         detectors += (f"\n## Input detectors\n\n{INPUT_DETECTION_NOTE}\n\n"
                       + markdown(INPUT_DETECT_HEAD, input_rows)) if input_rows else ""
+        detectors += (f"\n## Data inspectors\n\n{INSPECTION_NOTE}\n\n"
+                      + markdown(INSPECT_HEAD, inspect_rows)) if inspect_rows else ""
         tmp.write_text(f"# {exp.name}\n\n{desc}\n\n" + markdown(HEAD, rows) + detectors)
     with atomic_path(root / "summary.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
@@ -128,7 +135,8 @@ def run_experiment(config: str | Path, out: str | Path | None = None, executor: 
         plot_heatmap(acc, attacks, defenses, "change in clean accuracy (points)",
                      root / "heatmap_accuracy.png", cmap="RdBu", center=0.0, unit="points")
     print()
-    for head, body in ((HEAD, rows), (DETECT_HEAD, detect_rows), (INPUT_DETECT_HEAD, input_rows)):
+    for head, body in ((HEAD, rows), (DETECT_HEAD, detect_rows), (INPUT_DETECT_HEAD, input_rows),
+                       (INSPECT_HEAD, inspect_rows)):
         if body:
             print_table(head, body)
             print()

@@ -186,21 +186,32 @@ INPUT_DETECT_HEAD = ["attack", "detector", "seeds", "ASR of the model", "FAR req
                      "FAR measured", "AUROC", "detect s", "image passes", "notes"]
 
 
+def family_groups(cells: list[Cell], records: dict[str, dict], family: str):
+    """(attack, defense, finished records over the seeds, ASR of the model as mean ± std, notes
+    started with "did not implant" where so) per attack × method of ``family``, in grid order."""
+    dets = [c for c in cells if c.family == family]
+    for attack, defense in dict.fromkeys((c.attack, c.defense) for c in dets):
+        recs = [records[c.key] for c in dets if c.attack == attack and c.defense == defense
+                and c.key in records]
+        asr = mean_std([r.get("asr") for r in recs])
+        implanted = asr is None or asr[0] >= IMPLANTED
+        yield attack, defense or "", recs, asr, [] if implanted else ["did not implant"]
+
+
+def _passes(recs: list[dict]) -> str:
+    passes = mean_std([r.get("image_passes") for r in recs])
+    return "—" if passes is None else f"{passes[0]:,.0f}"
+
+
 def input_detection_rows(cells: list[Cell], records: dict[str, dict]) -> list[list[str]]:
     """One row per attack × input detector: detection rate, false-alarm rate set and measured, AUROC
     (mean ± std over seeds) and cost; the notes give each trigger's detection rate when the attack
     has several poisoned sets."""
     rows = []
-    dets = [c for c in cells if c.family == "input-detector"]
-    order = list(dict.fromkeys((c.attack, c.defense) for c in dets))
-    for attack, defense in order:
-        recs = [records[c.key] for c in dets if c.attack == attack and c.defense == defense
-                and c.key in records]
+    for attack, defense, recs, asr, notes in family_groups(cells, records, "input-detector"):
         if not recs:
-            rows.append([attack, defense or "", "0", *["—"] * 7, "failed"])
+            rows.append([attack, defense, "0", *["—"] * 7, "failed"])
             continue
-        asr = mean_std([r.get("asr") for r in recs])
-        notes = ["did not implant"] if asr is not None and asr[0] < IMPLANTED else []
         if all(r.get("detection_rate") is None for r in recs):
             notes.append("no poisoned test data: detection rate not measured")
         per = [r.get("detection_per_set") or {} for r in recs]
@@ -208,12 +219,41 @@ def input_detection_rows(cells: list[Cell], records: dict[str, dict]) -> list[li
         if len(names) > 1:
             notes.append("detection per trigger: " + "; ".join(
                 f"{n} {fmt(mean_std([p.get(n) for p in per]))}" for n in names))
-        passes = mean_std([r.get("image_passes") for r in recs])
-        rows.append([attack, defense or "", str(len(recs)), fmt(asr),
+        rows.append([attack, defense, str(len(recs)), fmt(asr),
                      fmt(mean_std([r.get("far_requested") for r in recs])),
                      fmt(mean_std([r.get("detection_rate") for r in recs])),
                      fmt(mean_std([r.get("far_measured") for r in recs])),
                      fmt(mean_std([r.get("auroc") for r in recs]), 1.0, 3),
                      fmt(mean_std([r.get("detect_seconds") for r in recs]), 1.0, 1),
-                     "—" if passes is None else f"{passes[0]:,.0f}", "; ".join(notes)])
+                     _passes(recs), "; ".join(notes)])
+    return rows
+
+
+INSPECTION_NOTE = ("Per attack × data inspector: run on the training set the attack model was trained on "
+                   "(as poisoned before training), with that model's features; the training samples it "
+                   "flags, the share of them that are poisoned (precision) and the share of the "
+                   "poisoned samples it flags (recall), in %, mean ± std over seeds; its time and image "
+                   "passes. A clean model's training set holds no poison: every flag removes a clean "
+                   "sample.")
+INSPECT_HEAD = ["attack", "inspector", "seeds", "ASR of the model", "poisoned samples", "flagged",
+                "precision", "recall", "inspect s", "image passes", "notes"]
+
+
+def inspection_rows(cells: list[Cell], records: dict[str, dict]) -> list[list[str]]:
+    """One row per attack × data inspector: samples flagged, precision and recall against the
+    poisoned rows (mean ± std over seeds) and cost."""
+    rows = []
+    for attack, defense, recs, asr, notes in family_groups(cells, records, "data-inspector"):
+        if not recs:
+            rows.append([attack, defense, "0", *["—"] * 7, "failed"])
+            continue
+        if all(r.get("n_poisoned") is None for r in recs):
+            notes.append("poisoned rows unknown: precision and recall not measured")
+        rows.append([attack, defense, str(len(recs)), fmt(asr),
+                     fmt(mean_std([r.get("n_poisoned") for r in recs]), 1.0, 0),
+                     fmt(mean_std([r.get("n_flagged") for r in recs]), 1.0, 0),
+                     fmt(mean_std([r.get("precision") for r in recs])),
+                     fmt(mean_std([r.get("recall") for r in recs])),
+                     fmt(mean_std([r.get("inspect_seconds") for r in recs]), 1.0, 1),
+                     _passes(recs), "; ".join(notes)])
     return rows

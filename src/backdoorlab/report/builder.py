@@ -260,6 +260,30 @@ def input_detect_section(name: str, d: Path, r: dict) -> Section:
     return s
 
 
+def inspect_section(name: str, d: Path, r: dict) -> Section:
+    """Any data inspector of the registry (``backdoorlab inspect``): samples flagged, precision and
+    recall against the known poisoned rows, the classes with the most flags, cost."""
+    s = Section(f"Data inspector {r['method']}: {name}")
+    n, k = r["n"], r["n_flagged"]
+    text = (f"{r.get('paper', r['method'])}. Score: {r['statistic']}. Flagged {k:,} of {n:,} training "
+            f"samples ({pct(k / n if n else None)}); {r['cost']['seconds']:.1f} s, "
+            f"{r['cost']['image_passes']:,} image passes.")
+    if r.get("n_poisoned") is not None:
+        text += (f" Against the {r['n_poisoned']:,} poisoned rows ({r.get('truth_source') or 'known'}): "
+                 f"precision {pct(r['precision'])}, recall {pct(r['recall'])}.")
+    else:
+        text += " The poisoned rows are unknown: precision and recall not measured."
+    s.p(text)
+    def flags(v: dict) -> int:  # spectral says "removed", AC "flagged"
+        return int(v.get("flagged", v.get("removed", 0)) or 0)
+
+    per = sorted(((int(y), v) for y, v in (r.get("per_class") or {}).items()), key=lambda kv: -flags(kv[1]))
+    per = [(y, v) for y, v in per if flags(v)][:10]
+    if per:
+        s.table(["label", "samples", "flagged"], [[y, f"{v.get('n', 0):,}", f"{flags(v):,}"] for y, v in per])
+    return s
+
+
 def demo_section(d: Path, r: dict) -> Section:
     s = Section("Summary")
     s.p(r.get("summary", ""))
@@ -287,6 +311,11 @@ def experiment_section(d: Path, r: dict) -> Section:
 
         s.p(INPUT_DETECTION_NOTE)
         s.table(r["input_detection_table"]["head"], r["input_detection_table"]["rows"])
+    if r.get("inspection_table"):
+        from backdoorlab.experiment.summary import INSPECTION_NOTE
+
+        s.p(INSPECTION_NOTE)
+        s.table(r["inspection_table"]["head"], r["inspection_table"]["rows"])
     for png, caption in (("heatmap_asr.png", "ASR after each repair, attack × defense (%)."),
                          ("heatmap_accuracy.png", "Change in clean accuracy by each repair, attack × "
                           "defense (points).")):
@@ -341,6 +370,8 @@ def _add_sections(out: list[Section], kind: str, d: Path, r: dict, root: Path) -
         out.append(detect_section(name, d, r))
     elif kind == "input-detect":
         out.append(input_detect_section(name, d, r))
+    elif kind == "inspect":
+        out.append(inspect_section(name, d, r))
     elif kind == "repair":
         out.append(repair_section(name, d, r))
     elif kind == "cleanse":
