@@ -133,3 +133,21 @@ def test_far_is_checked_by_detect_and_a_list_of_rates_is_an_axis():
     assert cells["a-s-far0.01-s0"].family == "input-detector"
     assert cells["a-mm-bd-s0"].spec == {"method": "mm-bd", "options": {}, "family": "model-detector"}
     assert cells["a-s0"].family is None
+
+
+def test_the_family_options_defaults_are_part_of_the_key():
+    """far and calibration spelled out at their defaults give the same cell; another value, another
+    cell (so a default moved by a release is computed again, not read stale from the cache)."""
+    from backdoorlab.commands.detect import INPUT_DETECT_OPTIONS
+    from backdoorlab.experiment.cells import plan_cells
+    from backdoorlab.experiment.config import parse_experiment
+
+    def key(**fam) -> str:
+        exp = parse_experiment({"data": {"source": "digits"}, "model": {"arch": "small_cnn"},
+                                "attack": [{"name": "a", "trigger": "patch", "target": 0}],
+                                "defense": [{"name": "s", "kind": "strip", **fam}]}, "x.toml")
+        return {c.label: c for c in plan_cells(exp)}["a-s-s0"].key
+
+    defaults = {k: kw["default"] for k, kw in INPUT_DETECT_OPTIONS.items()}
+    assert key() == key(**defaults) == key(far=defaults["far"])
+    assert key(far=0.01) != key() and key(calibration=0.3) != key()

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from backdoorlab import __version__
 from backdoorlab.errors import BadInput
-from backdoorlab.experiment.config import Experiment
+from backdoorlab.experiment.config import Experiment, family_options
 from backdoorlab.poisoned import as_list
 
 
@@ -164,8 +164,12 @@ def plan_cells(exp: Experiment) -> list[Cell]:
                     parent = skey
                 # keyed on every option's value, defaults included: a method whose default changes
                 # in a new release is computed again, and spelling out a default changes nothing
+                keyed = {**dspec, "options": resolved_options(d.method, d.options)}
+                fam_defaults = {k: kw.get("default") for k, kw in family_options(family).items()}
+                if fam_defaults:  # the family's own options (an input detector's far), defaults too
+                    keyed["family_options"] = {**fam_defaults, **d.family_options}
                 dkey = digest({"kind": "defense", "version": __version__, "seed": seed, "parent": parent,
-                               "defense": {**dspec, "options": resolved_options(d.method, d.options)}})
+                               "defense": keyed})
                 cells.append(Cell(dkey, f"{a.name}-{d.name}-s{seed}", d.method, a.name, d.name, seed,
                                   dspec, parent))
     return cells
