@@ -11,6 +11,20 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("BACKDOORLAB_DATA", ROOT.parent / "shared" / "data"))
 CSAW = DATA / "csaw-hackml-2020"
 GTSRB = DATA / "gtsrb32" / "GTSRB"
+# data, model and training of the small digits grids of the `run` tests (a few seconds per model)
+DIGITS_GRID = """[data]
+source = "digits"
+size = 16
+train_limit = 1200
+test_limit = 300
+test_fraction = 0.25
+[model]
+arch = "small_cnn"
+[train]
+epochs = 6
+batch_size = 64
+lr = 3e-3
+"""
 CSAW_FILES = ["sunglasses", "anonymous_1", "anonymous_2", "multi_trigger_multi_target", "lab3"]
 
 os.environ.setdefault("BACKDOORLAB_PROGRESS", "0")

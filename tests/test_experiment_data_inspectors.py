@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DIGITS_GRID
 
 from backdoorlab.cli import main
 from backdoorlab.experiment.cells import plan_cells
@@ -19,19 +20,7 @@ from backdoorlab.experiment.run import run_experiment
 
 GRID = """
 seeds = [1]
-[data]
-source = "digits"
-size = 16
-train_limit = 1200
-test_limit = 300
-test_fraction = 0.25
-[model]
-arch = "small_cnn"
-[train]
-epochs = 6
-batch_size = 64
-lr = 3e-3
-[[attack]]
+""" + DIGITS_GRID + """[[attack]]
 name = "clean"
 [[attack]]
 name = "badnets"

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import DIGITS_GRID
 
 from backdoorlab import registry
 from backdoorlab.cli import main
@@ -16,19 +17,7 @@ from backdoorlab.experiment.run import run_experiment
 
 GRID = """
 seeds = [1]
-[data]
-source = "digits"
-size = 16
-train_limit = 1200
-test_limit = 300
-test_fraction = 0.25
-[model]
-arch = "small_cnn"
-[train]
-epochs = 6
-batch_size = 64
-lr = 3e-3
-[[attack]]
+""" + DIGITS_GRID + """[[attack]]
 name = "badnets"
 trigger = "patch:size=3"
 target = 0
