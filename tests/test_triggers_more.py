@@ -27,9 +27,10 @@ def rand_images(n=6, h=32, w=32, c=3, seed=0):
 def test_registry_discovers_the_modules_and_keeps_the_old_order():
     assert list(TRIGGERS)[:4] == ["patch", "image", "blend", "ftrojan"]
     assert {"wanet": WaNetTrigger, "sig": SIGTrigger, "bpp": BppTrigger}.items() <= TRIGGERS.items()
-    assert set(TRIGGERS) == {"patch", "image", "blend", "ftrojan", *NEW, "adap-blend", "adap-patch", "lc"}
+    assert set(TRIGGERS) == {"patch", "image", "blend", "ftrojan", *NEW, "adap-blend", "adap-patch",
+                             "input-aware", "lc"}
     assert discover() == TRIGGERS  # a second scan finds the same classes
-    known = "patch, image, blend, ftrojan, adap-blend, adap-patch, bpp, lc, sig"
+    known = "patch, image, blend, ftrojan, adap-blend, adap-patch, bpp, input-aware, lc, sig"
     with pytest.raises(BadInput, match=f"unknown kind 'laser' \\(known: {known}"):
         make_trigger("laser", (8, 8, 1))
 

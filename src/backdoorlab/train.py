@@ -22,7 +22,7 @@ from backdoorlab.errors import BadInput
 from backdoorlab.evaluation import accuracy
 from backdoorlab.models.classifier import Classifier
 from backdoorlab.progress import progress
-from backdoorlab.triggers.base import BatchHook
+from backdoorlab.triggers.base import BatchHook, TrainHook
 
 
 @dataclass
@@ -79,7 +79,7 @@ def train(clf: Classifier, data: ImageSet, valid: ImageSet | None = None,
           params: list[nn.Parameter] | None = None,
           after_step: Callable[[], None] | None = None,
           score: Callable[[], tuple[float, dict]] | None = None,
-          batch_hook: BatchHook | None = None) -> TrainLog:
+          batch_hook: BatchHook | None = None, train_hook: TrainHook | None = None) -> TrainLog:
     """Train ``clf.net`` in place on ``data``; keep the best weights on ``valid``.
 
     ``params`` restricts which parameters are updated (default: all); ``after_step`` runs after
@@ -89,8 +89,10 @@ def train(clf: Classifier, data: ImageSet, valid: ImageSet | None = None,
     score wins. ``batch_hook`` (`backdoorlab.triggers.base.BatchHook`) rewrites each batch before
     augmentation — the one place where training-time attacks (WaNet's noise mode, BPP's negative
     samples) change the loop; it gets the uint8 images, labels, row numbers and a generator
-    seeded from ``cfg.seed``. Returns a `TrainLog` with per-epoch loss, training and validation
-    accuracy.
+    seeded from ``cfg.seed``. ``train_hook`` (`backdoorlab.triggers.base.TrainHook`) is its
+    differentiable counterpart, after augmentation, for a trigger trained with the network (its
+    extra loss is added, its own optimiser stepped after each backward pass). Returns a `TrainLog`
+    with per-epoch loss, training and validation accuracy.
     """
     cfg = cfg or TrainConfig()
     y_all = data.require_labels()
@@ -112,6 +114,7 @@ def train(clf: Classifier, data: ImageSet, valid: ImageSet | None = None,
     n = len(data)
     log = TrainLog(config=asdict(cfg))
     best_state = None
+    best_hook: dict | None = None
     start = time.perf_counter()
     if score is not None and cfg.keep_best:
         net.eval()
@@ -119,10 +122,13 @@ def train(clf: Classifier, data: ImageSet, valid: ImageSet | None = None,
         log.epochs.append({"epoch": 0, "score": s0, **info})
         log.best_valid_accuracy, log.best_epoch = s0, 0
         best_state = copy.deepcopy(net.state_dict())
+        best_hook = copy.deepcopy(train_hook.state_dict()) if train_hook is not None else None
     for epoch in range(cfg.epochs):
         for g, base in zip(opt.param_groups, base_lrs, strict=True):
             g["lr"] = base * _lr_factor(cfg, epoch, cfg.epochs)
         net.train()
+        if train_hook is not None:
+            train_hook.train(True)
         perm = torch.randperm(n, generator=gen)
         total_loss, correct = 0.0, 0
         batches = range(0, n, cfg.batch_size)
@@ -135,17 +141,29 @@ def train(clf: Classifier, data: ImageSet, valid: ImageSet | None = None,
                 xb, yb = torch.from_numpy(np.ascontiguousarray(hx)), torch.from_numpy(hy)
             xb = augment(xb, gen, cfg.crop_padding, cfg.flip)
             yb = yb.to(clf.device, non_blocking=True)
+            extra = None
             with clf.autocast():
-                out = net(clf.to_tensor(xb))
+                if train_hook is None:
+                    out = net(clf.to_tensor(xb))
+                else:  # pixels in [0, 1] through the hook, then the network's own input mapping
+                    x01 = xb.to(clf.device).permute(0, 3, 1, 2).float().div(255.0)
+                    x01, yb, extra = train_hook(x01, yb, idx.cpu().numpy())
+                    out = net(clf.spec.from_unit(x01).contiguous(memory_format=torch.channels_last))
                 loss = loss_fn(out.float(), yb)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if train_hook is not None:
+                train_hook.zero_grad()
+            (loss if extra is None else loss + extra).backward()
             opt.step()
+            if train_hook is not None:
+                train_hook.step()
             if after_step is not None:
                 after_step()
             total_loss += loss.item() * len(idx)
             correct += int((out.argmax(1) == yb).sum())
         net.eval()
+        if train_hook is not None:
+            train_hook.train(False)
         entry = {"epoch": epoch + 1, "loss": total_loss / n, "train_accuracy": correct / n,
                  "lr": opt.param_groups[0]["lr"]}
         if score is not None:
@@ -159,9 +177,12 @@ def train(clf: Classifier, data: ImageSet, valid: ImageSet | None = None,
         if va is not None and cfg.keep_best and (best_state is None or va > log.best_valid_accuracy):
             log.best_valid_accuracy, log.best_epoch = va, epoch + 1
             best_state = copy.deepcopy(net.state_dict())
+            best_hook = copy.deepcopy(train_hook.state_dict()) if train_hook is not None else None
         log.epochs.append(entry)
     if best_state is not None:
         net.load_state_dict(best_state)
+        if train_hook is not None and best_hook is not None:
+            train_hook.load_state_dict(best_hook)
     net.eval()
     log.seconds = time.perf_counter() - start
     return log

@@ -9,7 +9,7 @@ copy of the test set built from images whose true label differs from the target.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -156,10 +156,21 @@ def train_attack(train_data: ImageSet, test: ImageSet, arch: str, plan: AttackPl
         log, pa_info = pruning_aware_attack(clf, rest, poisoned_train, valid, cfg, plan.pa_max_drop,
                                             probe=probe, dormant_shift=plan.pa_dormant_shift)
     else:
-        log = train(clf, poisoned_train, valid, cfg, desc="train", batch_hook=hook).to_dict()
+        trained = [t.train_hook(r, seed, clf.device) for t, r in zip(triggers, rows, strict=True)]
+        trained = [h for h in trained if h is not None]
+        if len(trained) > 1:
+            raise BadInput("one trigger at most may be trained with the classifier (input-aware)")
+        if trained:  # the trigger is learnt with the network: keep the last epoch, not the cleanest
+            cfg = replace(cfg, keep_best=False)
+        log = train(clf, poisoned_train, valid, cfg, desc="train", batch_hook=hook,
+                    train_hook=trained[0] if trained else None).to_dict()
     seconds = time.perf_counter() - t0
     p_sets = poisoned_test_sets(test, plan, triggers) if triggers else []
     asr = [attack_success(clf, ps, tg) for ps, tg in p_sets]
+    for t in triggers:  # a trigger trained with the network reports its training and cross test
+        if getattr(t, "last_run", None) and hasattr(t, "cross_accuracy"):
+            cross = t.cross_accuracy(clf, test, seed)
+            poison_info = {**poison_info, "trigger_training": {**t.last_run, "cross_accuracy": cross}}
     quality = []
     for ps, _ in p_sets:
         src = test.images[np.asarray(ps.meta["source_indices"])]

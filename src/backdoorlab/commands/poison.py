@@ -25,6 +25,14 @@ def _check_args(args: argparse.Namespace) -> tuple[str, list[str], list[int]]:
         raise BadInput(f"--preview {args.preview}: expected a .png file name")
     specs: list[str] = args.trigger
     targets: list[int] = args.target or []
+    from backdoorlab.triggers import TRIGGERS
+    from backdoorlab.triggers.registry import parse_spec
+
+    for spec in specs:
+        cls = TRIGGERS.get(parse_spec(spec)[0])
+        if cls is not None and getattr(cls, "trained_with_network", False):
+            raise BadInput(f"--trigger {spec}: the {cls.name} trigger is a network trained with the "
+                           "classifier, so it only works inside 'backdoorlab attack'")
     if args.rate is not None:
         plan = "train"
         if not 0.0 <= args.rate <= 1.0:

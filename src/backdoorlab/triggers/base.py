@@ -16,6 +16,8 @@ from it override the four training-side methods, all no-ops by default, which th
   training set carrying (part of) the trigger with their true labels kept.
 - ``batch_hook(poisoned_rows, seed)``: a `BatchHook` the trainer runs on every batch, for attacks
   that change the training loop (samples drawn afresh per batch).
+- ``train_hook(poisoned_rows, seed, device)``: a `TrainHook`, for a trigger that is itself a
+  network trained with the classifier (its loss reaches the trigger's parameters).
 """
 
 from __future__ import annotations
@@ -36,6 +38,35 @@ if TYPE_CHECKING:
 #: to train on (new arrays, same length). ``rng`` is the trainer's seeded generator.
 BatchHook = Callable[[np.ndarray, np.ndarray, np.ndarray, np.random.Generator],
                      tuple[np.ndarray, np.ndarray]]
+
+
+class TrainHook:
+    """The differentiable side of a training-time attack whose trigger is itself trained with the
+    classifier (input-aware dynamic attack): the trainer calls it on every batch after
+    augmentation with the NCHW float pixels in [0, 1] on the network's device, the labels and the
+    batch's row numbers; it returns the batch to train on (pixels in [0, 1], still differentiable
+    with respect to its own parameters), the labels and an extra loss term (or None). After the
+    backward pass the trainer calls `step` (the hook's own optimiser), and `train` / `eval` as it
+    switches the network's mode."""
+
+    def __call__(self, x: Any, y: Any, rows: np.ndarray) -> tuple[Any, Any, Any]:
+        raise NotImplementedError
+
+    def zero_grad(self) -> None:
+        """Clear the hook's gradients before the batch's backward pass."""
+
+    def step(self) -> None:
+        """Update the hook's own parameters after the batch's backward pass."""
+
+    def train(self, mode: bool = True) -> None:
+        """Follow the network's training / evaluation mode."""
+
+    def state_dict(self) -> dict:
+        """The hook's trained state, kept with the network's when the trainer keeps an epoch."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned (the kept epoch's trigger with its network)."""
 
 
 @dataclass
@@ -60,6 +91,8 @@ class Trigger:
     # -- training side (see the module docstring); defaults: training samples = test trigger --
 
     cover_rate: ClassVar[float] = 0.0  # instances may set their own (an option of the trigger)
+    # a trigger that is itself trained with the classifier (`train_hook`) exists only inside an attack
+    trained_with_network: ClassVar[bool] = False
 
     def prepare(self, train: ImageSet, target: int | None, seed: int) -> None:
         """Called once by the poisoning with the clean training set, before rows are chosen."""
@@ -74,6 +107,11 @@ class Trigger:
 
     def batch_hook(self, poisoned_rows: np.ndarray, seed: int) -> BatchHook | None:
         """A per-batch hook for the trainer, or None (the default: a static poisoned set)."""
+        return None
+
+    def train_hook(self, poisoned_rows: np.ndarray, seed: int, device: Any) -> TrainHook | None:
+        """A differentiable per-batch hook (`TrainHook`) for a trigger trained with the
+        classifier, or None (the default)."""
         return None
 
     def preview(self, image: np.ndarray) -> np.ndarray:

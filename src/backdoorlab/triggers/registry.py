@@ -16,6 +16,7 @@ A spec is ``KIND`` or ``KIND:OPTIONS``; options are ``key=value`` separated by c
     lc:eps=16,amplitude=32                  label-consistent, with clean-label poisoning (Turner et al. 2019)
     adap-blend:cover_rate=0.1               Adaptive-Blend: partial noise blends, cover rows (Qi et al. 2023)
     adap-patch:cover_rate=0.2               Adaptive-Patch: one of 4 corner patches per row (Qi et al. 2023)
+    input-aware:mask_density=0.032          input-aware dynamic (Nguyen & Tran 2020; `attack` only)
 
 A comma-separated piece without ``=`` continues the previous value (so ``pos=2,5`` works); the
 first such piece of ``image`` and ``blend`` specs names the picture file.
