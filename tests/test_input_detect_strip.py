@@ -104,16 +104,17 @@ def test_batched_scores_equal_the_one_input_loop(digits_badnet):
     for batch in (1, 250, 2000):  # 1 input, 2 inputs, all inputs per network batch
         score = m.run(clf, art["valid"], m.options(batch=batch)).score
         s = score(x)
-        if ref is None:
-            ref = loop_scores(clf, x, score.pool, score.draws(len(x)), score.options.alpha)
+        if ref is None:  # the default superimposition: the authors' add, clipped at 255
+            assert score.options.superimpose == "add"
+            ref = loop_scores(clf, x, score.pool, score.draws(len(x)), score.options.alpha, "add")
         np.testing.assert_allclose(s, ref, rtol=0, atol=1e-5)
     # float input in [0, 1] is read as pixels/255: the same scores
     np.testing.assert_allclose(score(x.astype(np.float32) / 255.0), ref, rtol=0, atol=1e-5)
-    # the authors' superimposition (add, clip at 255): batched = loop, and not the mix's scores
-    add = m.run(clf, art["valid"], m.options(superimpose="add", batch=250)).score
-    ref_add = loop_scores(clf, x, add.pool, add.draws(len(x)), mode="add")
-    np.testing.assert_allclose(add(x), ref_add, rtol=0, atol=1e-5)
-    assert np.abs(ref_add - ref).max() > 1e-2
+    # the equal-weight mix: batched = loop, and not the add's scores
+    mix = m.run(clf, art["valid"], m.options(superimpose="mix", batch=250)).score
+    ref_mix = loop_scores(clf, x, mix.pool, mix.draws(len(x)), 0.5, mode="mix")
+    np.testing.assert_allclose(mix(x), ref_mix, rtol=0, atol=1e-5)
+    assert np.abs(ref_mix - ref).max() > 1e-2
 
 
 @pytest.fixture(scope="module")

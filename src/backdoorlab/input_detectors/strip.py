@@ -22,12 +22,17 @@ What the numbers mean: the score is −H̄ with H̄ in [0, log2(classes)] bits; 
 sits well above 0 bits, a trojaned one near 0. The detection rate is the share of poisoned inputs
 scoring above the threshold set at the requested false-alarm rate (the paper's FRR) on clean data.
 
-Where we differ from the paper: (1) the blend — the paper says "linear blend" of the input and a
-clean image without giving weights. ``superimpose = "mix"`` (the default) uses ``(1 - alpha)·x +
-alpha·overlay`` with ``alpha = 0.5``, in pixel space (0-255, then the network's own input
-mapping); ``superimpose = "add"`` follows the authors' released code (OpenCV ``addWeighted`` with
-weights 1 and 1: ``min(x + overlay, 255)``), which keeps a bright trigger at full strength where
-the mix halves it, but saturates bright images.
+The superimposition: the paper says "linear blend" of the input and a clean image without giving
+weights; its authors' released code (and BackdoorBench) add the two with OpenCV ``addWeighted``,
+weights 1 and 1: ``min(x + overlay, 255)`` in pixel space (0-255, then the network's own input
+mapping). That is the default, ``superimpose = "add"``: it keeps a trigger at full strength where
+an equal-weight mix halves it, but saturates bright images. ``superimpose = "mix"`` uses ``(1 -
+alpha)·x + alpha·overlay`` (``alpha = 0.5``). Measured on the GTSRB BadNets and blend models of
+the repair benchmark (`benchmarks/bench_strip.py`, docs/detection.md): add detects 86.6 % / 84.5 %
+at 5 % false alarms (AUROC 0.941 / 0.932), mix 88.7 % / 49.6 % (AUROC 0.930 / 0.854) — the blend
+trigger (opacity 0.1) halved by the mix no longer dominates the prediction.
+
+Where we differ from the paper: (1) the superimposition, above.
 (2) The threshold: the paper fits a normal distribution to the clean entropies and takes its
 FRR percentile; the family uses the empirical quantile of clean scores on a held-back part of the
 clean data. (3) The paper draws the overlays from held-out test images; here they come from the
@@ -62,8 +67,8 @@ class Options:
                       low=1, high=10_000)
     alpha: float = opt(0.5, "weight of the clean overlay in the linear blend (0.5 = equal weights)",
                        low=0, high=1, low_open=True, high_open=True)
-    superimpose: str = opt("mix", "mix = (1 - alpha)·input + alpha·overlay; add = input + overlay "
-                           "clipped at 255, as the authors' code (alpha unused)", choices=("mix", "add"))
+    superimpose: str = opt("add", "add = input + overlay clipped at 255, as the authors' code (alpha "
+                           "unused); mix = (1 - alpha)·input + alpha·overlay", choices=("add", "mix"))
     overlays: int = opt(0, "clean images kept as the overlay pool (a seeded sample; 0 = all given)",
                         low=0)
     batch: int = opt(256, "superimposed images per network batch (on 2 CPU cores 100-256 scored "
@@ -98,7 +103,7 @@ def _checked(clf: Classifier, images: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def mean_entropy(clf: Classifier, images: np.ndarray, factor: float, pool: np.ndarray,
-                 draws: np.ndarray, alpha: float, batch: int, mode: str = "mix") -> np.ndarray:
+                 draws: np.ndarray, alpha: float, batch: int, mode: str = "add") -> np.ndarray:
     """Mean entropy (bits) of the predictions on the pixel blends ``(1 - alpha)·images[i] +
     alpha·pool[draws[i, j]]`` (``mode="add"``: ``min(images[i] + pool[draws[i, j]], 255)``), j < N,
     the N blends of many inputs in one network batch of about ``batch`` images. ``factor`` brings
@@ -153,7 +158,7 @@ class StripScore:
 
 
 def loop_scores(clf: Classifier, images: np.ndarray, pool: np.ndarray, draws: np.ndarray,
-                alpha: float = 0.5, mode: str = "mix") -> np.ndarray:
+                alpha: float = 0.5, mode: str = "add") -> np.ndarray:
     """The reference computation, one input at a time: blend in pixel space with numpy, classify
     the input's N blends with `Classifier.logits`, average their entropies. Same result as
     `StripScore` for the same ``pool`` and ``draws`` (up to float rounding); slow on purpose."""
