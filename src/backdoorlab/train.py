@@ -20,7 +20,7 @@ from backdoorlab.augment import augment
 from backdoorlab.data.imageset import ImageSet
 from backdoorlab.errors import BadInput
 from backdoorlab.evaluation import accuracy
-from backdoorlab.models.classifier import Classifier
+from backdoorlab.models.classifier import Classifier, pixel_factor
 from backdoorlab.progress import progress
 from backdoorlab.triggers.base import BatchHook, TrainHook
 
@@ -146,7 +146,8 @@ def train(clf: Classifier, data: ImageSet, valid: ImageSet | None = None,
                 if train_hook is None:
                     out = net(clf.to_tensor(xb))
                 else:  # pixels in [0, 1] through the hook, then the network's own input mapping
-                    x01 = xb.to(clf.device).permute(0, 3, 1, 2).float().div(255.0)
+                    scale = pixel_factor(xb) / 255.0  # read as `to_tensor` reads the batch
+                    x01 = xb.to(clf.device).permute(0, 3, 1, 2).float().mul(scale)
                     x01, yb, extra = train_hook(x01, yb, idx.cpu().numpy())
                     out = net(clf.spec.from_unit(x01).contiguous(memory_format=torch.channels_last))
                 loss = loss_fn(out.float(), yb)
