@@ -123,12 +123,15 @@ def csaw_rows(out: Path, compute: bool) -> list[dict]:
 
 def remember(rows: list[dict], path: Path = RECORD) -> list[dict]:
     """Merge this run's detector rows into the committed record (a row computed again replaces its
-    record: same model, same detector) and return every recorded row. The run folders hold the
+    record: same setting, attack, seed and detector) and return every recorded row. The run folders hold the
     models and do not outlive a fresh clone; the record keeps the zoo's table whole when only some
     settings are recomputed."""
+    def ident(r: dict) -> tuple:  # one zoo model and detector, whatever its cache key
+        return r["setting"], r["attack"], r["seed"], r["detector"]
+
     old = json.loads(path.read_text()) if path.is_file() else []
-    new = {(r["model"], r["detector"]): r for r in rows}
-    merged = [r for r in old if (r["model"], r["detector"]) not in new] + list(new.values())
+    new = {ident(r): r for r in rows}
+    merged = [r for r in old if ident(r) not in new] + list(new.values())
     merged.sort(key=lambda r: (SETTINGS.index(r["setting"]) if r["setting"] in SETTINGS else len(SETTINGS),
                                r["model"], r["detector"]))
     path.parent.mkdir(parents=True, exist_ok=True)
