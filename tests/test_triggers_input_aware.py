@@ -100,3 +100,17 @@ def test_the_attack_command_trains_it_and_poison_refuses_it(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "only works inside 'backdoorlab attack'" in err[0], err
     assert not (tmp_path / "p.h5").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device on this machine")
+def test_input_aware_trains_and_stamps_on_cuda():
+    train, test = digits()
+    plan = AttackPlan(triggers=["input-aware:mask_epochs=1,width=8,steps=2"], targets=[0], rate=0.1)
+    clf, out, art = train_attack(train, test, "small_cnn", plan, TrainConfig(epochs=2, batch_size=64, seed=1),
+                                 0.1, seed=1, device="cuda")
+    trig = art["triggers"][0]
+    assert next(trig.nets["G"].parameters()).device.type == "cuda"
+    y = trig.apply(test.images[:8])  # stamped on the GPU, returned as host uint8
+    assert y.dtype == np.uint8 and y.shape == test.images[:8].shape
+    assert 0.0 <= out.asr[0] <= 1.0 and 0.0 <= out.poison["trigger_training"]["cross_accuracy"] <= 1.0
