@@ -109,6 +109,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    from backdoorlab.triggers import TRIGGERS
+
     p = sub.add_parser(
         "attack", help="train a backdoored model (BadNets, blend, FTrojan, multi-target …)",
         description="Poison training data with one or more triggers and train a model on it. Writes "
@@ -116,10 +118,11 @@ def register(sub) -> None:
         "split, for defenses), clean_test.h5, poisoned_test.h5 (true labels + per-image targets), "
         "poisoned_valid.h5, trigger_preview.png and results.json. With no --trigger (or "
         "--trigger none) it trains a clean reference model the same way.",
-        epilog="Trigger specs: patch, patch:size=3,pos=tl,color=255;0;0,pattern=checker, "
-        "image:FILE.png,alpha=0.8, blend:alpha=0.1, ftrojan, ftrojan:preset=gtsrb. Example: "
-        "backdoorlab attack --data gtsrb:GTSRB --arch gtsrb_cnn --trigger ftrojan:preset=gtsrb "
-        "--target 8 --rate 0.05 --epochs 6 --out runs/ftrojan")
+        epilog="Trigger specs: KIND or KIND:KEY=VALUE,...; kinds: " + ", ".join(TRIGGERS) + " (options: "
+        "the README's trigger table). E.g. patch:size=3,pos=tl,color=255;0;0,pattern=checker, "
+        "image:FILE.png,alpha=0.8, blend:alpha=0.1, ftrojan:preset=gtsrb, wanet, sig (with "
+        "--clean-label). Example: backdoorlab attack --data gtsrb:GTSRB --arch gtsrb_cnn --trigger "
+        "ftrojan:preset=gtsrb --target 8 --rate 0.05 --epochs 6 --out runs/ftrojan")
     p.add_argument("--data", required=True, metavar="SOURCE",
                    help="training data (PATH, FORMAT:PATH, digits)")
     p.add_argument("--test-data", metavar="SOURCE", help="test data (default: the format's test split, "
