@@ -55,6 +55,7 @@ CSAW = {"sunglasses": ("sunglasses_bd_weights.h5", "unit", [0]),
         "anonymous_2": ("anonymous_2_bd_weights.h5", "unit", None),
         "multi_trigger": ("multi_trigger_multi_target_bd_weights.h5", "unit", None),
         "lab3": ("lab3_bd_weights.h5", "raw", None)}
+COLUMNS = ("mm-bd", "neural-cleanse", "abs", "scan", "scan + abs")
 IMPLANTED = 0.5  # test ASR at which an attack counts as implanted
 ALPHA = 0.05
 
@@ -139,24 +140,36 @@ def remember(rows: list[dict], path: Path = RECORD) -> list[dict]:
     return merged
 
 
+SCAN_DEFAULT = ("mm-bd", "neural-cleanse")  # `scan`'s default set (detectors with a p-value)
+SCANS = {"scan": SCAN_DEFAULT, "scan + abs": (*SCAN_DEFAULT, "abs")}
+
+
 def with_scan(rows: list[dict]) -> list[dict]:
-    """Add one ``scan`` row per model that every detector answered: `detectors.verdict`."""
+    """Add per model the combined verdicts of `detectors.verdict`: ``scan`` (the default set, as
+    `backdoorlab scan` runs it) and ``scan + abs`` (with ``--detector`` naming all three), for the
+    models every detector of the set answered."""
     from backdoorlab.detectors import verdict
 
-    by_model: dict[str, list[dict]] = {}
+    by_model: dict[str, dict[str, dict]] = {}
     for r in rows:
-        by_model.setdefault(r["model"], []).append(r)
+        by_model.setdefault(r["model"], {})[r["detector"]] = r
     out = list(rows)
-    for rs in by_model.values():
-        if len(rs) < 2:
-            continue
-        res = {r["detector"]: SimpleNamespace(detection=SimpleNamespace(
-            flagged=r["flagged"], p_value=r["p_value"], backdoored=r["backdoored"])) for r in rs}
-        v = verdict(res, ALPHA)
-        ps = [r["p_value"] for r in rs if r["p_value"] is not None]
-        out.append({**rs[0], "detector": "scan", "flagged": v.targets, "backdoored": v.backdoored,
-                    "p_value": min(1.0, min(ps) * len(rs)) if ps else None,
-                    "seconds": sum(r["seconds"] for r in rs), "passes": sum(r["passes"] for r in rs)})
+    for have in by_model.values():
+        for name, dets in SCANS.items():
+            if not all(d in have for d in dets):
+                continue
+            rs = [have[d] for d in dets]
+            res = {r["detector"]: SimpleNamespace(detection=SimpleNamespace(
+                flagged=r["flagged"], p_value=r["p_value"], backdoored=r["backdoored"])) for r in rs}
+            v = verdict(res, ALPHA)
+            ps = [r["p_value"] for r in rs if r["p_value"] is not None]
+            # ROC score: the Bonferroni-adjusted p-value; a flag by a detector without one counts
+            # as p = 0 (it overrides the p-values, as in the verdict)
+            ruled = any(r["backdoored"] for r in rs if r["p_value"] is None)
+            p = 0.0 if ruled else (min(1.0, min(ps) * len(ps)) if ps else None)
+            out.append({**rs[0], "detector": name, "flagged": v.targets, "backdoored": v.backdoored,
+                        "p_value": p, "statistic": None, "statistic_name": None,
+                        "seconds": sum(r["seconds"] for r in rs), "passes": sum(r["passes"] for r in rs)})
     return out
 
 
@@ -173,15 +186,22 @@ def right(r: dict) -> bool:
 
 
 def score(r: dict) -> float:
+    """ROC score: -log10 p, or a detector's own statistic where it has no p-value (ABS: REASR)."""
+    if r["p_value"] is None and r.get("statistic") is not None:
+        return float(r["statistic"])
     p = r["p_value"]
     return -math.log10(max(p, 1e-300)) if p is not None else (1.0 if r["backdoored"] else 0.0)
+
+
+def order(det: str) -> tuple:
+    return (det.startswith("scan"), det)
 
 
 def summary(rows: list[dict]) -> list[dict]:
     from sklearn.metrics import roc_auc_score
 
     out = []
-    for det in sorted({r["detector"] for r in rows}, key=lambda d: (d == "scan", d)):
+    for det in sorted({r["detector"] for r in rows}, key=order):
         rs = [r for r in rows if r["detector"] == det and kind(r) in ("clean", "backdoored")]
         clean = [r for r in rs if kind(r) == "clean"]
         bd = [r for r in rs if kind(r) == "backdoored"]
@@ -206,7 +226,7 @@ def roc_figure(rows: list[dict], path: Path) -> None:
     from sklearn.metrics import roc_curve
 
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
-    for det in sorted({r["detector"] for r in rows}, key=lambda d: (d == "scan", d)):
+    for det in sorted({r["detector"] for r in rows}, key=order):
         rs = [r for r in rows if r["detector"] == det and kind(r) in ("clean", "backdoored")]
         y = [int(kind(r) == "backdoored") for r in rs]
         if len(set(y)) < 2:
@@ -216,7 +236,7 @@ def roc_figure(rows: list[dict], path: Path) -> None:
     ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
     ax.set_xlabel("false-alarm rate (clean models)")
     ax.set_ylabel("detection rate (backdoored models)")
-    ax.set_title("model zoo: ROC of −log10 p")
+    ax.set_title("model zoo: ROC of −log10 p (abs: REASR)")
     ax.legend(loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,8 +258,9 @@ def markdown(rows: list[dict], summ: list[dict]) -> str:
     lines = [BEGIN, "", f"{n_models} zoo models and {n_csaw} "
              "CSAW BadNets; each detector at its defaults, on the attack's clean validation split "
              f"(the defender's data). A model is backdoored when its attack implanted (test ASR ≥ "
-             f"{100 * IMPLANTED:.0f} %). Verdicts at α = {ALPHA:g} (scan: Bonferroni over the two "
-             "detectors, 0.025 each).", "",
+             f"{100 * IMPLANTED:.0f} %). Verdicts at α = {ALPHA:g}; scan: `backdoorlab scan`'s "
+             "default set, Bonferroni over mm-bd and neural-cleanse (0.025 each); abs: REASR ≥ 0.8 "
+             "(no p-value); scan + abs: also backdoored when abs flags a label.", "",
              "| detector | false flags on clean models | backdoored models flagged | right target "
              "(single-target) | right target (all) | AUROC | median s / model | median image passes |",
              "|---|---|---|---|---|---|---|---|"]
@@ -250,9 +271,9 @@ def markdown(rows: list[dict], summ: list[dict]) -> str:
                      f"| {pct(s['right'], s['backdoored'])} | {auc} "
                      f"| {s['median_s']:.1f} | {s['median_passes']:,.0f} |")
     lines += ["", "Per setting and attack (models flagged / models; the right target in brackets; "
-              "median p-value):", "",
-              "| setting | attack | targets | models | median ASR | mm-bd | neural-cleanse | scan |",
-              "|---|---|---|---|---|---|---|---|"]
+              "median p-value; abs: median REASR):", "",
+              "| setting | attack | targets | models | median ASR | " + " | ".join(COLUMNS) + " |",
+              "|---|---|---|---|---|" + "---|" * len(COLUMNS)]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["setting"] != "csaw":
@@ -261,7 +282,7 @@ def markdown(rows: list[dict], summ: list[dict]) -> str:
         one = [r for r in rs if r["detector"] == rs[0]["detector"]]
         asr = [r["asr"] for r in one if r["asr"] is not None]
         cells = []
-        for det in ("mm-bd", "neural-cleanse", "scan"):
+        for det in COLUMNS:
             d = [r for r in rs if r["detector"] == det]
             if not d:
                 cells.append("—")
@@ -270,7 +291,10 @@ def markdown(rows: list[dict], summ: list[dict]) -> str:
             txt = f"{sum(r['backdoored'] for r in d)}/{len(d)}"
             if d[0]["targets"]:
                 txt += f" [{sum(r['backdoored'] and right(r) for r in d)}]"
-            if ps:
+            stats_ = [r["statistic"] for r in d if r.get("statistic") is not None]
+            if det == "abs" and stats_:
+                txt += f", REASR {statistics.median(stats_):.2f}"
+            elif ps and det != "scan + abs":
                 txt += f", p {pfmt(statistics.median(ps))}"
             cells.append(txt)
         tg = ", ".join(map(str, one[0]["targets"] or [])) or "—"
@@ -281,7 +305,7 @@ def markdown(rows: list[dict], summ: list[dict]) -> str:
     csaw = [r for r in rows if r["setting"] == "csaw" and r["detector"] == "mm-bd"]
     if csaw:
         lines += ["", "CSAW-HackML BadNets (mm-bd from the weights alone; no face data here, so Neural "
-                  "Cleanse cannot run):", "",
+                  "Cleanse and ABS cannot run):", "",
                   "| model | known target | p-value | flagged | s | image passes |",
                   "|---|---|---|---|---|---|"]
         for r in csaw:

@@ -18,7 +18,7 @@ import torch
 TOP = "_backdoorlab_top"  # attribute set on a Classifier's network
 
 
-@dataclass
+@dataclass(eq=False)
 class Passes:
     images: int = 0
 
@@ -63,7 +63,7 @@ def counting() -> Iterator[Passes]:
     try:
         yield c
     finally:
-        _active.remove(c)
+        _active.remove(c)  # by identity (eq=False): equal counts are different blocks
         if not _active:
             for h in _handles:
                 h.remove()

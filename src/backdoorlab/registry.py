@@ -48,10 +48,12 @@ class Method:
     needs: tuple[str, ...]   # keys of NEEDS
     summary: str             # one line for `list` and --help
     paper_setting: str = ""  # the schedule and data of the paper's own experiments, for comparison
+    in_scan: bool = True     # model detectors: run by `scan` unless --detector names others
 
     def describe(self) -> dict:
         return {"name": self.name, "family": self.family, "summary": self.summary, "paper": self.paper,
                 "paper_setting": self.paper_setting, "needs": list(self.needs),
+                **({"in_scan": self.in_scan} if self.family == "model-detector" else {}),
                 "options": describe(self.options)}
 
 
@@ -60,9 +62,11 @@ _loaded: set[str] = set()
 
 
 def register(name: str, family: str, options: type, paper: str, summary: str,
-             needs: tuple[str, ...] = ("clean",), paper_setting: str = "") -> Callable[[Callable], Callable]:
+             needs: tuple[str, ...] = ("clean",), paper_setting: str = "",
+             in_scan: bool = True) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn`` as method ``name`` of ``family``. ``paper_setting``: the
-    schedule and defender data of the paper's experiments (shown next to our defaults)."""
+    schedule and defender data of the paper's experiments (shown next to our defaults).
+    ``in_scan`` (model detectors): part of `scan`'s default set."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}")
     bad = set(needs) - set(NEEDS)
@@ -72,7 +76,8 @@ def register(name: str, family: str, options: type, paper: str, summary: str,
     def deco(fn: Callable) -> Callable:
         if name in _METHODS and _METHODS[name].run is not fn:
             raise ValueError(f"method {name!r} registered twice")
-        _METHODS[name] = Method(name, family, options, fn, paper, tuple(needs), summary, paper_setting)
+        _METHODS[name] = Method(name, family, options, fn, paper, tuple(needs), summary, paper_setting,
+                                in_scan)
         return fn
 
     return deco

@@ -1,9 +1,12 @@
-"""`backdoorlab scan MODEL [--clean DATA]`: every registered model detector whose data needs are met,
-at its defaults, and one verdict.
+"""`backdoorlab scan MODEL [--clean DATA]`: the model detectors of the default set (those with a
+model-level p-value: MM-BD, Neural Cleanse) whose data needs are met, at their defaults, and one
+verdict. ``--detector NAME`` (repeatable) chooses others, e.g. ``abs``, which has no p-value and
+is therefore left out of the default set.
 
 The rule (stated in the output, `backdoorlab.detectors.verdict`): the model is reported backdoored
 when at least one detector's model-level p-value is below 0.05 divided by the number of detectors
-run (Bonferroni: at most 5 % false alarms on backdoor-free models when the p-values are valid);
+with a p-value run (Bonferroni: at most 5 % false alarms on backdoor-free models when the p-values
+are valid), or when a detector without a p-value says so by its own rule;
 the suspected target is the label most of those detectors flag (ties: the first detector's, in
 registry order). Each detector's own verdict is printed beside it with its statistic, so a user
 sees which method says what. Data-free detectors (MM-BD) run without ``--clean``; detectors that
@@ -34,7 +37,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from backdoorlab.evaluation import check_compatible
     from backdoorlab.io import atomic_dir, write_json
 
-    wanted = args.detector or [m.name for m in registry.methods("model-detector")]
+    wanted = args.detector or [m.name for m in registry.methods("model-detector") if m.in_scan]
     methods = [registry.get(n, "model-detector") for n in wanted]  # unknown names: exit 2 here
     clean = load_data(args.clean, args, default_split="train") if args.clean else None
     clf = load_model_from_args(args, clean if clean is not None and clean.labeled else None)
@@ -97,16 +100,24 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("scan", help="is a model backdoored? every model detector that fits the data "
+    from backdoorlab import registry
+
+    default = [m.name for m in registry.methods("model-detector") if m.in_scan]
+    others = [m.name for m in registry.methods("model-detector") if not m.in_scan]
+    p = sub.add_parser("scan", help="is a model backdoored? the model detectors that fit the data "
                        "given, one verdict",
-                       description="Run every registered model detector whose data needs are met "
-                       "(data-free ones without --clean) at its defaults and print one verdict, the "
-                       "suspected target label(s) and which detector says what.")
+                       description="Run the default model detectors whose data needs are met "
+                       "(data-free ones without --clean) at their defaults and print one verdict, "
+                       "the suspected target label(s) and which detector says what. Default set: "
+                       f"{', '.join(default)} (each gives a model-level p-value)"
+                       + (f"; also available with --detector: {', '.join(others)}" if others else "")
+                       + ".")
     p.add_argument("model", metavar="MODEL", help=".safetensors model or Keras .h5")
     p.add_argument("--clean", metavar="DATA", help="clean data the defender holds (optional: without "
                    "it only data-free detectors run)")
     p.add_argument("--detector", action="append", metavar="NAME",
-                   help="run only this detector (repeatable; default: all; see 'backdoorlab list')")
+                   help="run this detector instead of the default set (repeatable; see "
+                   "'backdoorlab list')")
     p.add_argument("--target", action="append", type=LABEL, metavar="LABEL",
                    help="the attack's target, if known (only scores the answer; repeatable)")
     add_out_option(p)

@@ -87,11 +87,12 @@ def detect(name: str, clf: Classifier, clean: ImageSet, options: Any = None,
 
 @dataclass
 class Verdict:
-    """`scan`'s one answer from several detectors. ``backdoored`` when at least one detector is
-    significant at ``alpha / len(detectors)`` (Bonferroni, so a backdoor-free model is reported
-    backdoored with probability at most ``alpha`` when each detector's p-value is valid); a detector
-    without a p-value counts by its own verdict. ``targets``: the labels the significant detectors
-    flag, most votes first (ties: the first detector's order). ``significant``: detector names."""
+    """`scan`'s one answer from several detectors. ``backdoored`` when at least one detector with a
+    p-value is significant at ``alpha / m`` (m = the number of detectors with a p-value;
+    Bonferroni, so a backdoor-free model is reported backdoored by them with probability at most
+    ``alpha`` when each p-value is valid), or a detector without a p-value (ABS) says so by its own
+    rule, which carries no such bound. ``targets``: the labels the significant detectors flag, most
+    votes first (ties: the first detector's order). ``significant``: detector names."""
 
     backdoored: bool
     targets: list[int]
@@ -108,7 +109,9 @@ def verdict(results: dict[str, DetectResult], alpha: float = 0.05) -> Verdict:
     """Combine detector name → `DetectResult` into one `Verdict` (see there for the rule)."""
     from collections import Counter
 
-    level = alpha / max(1, len(results))
+    tested = [name for name, r in results.items() if r.detection.p_value is not None]
+    ruled = [name for name in results if name not in tested]
+    level = alpha / max(1, len(tested))
     significant = [name for name, r in results.items()
                    if (r.detection.p_value < level if r.detection.p_value is not None
                        else r.detection.backdoored)]
@@ -120,6 +123,10 @@ def verdict(results: dict[str, DetectResult], alpha: float = 0.05) -> Verdict:
             first.setdefault(y, i * 100_000 + rank)
     targets = sorted(votes, key=lambda y: (-votes[y], first[y]))
     rule = (f"backdoored when a detector's model-level p-value is below {alpha:g} / "
-            f"{max(1, len(results))} detector(s) = {level:.3g} (Bonferroni: at most {alpha:.0%} false "
-            "alarms on backdoor-free models); the target is the label most significant detectors flag")
+            f"{max(1, len(tested))} detector(s) with a p-value = {level:.3g} (Bonferroni: at most "
+            f"{alpha:.0%} false alarms on backdoor-free models)")
+    if ruled:
+        rule += (f", or when {', '.join(ruled)} (no p-value) flags a label by its own rule (no "
+                 "false-alarm bound)")
+    rule += "; the target is the label most significant detectors flag"
     return Verdict(bool(significant), targets, alpha, level, significant, rule)

@@ -1,0 +1,145 @@
+"""ABS (neuron stimulation + trigger reverse-engineering): the digits BadNet's target is flagged
+with a trigger inside the bound, the seed sample covers the labels, candidates are one per label,
+the stimulation finds a planted neuron in a hand-built network, bad input exits 2, and `scan`
+runs ABS only when asked."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from backdoorlab.cli import main
+from backdoorlab.detectors import detect
+from backdoorlab.detectors import neuron_stimulation as ns
+from backdoorlab.errors import BadInput
+from backdoorlab.models.classifier import Classifier
+from backdoorlab.models.spec import InputSpec
+from backdoorlab.models.staged import StagedNet
+
+TARGET = 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_flags_the_badnet_target_with_a_bounded_trigger(digits_badnet):
+    clf, art, _ = digits_badnet
+    before = {k: v.clone() for k, v in clf.net.state_dict().items()}
+    res = detect("abs", clf, art["valid"], targets=[TARGET])
+    det = res.detection
+    assert det.backdoored and det.flagged[0] == TARGET and res.right_target
+    assert det.p_value is None and det.statistic == det.scores[TARGET] >= 0.8
+    mask, pattern = det.triggers[TARGET]
+    h, w, c = clf.spec.shape
+    assert mask.shape == (h, w) and pattern.shape == (h, w, c)
+    bound = ns.bound_pixels(0.06, h, w)
+    assert int((mask > 0).sum()) <= bound == det.details["bound_pixels"]
+    cand = [x for x in det.details["candidates"] if x["label"] == TARGET][0]
+    assert cand["share"] >= ns.CONSISTENT and cand["eval_images"] > 0
+    # the REASR is what the returned trigger does on the clean images that were not seeds
+    valid = art["valid"]
+    _, rest = ns._split(valid.labels, 50, 0)
+    others = rest[valid.labels[rest] != TARGET]
+    assert len(rest) <= 500 and cand["eval_images"] == len(others)
+    assert ns.reasr(clf, valid.images[others], mask, pattern, TARGET) == cand["reasr"]
+    assert all(torch.equal(before[k], v) for k, v in clf.net.state_dict().items())  # model untouched
+    assert res.passes == sum(det.details["passes"].values()) + sum(  # stimulation + reversal + REASR
+        x["eval_images"] for x in det.details["candidates"])
+
+
+def test_seed_sample_spreads_over_labels():
+    labels = np.repeat(np.arange(10), [50, 3, 3, 3, 3, 3, 3, 3, 3, 1])
+    seeds, rest = ns._split(labels, 12, seed=0)
+    assert len(seeds) == 12 and len(np.intersect1d(seeds, rest)) == 0
+    assert len(seeds) + len(rest) == len(labels)
+    assert set(labels[seeds]) == set(range(10))  # every label before any label twice
+    assert np.array_equal(seeds, ns._split(labels, 12, seed=0)[0])  # seeded
+    assert not np.array_equal(seeds, ns._split(labels, 12, seed=1)[0])
+
+
+def test_candidates_one_per_label_best_first():
+    table = [{"neuron": 0, "label": 3, "share": 1.0, "score": 5.0},
+             {"neuron": 1, "label": 3, "share": 1.0, "score": 9.0},
+             {"neuron": 2, "label": 4, "share": 0.5, "score": 50.0},   # not consistent
+             {"neuron": 3, "label": 5, "share": 0.95, "score": 7.0},
+             {"neuron": 4, "label": 6, "share": 1.0, "score": 0.0}]    # never elevates alone
+    got = ns.pick_candidates({"table": table}, 10)
+    assert [(c["neuron"], c["label"]) for c in got] == [(1, 3), (3, 5)]
+    assert [c["neuron"] for c in ns.pick_candidates({"table": table}, 1)] == [1]
+
+
+def _planted(num_classes: int = 4) -> Classifier:
+    """A 2-stage network: stage ``feat`` has 4 channels, channel 2 copies the image's mean into a
+    big weight towards label 3; the head reads the spatial mean of each channel."""
+    conv = nn.Conv2d(1, 4, 1)
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, 0.5, 0.2, -0.3]).view(4, 1, 1, 1))
+        conv.bias.zero_()
+        w = torch.zeros(num_classes, 4)
+        w[0, 0], w[1, 1], w[2, 3] = 1.0, 1.0, 1.0
+        w[3, 2] = 10.0  # stimulating channel 2 sends everything to label 3
+        head[2].weight.copy_(w)
+        head[2].bias.zero_()
+    net = StagedNet([("feat", nn.Sequential(conv, nn.ReLU())), ("head", head)],
+                    prune_layer="feat", prune_point="feat")
+    return Classifier(net, InputSpec(8, 8, 1, "unit"), num_classes, "planted")
+
+
+def test_stimulation_finds_the_planted_neuron():
+    clf = _planted()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 8, 8, 1), dtype=np.uint8)
+    labels = np.arange(12) % 3  # no image of label 3
+    stim = ns.stimulation(clf, "feat", images, labels, ns.Options())
+    table = {r["neuron"]: r for r in stim["table"]}
+    assert stim["neurons"] == 4 and table[2]["label"] == 3 and table[2]["share"] == 1.0
+    best = ns.pick_candidates(stim, 1)[0]
+    assert best["neuron"] == 2 and best["label"] == 3
+    assert stim["values"][0] == 0.0 and stim["values"][2] == pytest.approx(stim["amax"])
+
+
+def test_bad_input():
+    clf = _planted()
+    rng = np.random.default_rng(0)
+    from backdoorlab.data.imageset import ImageSet
+
+    data = ImageSet(rng.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8), np.arange(20) % 4, 4)
+    with pytest.raises(BadInput, match="not a stage"):
+        detect("abs", clf, data, {"layer": "nope"})
+    with pytest.raises(BadInput, match="all seeds"):
+        detect("abs", clf, data, {"images": 20})
+    with pytest.raises(BadInput, match="labelled clean images"):
+        detect("abs", clf, None)
+    with pytest.raises(BadInput, match="max_size"):
+        detect("abs", clf, data, {"max_size": 0})
+
+
+def test_scan_runs_abs_only_when_asked(digits_badnet, tmp_path, capsys):
+    from backdoorlab import registry
+    from backdoorlab.data.csaw import write_csaw_h5
+    from backdoorlab.models import save_model
+
+    default = [m.name for m in registry.methods("model-detector") if m.in_scan]
+    assert "abs" not in default and {"mm-bd", "neural-cleanse"} <= set(default)
+    clf, art, _ = digits_badnet
+    model = str(save_model(clf, tmp_path / "m.safetensors"))
+    clean = tmp_path / "clean.h5"
+    write_csaw_h5(art["valid"], clean)
+    out = tmp_path / "scan"
+    assert main(["scan", model, "--clean", str(clean), "--detector", "abs", "--detector", "mm-bd",
+                 "--target", str(TARGET), "--out", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc["detectors"]) == {"abs", "mm-bd"} and doc["level"] == 0.05  # only mm-bd has a p
+    assert doc["backdoored"] and doc["targets"][0] == TARGET and "abs" in doc["significant"]
+    assert "abs (no p-value)" in doc["rule"]
+    assert (out / "triggers-abs.npz").is_file()
