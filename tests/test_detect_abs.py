@@ -116,8 +116,8 @@ def test_bad_input():
     data = ImageSet(rng.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8), np.arange(20) % 4, 4)
     with pytest.raises(BadInput, match="not a stage"):
         detect("abs", clf, data, {"layer": "nope"})
-    with pytest.raises(BadInput, match="all seeds"):
-        detect("abs", clf, data, {"images": 20})
+    few = detect("abs", clf, data, {"images": 50, "candidates": 1, "steps": 2}).detection
+    assert few.details["seed_images"] == 10 and "10 seeds (not 50)" in few.notes[0]
     with pytest.raises(BadInput, match="labelled clean images"):
         detect("abs", clf, None)
     with pytest.raises(BadInput, match="max_size"):

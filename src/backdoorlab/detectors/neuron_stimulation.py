@@ -78,7 +78,8 @@ STATISTIC_NAME = "largest REASR (share of clean images its reversed small trigge
 class Options:
     layer: str = opt("", "stage whose output channels are the neurons stimulated (default: the "
                      "model's pruning point, e.g. pool_3)")
-    images: int = opt(50, "seed images: a seeded sample of the clean data, spread over the labels",
+    images: int = opt(50, "seed images: a seeded sample of the clean data, spread over the labels "
+                      "(at most half of it)",
                       low=2, high=100_000)
     levels: int = opt(6, "stimulation values per neuron: 0 and a x 1/2, 1, 2, 4, ... (a = the "
                       "layer's largest seed activation)", low=2, high=32)
@@ -113,10 +114,8 @@ def run(clf, clean, o: Options) -> Detection:
     if clean is None or clean.labels is None or len(clean) < 3:
         raise BadInput("abs needs labelled clean images (at least 3)")
     layer = _layer(clf, o.layer)
-    seeds, rest = _split(clean.labels, o.images, o.seed)
-    if len(rest) == 0:
-        raise BadInput(f"abs: the {len(clean)} clean images are all seeds; give more images or "
-                       f"a smaller --option images=")
+    n_seeds = min(o.images, len(clean) // 2)  # the rest measures REASR
+    seeds, rest = _split(clean.labels, n_seeds, o.seed)
     stim = stimulation(clf, layer, clean.images[seeds], clean.labels[seeds], o)
     cands = pick_candidates(stim, o.candidates)
     rng = np.random.default_rng([o.seed, 2])
@@ -148,6 +147,9 @@ def run(clf, clean, o: Options) -> Detection:
                "reasr_threshold": o.reasr, "rule": f"REASR >= {o.reasr:g}",
                "passes": {"stimulation": stim["passes"], "reverse": reverse_passes}}
     notes = []
+    if n_seeds < o.images:
+        notes.append(f"{len(clean)} clean images: {n_seeds} seeds (not {o.images}), the other "
+                     f"{len(rest)} measure REASR")
     if not cands:
         notes.append(f"no neuron elevated one label on {CONSISTENT:.0%} of the seed images")
     return Detection({int(k): float(v) for k, v in scores.items()}, flagged, bool(flagged),
