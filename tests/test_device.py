@@ -234,7 +234,16 @@ def _clp(clf, art, test) -> dict:
             "predictions": model.predict(test.images)}
 
 
-FAMILIES = {"mm-bd": _mm_bd, "strip": _strip, "spectral": _spectral, "anp": _anp, "clp": _clp}
+def _abs(clf, art, test) -> dict:
+    from backdoorlab.detectors import detect
+
+    det = detect("abs", clf, art["valid"], {"candidates": 3, "steps": 30}).detection
+    c = det.details["candidates"]
+    return {"neurons": np.array([x["neuron"] for x in c]), "labels": np.array([x["label"] for x in c]),
+            "stimulation": np.array([x["score"] for x in c]), "reasr": np.array([x["reasr"] for x in c])}
+
+
+FAMILIES = {"abs": _abs, "mm-bd": _mm_bd, "strip": _strip, "spectral": _spectral, "anp": _anp, "clp": _clp}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -257,7 +266,11 @@ def test_each_family_runs_under_bf16_autocast_on_the_cpu(digits_badnet, family):
     clf, art, test = digits_badnet
     run = FAMILIES[family]
     a, b = run(clf, art, test), run(clf.copy().to(None, "bf16"), art, test)
-    if family == "mm-bd":
+    if family == "abs":  # the first candidate the same, scores within 5 %, its REASR within 5 points
+        assert a["labels"][0] == b["labels"][0]
+        assert np.abs(a["stimulation"] - b["stimulation"]).max() <= 0.05 * a["stimulation"].max()
+        assert abs(a["reasr"][0] - b["reasr"][0]) <= 0.05
+    elif family == "mm-bd":
         assert np.argmax(a["margins"]) == np.argmax(b["margins"])
         assert np.abs(a["margins"] - b["margins"]).max() <= 0.05 * np.abs(a["margins"]).max()
     elif family == "strip":
@@ -297,6 +310,18 @@ def test_gpu_mm_bd_matches_cpu(digits_badnet):
     # within 5 % of the largest margin
     assert np.argmax(cpu["margins"]) == np.argmax(gpu_["margins"])
     assert np.abs(cpu["margins"] - gpu_["margins"]).max() <= 0.05 * np.abs(cpu["margins"]).max()
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_abs_matches_cpu(digits_badnet):
+    cpu, gpu_ = _on_cpu_and_cuda("abs", digits_badnet)
+    # stimulation is inference only: the same candidate neurons and labels, scores within 0.1 %;
+    # the 30-step reversal of the first (the target's) neuron within 5 points of REASR
+    np.testing.assert_array_equal(cpu["neurons"], gpu_["neurons"])
+    np.testing.assert_array_equal(cpu["labels"], gpu_["labels"])
+    np.testing.assert_allclose(gpu_["stimulation"], cpu["stimulation"], rtol=1e-3)
+    assert abs(cpu["reasr"][0] - gpu_["reasr"][0]) <= 0.05
 
 
 @pytest.mark.gpu
