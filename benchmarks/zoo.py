@@ -55,7 +55,7 @@ CSAW = {"sunglasses": ("sunglasses_bd_weights.h5", "unit", [0]),
         "anonymous_2": ("anonymous_2_bd_weights.h5", "unit", None),
         "multi_trigger": ("multi_trigger_multi_target_bd_weights.h5", "unit", None),
         "lab3": ("lab3_bd_weights.h5", "raw", None)}
-COLUMNS = ("mm-bd", "neural-cleanse", "abs", "scan", "scan + abs")
+COLUMNS = ("mm-bd", "neural-cleanse", "abs", "abs-release", "scan", "scan + abs")
 IMPLANTED = 0.5  # test ASR at which an attack counts as implanted
 ALPHA = 0.05
 
@@ -93,7 +93,7 @@ def zoo_rows(out: Path, settings: list[str]) -> list[dict]:
             detail = json.loads((out / name / "cells" / c["dir"] / "results.json").read_text())
             rows.append({"setting": name, "attack": c["attack"] if "attack" in c else c["cell"]["attack"],
                          "seed": c["cell"]["seed"], "model": f"{name}/{parent['dir']}",
-                         "detector": c["cell"]["spec"]["method"],
+                         "detector": c["cell"].get("defense") or c["cell"]["spec"]["method"],
                          "targets": [targets] if isinstance(targets, int) else targets,
                          "asr": parent.get("asr"), "accuracy": parent.get("accuracy"),
                          "flagged": detail["flagged"], "backdoored": detail["backdoored"],
@@ -260,7 +260,9 @@ def markdown(rows: list[dict], summ: list[dict]) -> str:
              f"(the defender's data). A model is backdoored when its attack implanted (test ASR ≥ "
              f"{100 * IMPLANTED:.0f} %). Verdicts at α = {ALPHA:g}; scan: `backdoorlab scan`'s "
              "default set, Bonferroni over mm-bd and neural-cleanse (0.025 each); abs: REASR ≥ 0.8 "
-             "(no p-value); scan + abs: also backdoored when abs flags a label.", "",
+             "(no p-value) with the paper's neuron-only trigger objective, abs-release: the same "
+             "with the label's cross-entropy added as in the authors' TrojAI scanner "
+             "(`--logit-weight 1`); scan + abs: also backdoored when abs flags a label.", "",
              "| detector | false flags on clean models | backdoored models flagged | right target "
              "(single-target) | right target (all) | AUROC | median s / model | median image passes |",
              "|---|---|---|---|---|---|---|---|"]
@@ -292,7 +294,7 @@ def markdown(rows: list[dict], summ: list[dict]) -> str:
             if d[0]["targets"]:
                 txt += f" [{sum(r['backdoored'] and right(r) for r in d)}]"
             stats_ = [r["statistic"] for r in d if r.get("statistic") is not None]
-            if det == "abs" and stats_:
+            if det.startswith("abs") and stats_:
                 txt += f", REASR {statistics.median(stats_):.2f}"
             elif ps and det != "scan + abs":
                 txt += f", p {pfmt(statistics.median(ps))}"
