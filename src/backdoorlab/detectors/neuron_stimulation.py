@@ -59,14 +59,16 @@ label (mask H x W, pattern H x W x C), like Neural Cleanse's.
 ABS has no null distribution and so no p-value: `scan` counts it by its own verdict (see
 `backdoorlab.detectors.verdict`), and its false-flag rate is what the zoo's clean models show.
 
-The two objectives on the zoo (docs/detection.md, 2026-12-07): on GTSRB (gtsrb_cnn at pool_3) the
-paper's objective gave the clean model a largest REASR of 0.002 and the blend and FTrojan models
-0.99 and 1.00 at their targets, while with the label's cross-entropy (``logit_weight=1``) the
-clean models reached 0.92-0.94 on several labels (a 61-pixel patch is a universal adversarial
-patch for a 32x32 traffic-sign network). On the digits (small_cnn at pool_2) it is the other way:
-the BadNets trigger is spread over several channels of a 32-channel layer, the paper's single-
-neuron triggers flip no image (REASR 0.01), and ``logit_weight=1`` finds the 4x4 trigger (REASR
-0.96-1.00, clean models at most 0.75). The default is the paper's.
+The two objectives, measured 2026-12-07 by hand (`backdoorlab detect abs`, defaults otherwise;
+docs/detection.md). GTSRB (gtsrb_cnn at pool_3): the paper's objective gave a clean model a largest
+REASR of 0.16 and the blend and FTrojan models 1.00 at their targets (2, 8), but missed a 4x4 BadNets
+(its target was no candidate); with the label's cross-entropy (``logit_weight=1``, mask as a
+penalty) two clean models reached 0.92-0.94 on several labels: a 61-pixel patch is a universal
+adversarial patch for a 32x32 traffic-sign network. Digits (small_cnn at pool_2, 5 clean and 5
+BadNets models of the zoo): the paper's objective flagged no clean model (largest REASR 0.01-0.21)
+and 2 of the 5 BadNets (0.96, 0.87; the others 0.35-0.47: their trigger is spread over several of
+the layer's 32 channels), ``logit_weight=1`` all 5 BadNets (1.00) and one clean model (label 4,
+0.82). The default is the paper's.
 
 Where we differ from the paper and its released code: the seed images are a sample of the
 defender's clean data (``images`` = 50) rather than exactly one per label; the stimulation values
@@ -308,7 +310,7 @@ def reverse_trigger(clf, layer: str, images, neuron: int, label: int, amax: floa
     net, spec = clf.net, clf.spec
     h, w, ch = spec.shape
     bound = bound_pixels(o.max_size, h, w)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # CPU-only: the same starting pattern on every device
     if o.bound_by == "budget":  # mask = min(1, bound x softmax(a)): its sum never exceeds the bound
         mask_p = torch.zeros((h, w), device=clf.device, requires_grad=True)  # uniform start
     else:  # the paper's penalty; every pixel starts at the bound spread evenly over the image
