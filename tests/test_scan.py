@@ -32,6 +32,10 @@ def test_verdict_is_bonferroni_over_the_detectors_run():
     # a detector without a p-value counts by its own verdict
     assert verdict({"a": _res([6], None), "b": _res([], 0.9)}).targets == [6]
     assert not verdict({"a": _res([], None, False)}).backdoored
+    # ... and is not part of the Bonferroni divisor: p = 0.03 beside it is tested at 0.05
+    mixed = verdict({"a": _res([], None, False), "b": _res([4], 0.03)})
+    assert mixed.level == 0.05 and mixed.significant == ["b"] and mixed.targets == [4]
+    assert "a (no p-value)" in mixed.rule
 
 
 def test_scan_refuses_before_any_work(tmp_path, capsys, digits_badnet):
