@@ -140,3 +140,29 @@ def test_the_family_options_defaults_are_part_of_the_key():
     defaults = {k: kw["default"] for k, kw in INPUT_DETECT_OPTIONS.items()}
     assert key() == key(**defaults) == key(far=defaults["far"])
     assert key(far=0.01) != key() and key(calibration=0.3) != key()
+
+
+def test_a_method_revision_changes_only_that_methods_keys(monkeypatch):
+    """Raising a method's ``revision`` (its code now computes something else at the same options)
+    gives its cells new keys and leaves every other cell's key as it was; revision 0 adds nothing
+    to the key, so caches made before revisions existed stay valid."""
+    import dataclasses
+
+    from backdoorlab import registry
+    from backdoorlab.experiment.cells import plan_cells
+    from backdoorlab.experiment.config import parse_experiment
+
+    def keys() -> dict:
+        exp = parse_experiment({"data": {"source": "digits"}, "model": {"arch": "small_cnn"},
+                                "attack": [{"name": "a", "trigger": "patch", "target": 0}],
+                                "defense": [{"kind": "mm-bd"}, {"kind": "fine-prune"}]}, "x.toml")
+        return {c.label: c.key for c in plan_cells(exp)}
+
+    before = keys()
+    assert registry.get("mm-bd").revision == 0
+    bumped = dataclasses.replace(registry.get("mm-bd"), revision=1)
+    monkeypatch.setitem(registry._METHODS, "mm-bd", bumped)
+    after = keys()
+    assert after["a-mm-bd-s0"] != before["a-mm-bd-s0"]
+    assert {k: v for k, v in after.items() if k != "a-mm-bd-s0"} == \
+        {k: v for k, v in before.items() if k != "a-mm-bd-s0"}

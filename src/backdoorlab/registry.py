@@ -49,6 +49,7 @@ class Method:
     summary: str             # one line for `list` and --help
     paper_setting: str = ""  # the schedule and data of the paper's own experiments, for comparison
     in_scan: bool = True     # model detectors: run by `scan` unless --detector names others
+    revision: int = 0        # bumped when what the method computes changes without an option
 
     def describe(self) -> dict:
         return {"name": self.name, "family": self.family, "summary": self.summary, "paper": self.paper,
@@ -63,10 +64,12 @@ _loaded: set[str] = set()
 
 def register(name: str, family: str, options: type, paper: str, summary: str,
              needs: tuple[str, ...] = ("clean",), paper_setting: str = "",
-             in_scan: bool = True) -> Callable[[Callable], Callable]:
+             in_scan: bool = True, revision: int = 0) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn`` as method ``name`` of ``family``. ``paper_setting``: the
     schedule and defender data of the paper's experiments (shown next to our defaults).
-    ``in_scan`` (model detectors): part of `scan`'s default set."""
+    ``in_scan`` (model detectors): part of `scan`'s default set. ``revision``: raise it when a change
+    of the code alters what the method computes at the same options; `run` grids then compute its
+    cells again (cells of revision 0 keep the keys they had before revisions existed)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}")
     bad = set(needs) - set(NEEDS)
@@ -77,7 +80,7 @@ def register(name: str, family: str, options: type, paper: str, summary: str,
         if name in _METHODS and _METHODS[name].run is not fn:
             raise ValueError(f"method {name!r} registered twice")
         _METHODS[name] = Method(name, family, options, fn, paper, tuple(needs), summary, paper_setting,
-                                in_scan)
+                                in_scan, revision)
         return fn
 
     return deco

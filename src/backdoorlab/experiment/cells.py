@@ -165,6 +165,9 @@ def plan_cells(exp: Experiment) -> list[Cell]:
                 # keyed on every option's value, defaults included: a method whose default changes
                 # in a new release is computed again, and spelling out a default changes nothing
                 keyed = {**dspec, "options": resolved_options(d.method, d.options)}
+                revision = registry.get(d.method).revision
+                if revision:  # a method whose code changed what it computes (registry.register)
+                    keyed["revision"] = revision
                 fam_defaults = {k: kw.get("default") for k, kw in family_options(family).items()}
                 if fam_defaults:  # the family's own options (an input detector's far), defaults too
                     keyed["family_options"] = {**fam_defaults, **d.family_options}
