@@ -33,11 +33,11 @@ from backdoorlab.errors import BadInput
 def cmd_scan(args: argparse.Namespace) -> int:
     check_out(args, "scan")
     from backdoorlab import registry
-    from backdoorlab.detectors import detect, verdict
+    from backdoorlab.detectors import detect, scan_set, verdict
     from backdoorlab.evaluation import check_compatible
     from backdoorlab.io import atomic_dir, write_json
 
-    wanted = args.detector or [m.name for m in registry.methods("model-detector") if m.in_scan]
+    wanted = args.detector or scan_set()[0]
     methods = [registry.get(n, "model-detector") for n in wanted]  # unknown names: exit 2 here
     clean = load_data(args.clean, args, default_split="train") if args.clean else None
     clf = load_model_from_args(args, clean if clean is not None and clean.labeled else None)
@@ -100,10 +100,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from backdoorlab import registry
+    from backdoorlab.detectors import scan_set
 
-    default = [m.name for m in registry.methods("model-detector") if m.in_scan]
-    others = [m.name for m in registry.methods("model-detector") if not m.in_scan]
+    default, others = scan_set()
     p = sub.add_parser("scan", help="is a model backdoored? the model detectors that fit the data "
                        "given, one verdict",
                        description="Run the default model detectors whose data needs are met "

@@ -37,7 +37,6 @@ scan resumes where it stopped and ends with the same numbers.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -620,22 +619,6 @@ class _State:
 
 # -- the scan ----------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _frozen(net: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and no parameter gradients during the search (restored afterwards)."""
-    flags = [(p, p.requires_grad) for p in net.parameters()]
-    was_training = net.training
-    net.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-        net.train(was_training)
-
-
 def _select(screen: dict[int, dict], cfg: NCConfig, labels: list[int]) -> tuple[list[int], list[int]]:
     """Fast mode: (suspects, random reference labels) from the screen records."""
     def rank(y: int) -> tuple:
@@ -688,7 +671,7 @@ def neural_cleanse(clf: Classifier, clean: ImageSet, config: NCConfig | None = N
     results: dict[int, LabelResult] = {}
     triggers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    with _frozen(clf.net):
+    with clf.frozen():
         # ---- screen (fast mode) ----
         suspects: list[int] = []
         reference: list[int] = list(labels)

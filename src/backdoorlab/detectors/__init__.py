@@ -85,6 +85,15 @@ def detect(name: str, clf: Classifier, clean: ImageSet, options: Any = None,
                         list(targets) if targets is not None else None)
 
 
+def scan_set() -> tuple[list[str], list[str]]:
+    """(`scan`'s default detectors, the others): a detector joins the default set unless it
+    registered with ``in_scan=False`` (no model-level p-value, e.g. ABS)."""
+    from backdoorlab import registry
+
+    methods = registry.methods("model-detector")
+    return [m.name for m in methods if m.in_scan], [m.name for m in methods if not m.in_scan]
+
+
 @dataclass
 class Verdict:
     """`scan`'s one answer from several detectors. ``backdoored`` when at least one detector with a

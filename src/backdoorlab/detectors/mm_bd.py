@@ -150,15 +150,10 @@ def max_margins(clf, o: Options):
     h, w, c = spec.shape
     per_batch = o.chunk or max(1, 1024 // o.starts)
     chunks = [list(range(a, min(k, a + per_batch))) for a in range(0, k, per_batch)]
-    was_training = net.training
-    net.eval()
-    grads = [p.requires_grad for p in net.parameters()]
-    for p in net.parameters():
-        p.requires_grad_(False)
     best = np.full(k, -np.inf)
     steps_run = 0
     stopped_early = 0
-    try:
+    with clf.frozen():
         for classes in progress(chunks, desc="mm-bd", unit="chunk"):
             labels = torch.tensor(classes, device=clf.device).repeat_interleave(o.starts)
             x = torch.cat([_starts(o.seed, y, o.starts, (h, w, c)) for y in classes]).to(clf.device)
@@ -167,10 +162,6 @@ def max_margins(clf, o: Options):
             steps_run += n
             stopped_early += early
             best[classes] = r.view(len(classes), o.starts).amax(1).cpu().double().numpy()
-    finally:
-        for p, g in zip(net.parameters(), grads, strict=True):
-            p.requires_grad_(g)
-        net.train(was_training)
     return best, {"steps": o.steps, "starts": o.starts, "optimizer": o.optimizer, "lr": o.lr,
                   "tol": o.tol, "chunks": len(chunks), "input_steps": steps_run,
                   "inputs_stopped_early": stopped_early, "inputs": k * o.starts}

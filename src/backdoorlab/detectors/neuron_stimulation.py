@@ -136,6 +136,8 @@ class Options:
 def run(clf, clean, o: Options) -> Detection:
     import numpy as np
 
+    from backdoorlab.progress import progress
+
     if clean is None or clean.labels is None or len(clean) < 3:
         raise BadInput("abs needs labelled clean images (at least 3)")
     layer = _layer(clf, o.layer)
@@ -149,7 +151,6 @@ def run(clf, clean, o: Options) -> Detection:
     found = []
     triggers = {}
     reverse_passes = 0
-    from backdoorlab.progress import progress
     for c in progress(cands, desc="abs: reverse triggers", unit="neuron"):
         mask, pattern, passes = reverse_trigger(clf, layer, clean.images[seeds], c["neuron"],
                                                 c["label"], stim["amax"], o, seed=o.seed * 7919 + c["neuron"])
@@ -234,40 +235,35 @@ def stimulation(clf, layer: str, images, labels, o: Options) -> dict:
     from backdoorlab.progress import progress
 
     net = clf.net
-    was_training = net.training
-    net.eval()
     passes = 0
-    try:
-        with torch.inference_mode(), clf.autocast():
-            x = clf.to_tensor(images)
+    with clf.frozen(), torch.inference_mode(), clf.autocast():
+        x = clf.to_tensor(images)
+        with cost.counting() as pc:
+            h0 = net.forward_to(layer, x).float()
+            base = net.forward_from(layer, h0.to(x.dtype)).float()
+        passes += pc.images
+        n, c = h0.shape[0], h0.shape[1]
+        amax = float(h0.max().clamp(min=1e-6))
+        values = [0.0] + [amax * 2.0 ** (k - 1) for k in range(o.levels - 1)]
+        per = max(1, ROWS // (n * len(values)))
+        elev_top = np.zeros((c, n), dtype=np.int64)
+        elev_margin = np.zeros((c, n), dtype=np.float64)
+        for a in progress(range(0, c, per), desc="abs: stimulate neurons", unit="batch"):
+            chans = list(range(a, min(c, a + per)))
+            hs = h0.unsqueeze(0).unsqueeze(0).repeat(len(chans), len(values),
+                                                      *([1] * h0.dim()))
+            for i, ch in enumerate(chans):
+                for j, v in enumerate(values):
+                    hs[i, j, :, ch] = v
+            flat = hs.reshape(-1, *h0.shape[1:])
             with cost.counting() as pc:
-                h0 = net.forward_to(layer, x).float()
-                base = net.forward_from(layer, h0.to(x.dtype)).float()
+                z = net.forward_from(layer, flat.to(x.dtype)).float()
             passes += pc.images
-            n, c = h0.shape[0], h0.shape[1]
-            amax = float(h0.max().clamp(min=1e-6))
-            values = [0.0] + [amax * 2.0 ** (k - 1) for k in range(o.levels - 1)]
-            per = max(1, ROWS // (n * len(values)))
-            elev_top = np.zeros((c, n), dtype=np.int64)
-            elev_margin = np.zeros((c, n), dtype=np.float64)
-            for a in progress(range(0, c, per), desc="abs: stimulate neurons", unit="batch"):
-                chans = list(range(a, min(c, a + per)))
-                hs = h0.unsqueeze(0).unsqueeze(0).repeat(len(chans), len(values),
-                                                          *([1] * h0.dim()))
-                for i, ch in enumerate(chans):
-                    for j, v in enumerate(values):
-                        hs[i, j, :, ch] = v
-                flat = hs.reshape(-1, *h0.shape[1:])
-                with cost.counting() as pc:
-                    z = net.forward_from(layer, flat.to(x.dtype)).float()
-                passes += pc.images
-                z = z.view(len(chans), len(values), n, -1)
-                elev = z.amax(1) - base.unsqueeze(0)  # (chans, n, labels)
-                top2 = elev.topk(2, dim=-1)
-                elev_top[chans] = top2.indices[..., 0].cpu().numpy()
-                elev_margin[chans] = (top2.values[..., 0] - top2.values[..., 1]).cpu().numpy()
-    finally:
-        net.train(was_training)
+            z = z.view(len(chans), len(values), n, -1)
+            elev = z.amax(1) - base.unsqueeze(0)  # (chans, n, labels)
+            top2 = elev.topk(2, dim=-1)
+            elev_top[chans] = top2.indices[..., 0].cpu().numpy()
+            elev_margin[chans] = (top2.values[..., 0] - top2.values[..., 1]).cpu().numpy()
     labels = np.asarray(labels)
     table = []
     for ch in range(c):
@@ -325,13 +321,8 @@ def reverse_trigger(clf, layer: str, images, neuron: int, label: int, amax: floa
     pat_p = (torch.rand((h, w, ch), generator=g) * 2 - 1).to(clf.device).requires_grad_(True)
     x01 = torch.as_tensor(images, dtype=torch.float32, device=clf.device) / 255.0
     opt_ = torch.optim.Adam([mask_p, pat_p], lr=o.lr)
-    was_training = net.training
-    flags = [(p, p.requires_grad) for p in net.parameters()]
-    net.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
     passes = 0
-    try:
+    with clf.frozen():
         for step in range(o.steps):
             mask = mask_of(mask_p)
             pattern = torch.tanh(pat_p) / 2 + 0.5
@@ -357,10 +348,6 @@ def reverse_trigger(clf, layer: str, images, neuron: int, label: int, amax: floa
             opt_.zero_grad(set_to_none=True)
             loss.backward()
             opt_.step()
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-        net.train(was_training)
     with torch.no_grad():
         mask = mask_of(mask_p).cpu().numpy().astype(np.float32)
         pattern = (torch.tanh(pat_p) / 2 + 0.5).cpu().numpy().astype(np.float32)

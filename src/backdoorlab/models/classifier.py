@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,6 +111,22 @@ class Classifier:
         from backdoorlab.device import autocast
 
         return autocast(self.device, self.precision)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Eval mode and no parameter gradients inside the block, both restored afterwards: for
+        methods that optimise inputs against a fixed network (Neural Cleanse, MM-BD, ABS)."""
+        flags = [(p, p.requires_grad) for p in self.net.parameters()]
+        was_training = self.net.training
+        self.net.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, f in flags:
+                p.requires_grad_(f)
+            self.net.train(was_training)
 
     # -- conversion -------------------------------------------------------------------------
     def to_tensor(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
