@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from backdoorlab.defenses.nc_mitigation import make_filter, mitigate, stamped, within_drop
+from backdoorlab.defenses.nc_mitigation import make_filter, mitigate, selection_score, stamped, within_drop
 from backdoorlab.errors import BadInput
 from backdoorlab.models import load_model, save_model
 from backdoorlab.train import TrainConfig
@@ -96,3 +96,19 @@ def test_within_drop_judges_the_budget_by_evidence():
     # a rise is always within budget; a zero budget still tolerates no evident drop
     assert within_drop(0.99, 0.9, 50, 0.0)
     assert not within_drop(0.5, 1.0, 50, 0.0)
+
+
+def test_selection_trades_trigger_success_against_accuracy():
+    # held-back figures of GTSRB BadNets unlearning (390 images, given model 100 %): epoch 2 had
+    # the lowest trigger success (0.1 %) but 97.4 % accuracy; epoch 9 had 0.3 % at 99.5 %
+    base, n = 1.0, 390
+    e2 = selection_score(0.974, 0.001, base, n, 2.0)
+    e9 = selection_score(0.995, 0.003, base, n, 2.0)
+    e7 = selection_score(0.997, 0.022, base, n, 2.0)
+    given = selection_score(1.0, 0.953, base, n, 2.0)
+    assert e9 > e2 and e9 > e7 and min(e2, e7) > given
+    # an epoch beyond the accuracy budget ranks below the given model, however low its trigger
+    # success: the repair then keeps the model as given rather than one that only costs accuracy
+    beyond = selection_score(0.944, 0.0, base, n, 2.0)
+    assert beyond < given
+    assert selection_score(0.95, 0.0, base, n, 2.0) < selection_score(0.90, 0.0, base, n, 20.0)

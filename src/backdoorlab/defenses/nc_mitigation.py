@@ -93,6 +93,20 @@ def within_drop(acc: float, base: float, n: int, max_drop: float, alpha: float =
     return bool(binom.cdf(int(round(acc * n)), n, p0) >= alpha)
 
 
+def selection_score(acc: float, trigger_asr: float, base: float, n: int, max_drop: float) -> float:
+    """How `unlearn` ranks an epoch from its held-back figures (higher is kept).
+
+    Inside the accuracy budget (`within_drop` against the given model's held-back accuracy
+    ``base`` on ``n`` images) an epoch scores 1 + accuracy − reversed-trigger success: the
+    defense-effectiveness trade-off (DER, Zhu et al. ICCV 2023, as BackdoorBench reports it) on
+    held-back data, so one more image of trigger success does not outweigh several images of
+    clean accuracy. Outside the budget it scores its accuracy − 1, below every epoch inside (the
+    given model, epoch 0, is always inside)."""
+    if within_drop(acc, base, n, max_drop):
+        return 1.0 + acc - trigger_asr
+    return acc - 1.0
+
+
 def unlearn(clf: Classifier, valid: ImageSet, triggers: dict, labels: list[int], share: float = 0.2,
             cfg: TrainConfig | None = None, seed: int = 0, select_fraction: float = 0.2,
             max_drop: float = 2.0) -> tuple[Classifier, dict]:
@@ -100,14 +114,17 @@ def unlearn(clf: Classifier, valid: ImageSet, triggers: dict, labels: list[int],
     (true labels kept; the stamped images are split evenly between the ``labels``' triggers).
 
     A seeded ``select_fraction`` of ``valid`` is held back and picks the epoch to keep (the given
-    model, epoch 0, included): the lowest reversed-trigger success on the held-back images stamped
-    with the triggers, among the epochs whose held-back clean accuracy is not significantly below
-    the given model's minus ``max_drop`` points (`within_drop`: a one-sided binomial test at 5 %,
-    so that on a few dozen held-back images, where one image is several points, the budget is
-    judged by evidence rather than by one or two images; on thousands it is about ``max_drop``).
-    The given model always qualifies, so a repair that only costs accuracy is not kept. Unlearning
-    moves clean accuracy by several points from one epoch to the next, so the last epoch is no
-    safe choice. Returns (model, details: per-epoch held-back figures, the kept epoch, sizes)."""
+    model, epoch 0, included) by `selection_score`: among the epochs whose held-back clean
+    accuracy is not significantly below the given model's minus ``max_drop`` points
+    (`within_drop`: a one-sided binomial test at 5 %, so that on a few dozen held-back images,
+    where one image is several points, the budget is judged by evidence rather than by one or two
+    images; on thousands it is about ``max_drop``), the highest held-back accuracy minus
+    reversed-trigger success on the held-back images stamped with the triggers. Ranking by trigger
+    success alone kept the first epoch after the trigger fell, whose clean accuracy is the lowest
+    (GTSRB BadNets, 1,568 tuning images: epoch 2, 3.7 points below the given model on the test
+    set, where epoch 9 was 1.3 below at the same near-zero ASR). Unlearning moves clean accuracy
+    by several points from one epoch to the next, so the last epoch is no safe choice either.
+    Returns (model, details: per-epoch held-back figures, the kept epoch, sizes)."""
     cfg = cfg or TrainConfig(epochs=10, lr=0.01, batch_size=64, optimizer="sgd", schedule="none", seed=seed)
     tune, select = finetune_split(valid, select_fraction, seed)
     rng = np.random.default_rng(seed)
@@ -126,10 +143,8 @@ def unlearn(clf: Classifier, valid: ImageSet, triggers: dict, labels: list[int],
         asr = float((tuned.predict(check.images) == targets).mean())
         if not base:  # the first call scores the model as given
             base.append(acc)
-        ok = within_drop(acc, base[0], len(y_select), max_drop)
-        # inside the accuracy budget: lower trigger success first, then accuracy; outside: accuracy
-        return (2.0 - asr + 1e-3 * acc if ok else acc - 1.0), {"select_accuracy": acc,
-                                                                   "select_trigger_asr": asr}
+        return selection_score(acc, asr, base[0], len(y_select), max_drop), {
+            "select_accuracy": acc, "select_trigger_asr": asr}
 
     log = train(tuned, ImageSet(x, tune.labels, tune.num_classes, "unlearning"), None, cfg,
                 desc="unlearn", score=score)
