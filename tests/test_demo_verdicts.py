@@ -20,6 +20,10 @@ def test_repair_rows_and_verdicts():
                   {"x": res(0.95, 0.945, 0.01, 7), "y": res(0.95, 0.95, 0.5)})
     assert v[0] == "clean: Neural Cleanse flagged no label (no false alarm)."
     assert "found by Neural Cleanse (label 0; the attack's target); removed by x (best: x, ASR 1.0 %" in v[1]
-    assert v[2].startswith("ftrojan: not implanted")
+    assert v[2].startswith("ftrojan: not implanted") and "--quick" not in v[2]
+    v = _verdicts(models, {"clean": [], "badnets": [0]}, {}, quick=True)
+    assert "not implanted" in v[2] and "--quick trains it like the others" in v[2]
+    assert "--quick" not in _verdicts({"badnets": {"asr": 0.99}, "ftrojan": {"asr": 0.99}},
+                                      {"clean": [], "badnets": [0]}, {}, quick=True)[2]
     v = _verdicts(models, {"clean": [3], "badnets": []}, {"y": res(0.95, 0.95, 0.5)})
     assert "a false alarm" in v[0] and "missed by Neural Cleanse; not removed by any repair" in v[1]
