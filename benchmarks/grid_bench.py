@@ -5,6 +5,7 @@ running their experiment file through `backdoorlab run` (optionally for some see
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -39,6 +40,39 @@ def options(description: str, name: str) -> argparse.Namespace:
     args = ap.parse_args()
     os.environ.setdefault("BACKDOORLAB_DATA", str(ROOT.parent / "shared" / "data"))
     return args
+
+
+def planned_keys(config: Path) -> dict[str, str]:
+    """label → cache key of every cell ``config`` plans as the file and the code are now (all of its
+    seeds)."""
+    from backdoorlab.experiment.cells import plan_cells
+    from backdoorlab.experiment.config import load_experiment
+
+    return {c.label: c.key for c in plan_cells(load_experiment(config))}
+
+
+def finished_cells(out: Path, keys: dict[str, str]) -> list[tuple[dict, dict]]:
+    """(cell, results) of every finished cell of the run folder ``out`` whose key is the one
+    ``keys`` (`planned_keys`) gives its label. A folder left by an earlier revision of a method or
+    by other options keeps its old key and is skipped, so it never stands in for the current cell
+    of the same label (the folders of one label otherwise sort by key, i.e. at random)."""
+    found = []
+    for cj in sorted((out / "cells").glob("*/cell.json")):
+        cell = json.loads(cj.read_text())["cell"]
+        res_p = cj.parent / "results.json"
+        if keys.get(cell["label"]) == cell["key"] and res_p.exists():
+            found.append((cell, json.loads(res_p.read_text())))
+    return found
+
+
+def drop_stale(rec: dict, keys: dict[str, str], label) -> list[str]:
+    """Remove from the record ``rec`` (record key → figures) every entry that carries a cache key
+    other than the one its cell (``label(record key)``) has now; entries recorded before keys were
+    kept have none and stay. Returns the removed record keys."""
+    gone = [k for k, v in rec.items() if v.get("key") and keys.get(label(k), v["key"]) != v["key"]]
+    for k in gone:
+        del rec[k]
+    return gone
 
 
 def run_grid(config: Path, out: Path, jobs: str, seeds: str | None, threads: str | None = None) -> int:

@@ -24,22 +24,19 @@ from collections import defaultdict
 from pathlib import Path
 
 from doc_section import replace_section
-from grid_bench import ms, options, run_grid
+from grid_bench import drop_stale, finished_cells, ms, options, planned_keys, run_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- repairs-gtsrb:begin -->", "<!-- repairs-gtsrb:end -->"
 
 
-def collect(out: Path) -> tuple[dict, dict]:
-    """(attack → seed → attack results, (attack, defense) → [repair results]) from the cell folders."""
+def collect(out: Path, keys: dict[str, str]) -> tuple[dict, dict]:
+    """(attack → seed → attack results, (attack, defense) → [repair results]) from the cell folders
+    that the grid plans now (`grid_bench.finished_cells`)."""
     attacks: dict = defaultdict(dict)
     repairs: dict = defaultdict(list)
-    for cj in sorted((out / "cells").glob("*/cell.json")):
-        cell = json.loads(cj.read_text())["cell"]
-        res_p = cj.parent / "results.json"
-        if not res_p.exists():
-            continue
-        res = json.loads(res_p.read_text())
+    for cell, res in finished_cells(out, keys):
+        res["key"] = cell["key"]
         if cell["kind"] == "attack":
             attacks[cell["attack"]][cell["seed"]] = res
         elif res.get("kind") == "repair":
@@ -51,7 +48,7 @@ RECORD = ROOT / "benchmarks" / "results" / "repairs-gtsrb.json"
 
 
 def _compact_attack(res: dict) -> dict:
-    return {"clean_accuracy": res["clean_accuracy"], "asr": res.get("asr")}
+    return {"clean_accuracy": res["clean_accuracy"], "asr": res.get("asr"), "key": res.get("key")}
 
 
 def _compact_repair(res: dict) -> dict:
@@ -62,13 +59,18 @@ def _compact_repair(res: dict) -> dict:
     return {"kind": "repair", "method": res["method"], "before": fig(res["before"]),
             "after": fig(res["after"]),
             "der": res["der"], "cost": {"seconds": res["cost"]["seconds"]}, "options": res.get("options", {}),
-            "defender_data": {"clean": res["defender_data"]["clean"]}}
+            "defender_data": {"clean": res["defender_data"]["clean"]}, "key": res.get("key")}
 
 
-def remember(attacks: dict, repairs: dict, path: Path = RECORD) -> tuple[dict, dict]:
-    """Merge the cells of this run folder into the record at ``path`` (the run's cells win) and return
-    the merged (attacks, repairs) in the shapes of `collect`."""
+def remember(attacks: dict, repairs: dict, keys: dict[str, str], path: Path = RECORD) -> tuple[dict, dict]:
+    """Merge the cells of this run folder into the record at ``path`` (the run's cells win; entries
+    whose cache key is no longer the grid's are dropped, `grid_bench.drop_stale`) and return the
+    merged (attacks, repairs) in the shapes of `collect`."""
     rec = json.loads(path.read_text()) if path.is_file() else {"attacks": {}, "repairs": {}}
+    for name, label in (("attacks", lambda k: "{}-s{}".format(*k.rsplit("/", 1))),
+                        ("repairs", lambda k: "{}-{}-s{}".format(*k.split("/")))):
+        for k in drop_stale(rec[name], keys, label):
+            print(f"record: dropped {name[:-1]} {k} (its cell's cache key changed)")
     for a, by_seed in attacks.items():
         for seed, res in by_seed.items():
             rec["attacks"][f"{a}/{seed}"] = _compact_attack(res)
@@ -133,7 +135,8 @@ def main() -> None:
         code = run_grid(Path(args.config), out, args.jobs, args.seeds, args.threads)
         if code:
             raise SystemExit(code)
-    attacks, repairs = remember(*collect(out)) if out.is_dir() else remember({}, {})
+    keys = planned_keys(Path(args.config))
+    attacks, repairs = remember(*(collect(out, keys) if out.is_dir() else ({}, {})), keys)
     parts = [BEGIN, ""]
     for attack in sorted(attacks):
         rows = sorted((d, recs) for (a, d), recs in repairs.items() if a == attack)
