@@ -24,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from doc_section import replace_section
-from grid_bench import ms, options, run_grid
+from grid_bench import drop_stale, finished_cells, ms, options, planned_keys, run_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- attacks-gtsrb:begin -->", "<!-- attacks-gtsrb:end -->"
@@ -44,20 +44,22 @@ def compact(res: dict) -> dict:
             "cover": p.get("cover_count"), "clean_label": p.get("clean_label")}
 
 
-def collect(out: Path) -> dict:
-    """attack → seed → compact figures, from the attack cells of a run folder."""
+def collect(out: Path, keys: dict[str, str]) -> dict:
+    """attack → seed → compact figures, from the attack cells of a run folder that the grid plans
+    now (`grid_bench.finished_cells`)."""
     found: dict = defaultdict(dict)
-    for cj in sorted((out / "cells").glob("*/cell.json")):
-        cell = json.loads(cj.read_text())["cell"]
-        res_p = cj.parent / "results.json"
-        if cell["kind"] == "attack" and res_p.exists():
-            found[cell["attack"]][int(cell["seed"])] = compact(json.loads(res_p.read_text()))
+    for cell, res in finished_cells(out, keys):
+        if cell["kind"] == "attack":
+            found[cell["attack"]][int(cell["seed"])] = {**compact(res), "key": cell["key"]}
     return found
 
 
-def remember(found: dict, path: Path = RECORD) -> dict:
-    """Merge ``found`` into the record at ``path`` (this run's cells win); return the merged record."""
+def remember(found: dict, keys: dict[str, str], path: Path = RECORD) -> dict:
+    """Merge ``found`` into the record at ``path`` (this run's cells win; entries whose cache key is
+    no longer the grid's are dropped, `grid_bench.drop_stale`); return the merged record."""
     rec = json.loads(path.read_text()) if path.is_file() else {}
+    for k in drop_stale(rec, keys, lambda k: "{}-s{}".format(*k.rsplit("/", 1))):
+        print(f"record: dropped {k} (its cell's cache key changed)")
     for attack, by_seed in found.items():
         for seed, fig in by_seed.items():
             rec[f"{attack}/{seed}"] = fig
@@ -111,13 +113,14 @@ def attack_order(config: Path) -> list[str]:
 def main() -> None:
     args = options(__doc__.splitlines()[0], "attacks-gtsrb")
     out, config = Path(args.out), Path(args.config)
+    keys = planned_keys(config)
     if not args.no_run:
         code = run_grid(config, out, args.jobs, args.seeds, args.threads)
         if out.is_dir():
-            remember(collect(out))  # keep what finished even when the run stopped early
+            remember(collect(out, keys), keys)  # keep what finished even when the run stopped early
         if code:
             raise SystemExit(code)
-    rec = remember(collect(out) if out.is_dir() else {})
+    rec = remember(collect(out, keys) if out.is_dir() else {}, keys)
     body = "\n".join([BEGIN, "", table(rec, attack_order(config)), "", END])
     print(body)
     replace_section(Path(args.doc), body, BEGIN, END)

@@ -25,21 +25,18 @@ import re
 from pathlib import Path
 
 from doc_section import replace_section
-from grid_bench import ms, options, run_grid
+from grid_bench import drop_stale, finished_cells, ms, options, planned_keys, run_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "benchmarks" / "results" / "inspectors-gtsrb.json"
 BEGIN, END = "<!-- inspectors-gtsrb:begin -->", "<!-- inspectors-gtsrb:end -->"
 
 
-def collect(out: Path) -> dict:
-    """``attack/defense/seed`` → the figures of each finished inspector cell (with its model's)."""
+def collect(out: Path, keys: dict[str, str]) -> dict:
+    """``attack/defense/seed`` → the figures of each finished inspector cell (with its model's) that
+    the grid plans now (`grid_bench.finished_cells`)."""
     attacks, rec = {}, {}
-    cells = []
-    for cj in sorted((out / "cells").glob("*/cell.json")):
-        res_p = cj.parent / "results.json"
-        if res_p.exists():
-            cells.append((json.loads(cj.read_text())["cell"], json.loads(res_p.read_text())))
+    cells = finished_cells(out, keys)
     for cell, res in cells:
         if cell["kind"] == "attack":
             attacks[(cell["attack"], cell["seed"])] = res
@@ -62,12 +59,16 @@ def collect(out: Path) -> dict:
             "target_flagged": t_flagged,
             "target_precision": hits / t_flagged if hits is not None and t_flagged else None,
             "options": res["options"], "seconds": res["cost"]["seconds"],
-            "image_passes": res["cost"]["image_passes"]}
+            "image_passes": res["cost"]["image_passes"], "key": cell["key"]}
     return rec
 
 
-def remember(new: dict, path: Path = RECORD) -> dict:
+def remember(new: dict, keys: dict[str, str], path: Path = RECORD) -> dict:
+    """Merge ``new`` into the record at ``path`` (this run's cells win; entries whose cache key is no
+    longer the grid's are dropped, `grid_bench.drop_stale`); return the merged record."""
     rec = json.loads(path.read_text()) if path.is_file() else {}
+    for k in drop_stale(rec, keys, lambda k: "{}-{}-s{}".format(*k.split("/"))):
+        print(f"record: dropped {k} (its cell's cache key changed)")
     rec.update(new)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
@@ -106,7 +107,8 @@ def main() -> None:
     code = 0
     if not args.no_run:
         code = run_grid(config, out, args.jobs, args.seeds, args.threads)
-    rec = remember(collect(out) if out.is_dir() else {})
+    keys = planned_keys(config)
+    rec = remember(collect(out, keys) if out.is_dir() else {}, keys)
     order = re.findall(r'(?m)^name = "([^"]+)"$', config.read_text().split("[[attack]]", 1)[-1])
     body = "\n".join([BEGIN, "", table(rec, order), "", END])
     print(body)
