@@ -166,3 +166,24 @@ def test_a_method_revision_changes_only_that_methods_keys(monkeypatch):
     assert after["a-mm-bd-s0"] != before["a-mm-bd-s0"]
     assert {k: v for k, v in after.items() if k != "a-mm-bd-s0"} == \
         {k: v for k, v in before.items() if k != "a-mm-bd-s0"}
+
+
+def test_the_repair_label_rule_keys_only_the_repairs_that_use_a_scan(monkeypatch):
+    """The cells that repair with a scan's reversed triggers carry the version of the rule that
+    picks their labels (`repair_labels`): a new rule computes them again, and no other cell."""
+    from backdoorlab.defenses import neural_cleanse
+    from backdoorlab.experiment.cells import plan_cells
+    from backdoorlab.experiment.config import parse_experiment
+
+    def keys() -> dict:
+        exp = parse_experiment({"data": {"source": "digits"}, "model": {"arch": "small_cnn"},
+                                "attack": [{"name": "a", "trigger": "patch", "target": 0}],
+                                "defense": [{"kind": "nc-unlearn"}, {"kind": "fine-prune"}]}, "x.toml")
+        return {c.label: c.key for c in plan_cells(exp)}
+
+    before = keys()
+    monkeypatch.setattr(neural_cleanse, "REPAIR_LABEL_RULE", neural_cleanse.REPAIR_LABEL_RULE + 1)
+    after = keys()
+    assert after["a-nc-unlearn-s0"] != before["a-nc-unlearn-s0"]
+    assert {k: v for k, v in after.items() if k != "a-nc-unlearn-s0"} == \
+        {k: v for k, v in before.items() if k != "a-nc-unlearn-s0"}

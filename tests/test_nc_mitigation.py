@@ -112,3 +112,15 @@ def test_selection_trades_trigger_success_against_accuracy():
     beyond = selection_score(0.944, 0.0, base, n, 2.0)
     assert beyond < given
     assert selection_score(0.95, 0.0, base, n, 2.0) < selection_score(0.90, 0.0, base, n, 20.0)
+
+
+def test_repair_labels_keep_the_flags_the_calibration_supports():
+    from backdoorlab.defenses.neural_cleanse import repair_labels
+
+    # GTSRB BadNets seed 0 and 1 (docs/repairs-gtsrb.md): the target 0 alone
+    assert repair_labels([0, 25], {"0": 0.009, "25": 0.495}) == [0]
+    assert repair_labels([0, 1, 25, 2], {"0": 0.173, "1": 0.9, "25": 1.0, "2": 0.6}) == [0]
+    # a multi-target attack: every flag with a small p-value, in the scan's order
+    assert repair_labels([5, 3, 7], {5: 0.001, 3: 0.02, 7: 0.5}) == [5, 3]
+    # no calibration on record: the most anomalous flag; nothing flagged: nothing
+    assert repair_labels([4, 0], {}) == [4] and repair_labels([], {"0": 0.001}) == []

@@ -229,3 +229,41 @@ def test_a_keras_model_is_repaired_into_keras_weights_too(csaw_dir, tmp_path, ca
     a = load_model(tmp_path / "r" / "model.safetensors")
     b = load_model(tmp_path / "r" / "model.h5", arch="deepid")
     assert np.array_equal(a.predict(clean.images), b.predict(clean.images))
+
+
+def test_trigger_labels_default_to_the_scan_beside_the_file(files, capsys, tmp_path):
+    from backdoorlab.defenses.neural_cleanse import write_triggers
+
+    mask = np.zeros((16, 16), np.float32)
+    mask[-3:, -3:] = 1
+    pattern = np.full((16, 16, 1), 1.0, np.float32)
+    scan = tmp_path / "scan"
+    scan.mkdir()
+    write_triggers({y: (mask, pattern) for y in (0, 3, 5)}, scan / "triggers.npz")
+
+    def labels_used(res: dict | None, name: str) -> tuple[int, list | None, str]:
+        if res is None:
+            (scan / "results.json").unlink(missing_ok=True)
+        else:
+            (scan / "results.json").write_text(json.dumps(res))
+        code, out, err = run(capsys, "repair", "nc-prune", files / "model.safetensors",
+                             *common(files, tmp_path / name), "--triggers", scan / "triggers.npz")
+        used = results(tmp_path / name)["defender_data"]["trigger_labels"] if code == 0 else None
+        return code, used, out + err
+
+    # flagged 3 and 0 (most anomalous first); only 0's calibrated p-value is small: 0 alone
+    code, used, text = labels_used({"flagged": [3, 0], "label_p_values": {"0": 0.01, "3": 0.4}}, "a")
+    assert code == 0 and used == [0] and "label(s) 0 of the scan's flags (3, 0)" in text
+    # no flag with a small p-value: the most anomalous flagged label alone
+    assert labels_used({"flagged": [3, 0], "label_p_values": {"0": 0.3, "3": 0.2}}, "b")[1] == [3]
+    # without the scan's results: every label in the file, said so
+    code, used, text = labels_used(None, "c")
+    assert code == 0 and used == [0, 3, 5] and "every label in it (3)" in text
+    # the scan flagged nothing: one line, exit 2, nothing written
+    code, used, text = labels_used({"flagged": [], "label_p_values": {}}, "d")
+    assert code == 2 and "flagged no label" in text and not (tmp_path / "d").exists()
+    # --trigger-labels still decides
+    code, _, err = run(capsys, "repair", "nc-prune", files / "model.safetensors",
+                       *common(files, tmp_path / "e"), "--triggers", scan / "triggers.npz",
+                       "--trigger-labels", "5")
+    assert code == 0 and results(tmp_path / "e")["defender_data"]["trigger_labels"] == [5]

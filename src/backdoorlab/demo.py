@@ -11,7 +11,8 @@
 3. defenses: Neural Cleanse on the clean and BadNets models (the clean one should raise no flag);
    on each backdoored model the pruning sweep with GoodNets and Fine-Pruning; then every repair of
    ``REPAIRS`` on the BadNets model (`backdoorlab repair`, each at its own defaults), those that
-   need a trigger given the one Neural Cleanse reverse-engineered for the flagged label(s); the
+   need a trigger given the ones Neural Cleanse reverse-engineered for the labels
+   `repair_labels` keeps of its flags (those with a small calibrated p-value, else the top one); the
    second table marks each repair as removing the backdoor (ASR ≤ 2 % at ≤ 2 points) or weak;
 4. report: ``report.html`` (self-contained), ``report.md`` and ``results.json`` in the output
    folder, plus every run's own folder (models, h5 data, tables, plots).
@@ -29,6 +30,7 @@ from pathlib import Path
 from backdoorlab import registry
 from backdoorlab.attacks.runner import AttackPlan, train_attack, write_attack_outputs
 from backdoorlab.data.digits import load_digits
+from backdoorlab.defenses.neural_cleanse import repair_labels
 from backdoorlab.errors import BadInput
 from backdoorlab.io import write_json
 from backdoorlab.tables import print_table
@@ -119,7 +121,8 @@ def run_demo(out: Path | None = None, quick: bool = False, seed: int = 0) -> dic
         say(f"Fine-Pruning the {name} model")
         _run_cli(["fine-prune", str(run / "model.safetensors"), *data_args, "--drop", "4", "--epochs",
                   "5" if quick else "10", "--lr", "5e-4", "--out", str(out / f"fine-prune-{name}")])
-    flagged = _load(out / "cleanse-badnets")["flagged"]
+    scan = _load(out / "cleanse-badnets")
+    flagged = repair_labels(scan["flagged"], scan.get("label_p_values") or {})
     run = out / "attack-badnets"
     repairs: list[list[str]] = []
     repair_results: dict[str, dict] = {}

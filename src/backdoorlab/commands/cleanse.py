@@ -246,9 +246,10 @@ def prepare_mitigation(args: argparse.Namespace, clf, clean) -> dict | None:
 def run_mitigation(args: argparse.Namespace, clf, clean, res, out: Path, plan: dict) -> None:
     """``--mitigate``: unlearning / neuron pruning / input filter with the reversed triggers."""
     from backdoorlab.defenses.nc_mitigation import mitigate
+    from backdoorlab.defenses.neural_cleanse import repair_labels
     from backdoorlab.io import atomic_dir, write_json
 
-    labels = plan["labels"] if plan["labels"] is not None else list(res.flagged)
+    labels = plan["labels"] if plan["labels"] is not None else repair_labels(res.flagged, res.label_p_values)
     if not labels:
         print("mitigation: no label flagged, nothing to mitigate (name labels with --mitigate-labels)")
         return
@@ -321,7 +322,8 @@ def register(sub) -> None:
                    "labels, each label's starting mask and pattern, and the batch order")
     p.add_argument("--mitigate", metavar="METHODS", help="after detection, repair with the reversed "
                    "triggers of the flagged labels: comma list of unlearn, prune, filter")
-    p.add_argument("--mitigate-labels", help="labels whose reversed triggers to use (default: flagged)")
+    p.add_argument("--mitigate-labels", help="labels whose reversed triggers to use (default: the flagged "
+                   "labels with a calibrated p-value <= 0.05, else the most anomalous flagged one)")
     p.add_argument("--mitigate-epochs", type=EPOCHS, default=10,
                    help="unlearning epochs, the best on held-back clean data kept")
     p.add_argument("--test", metavar="DATA", help="clean test data for the mitigation figures")

@@ -58,6 +58,33 @@ def repair_notes(res) -> str:
     return text + (f"\n{res.summary}" if res.summary else "") + "\n"
 
 
+def _scan_labels(npz: Path, triggers: dict) -> list[int]:
+    """The labels to repair with when ``--trigger-labels`` is not given: `repair_labels` of the
+    scan whose results.json sits beside ``npz`` (``backdoorlab cleanse`` writes both), else every
+    label in the file."""
+    import json
+
+    from backdoorlab.defenses.neural_cleanse import repair_labels
+
+    res_path = npz.parent / "results.json"
+    try:
+        res = json.loads(res_path.read_text(encoding="utf-8")) if res_path.is_file() else None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise BadInput(f"{res_path}: not readable as the scan's results ({e})") from None
+    if not isinstance(res, dict) or not isinstance(res.get("flagged"), list):
+        labels = sorted(triggers)
+        print(f"triggers:   no scan results beside {npz}: using every label in it ({len(labels)})")
+        return labels
+    labels = repair_labels(res["flagged"], res.get("label_p_values") or {})
+    if not labels:
+        raise BadInput(f"{res_path}: the scan flagged no label, so there is no trigger to repair with "
+                       "(name labels with --trigger-labels to repair anyway)")
+    flagged = ", ".join(map(str, res["flagged"]))
+    print(f"triggers:   label(s) {', '.join(map(str, labels))} of the scan's flags ({flagged}): those with "
+          "a calibrated p-value <= 0.05, else the most anomalous (--trigger-labels to choose)")
+    return labels
+
+
 def _parse_labels(text: str | None) -> list[int] | None:
     if not text:
         return None
@@ -105,6 +132,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
         from backdoorlab.defenses.neural_cleanse import load_triggers
 
         triggers = load_triggers(args.triggers)
+        if labels is None:
+            labels = _scan_labels(Path(args.triggers), triggers)
         missing = [y for y in labels or [] if y not in triggers]
         if missing:
             raise BadInput(f"--trigger-labels: {args.triggers} has no reversed trigger for {missing} "
@@ -159,7 +188,9 @@ def register(sub) -> None:
         q.add_argument("--triggers", metavar="NPZ", help="reversed triggers (triggers.npz of "
                        "'backdoorlab cleanse')")
         q.add_argument("--trigger-labels", metavar="LABELS", help="labels whose reversed triggers to "
-                       "use (default: all in the file)")
+                       "use (default: of the labels the scan beside the file flagged, those with a "
+                       "calibrated p-value <= 0.05, else the most anomalous one; without the scan's "
+                       "results.json, every label in the file)")
         add_arguments(q, m.options)
         add_out_option(q)
         add_model_options(q)

@@ -321,6 +321,29 @@ def load_triggers(path: str | os.PathLike) -> dict[int, tuple[np.ndarray, np.nda
         raise BadInput(f"{path}: not a reversed-trigger file ({e})") from None
 
 
+#: the version of `repair_labels`' rule; it enters the cache key of the `run` cells that repair
+#: with a scan's reversed triggers, so that a change of the rule computes them again
+REPAIR_LABEL_RULE = 1
+
+
+def repair_labels(flagged: list[int], label_p_values: dict, alpha: float = 0.05) -> list[int]:
+    """The labels whose reversed triggers a repair uses, from a scan's ``flagged`` labels (anomaly
+    index above the threshold, most anomalous first: the paper's rule) and its calibrated
+    per-label p-values (``label_p_values``, keys int or str as in results.json).
+
+    The flagged labels whose own p-value is at most ``alpha``; when none is, the most anomalous
+    flagged label alone (the paper's "infected label"); none when nothing is flagged. The index
+    rule alone flags some label in about two of three scans of a 43-label network without a
+    backdoor (``null_flag_rate``), and a repair given several triggers splits its work between
+    them: on GTSRB BadNets seed 1 the scan flagged 0 (the target, p 0.17),
+    1, 25 and 2 (p ≥ 0.5), and unlearning all four left 5.6 % ASR where the target's trigger
+    alone left 0.0 % (docs/repairs-gtsrb.md). A multi-target attack shows one small p-value per
+    target, and all of them are kept."""
+    p = {int(k): float(v) for k, v in (label_p_values or {}).items()}
+    strong = [y for y in flagged if p.get(int(y), 1.0) <= alpha]
+    return [int(y) for y in strong] if strong else [int(y) for y in flagged[:1]]
+
+
 # -- per-label optimisation state ----------------------------------------------------------------
 
 @dataclass

@@ -111,6 +111,7 @@ def data_fingerprint(source: str) -> dict:
 def plan_cells(exp: Experiment) -> list[Cell]:
     """Every cell of the grid, attack cells first (defense cells name their parent's key)."""
     from backdoorlab import registry
+    from backdoorlab.defenses.neural_cleanse import REPAIR_LABEL_RULE
 
     trains = any(a.given is None for a in exp.attacks)
     # data inspectors read the poisoned training set: only then do the attack cells write it (and
@@ -153,6 +154,7 @@ def plan_cells(exp: Experiment) -> list[Cell]:
                 elif "backdoored" in registry.get(d.method, "repair").needs:
                     dspec["guide"] = d.guide
                 parent = key
+                keyed_extra: dict = {}
                 if _stage(d.method, d.guide) == "scan":  # one Neural Cleanse scan per options, shared
                     sspec = {"scan": d.scan, **({"compute": exp.compute} if exp.compute else {})}
                     skey = digest({"kind": "scan", "version": __version__, "seed": seed, "parent": key,
@@ -162,9 +164,10 @@ def plan_cells(exp: Experiment) -> list[Cell]:
                                            key)
                         cells.append(scans[skey])
                     parent = skey
+                    keyed_extra["repair_label_rule"] = REPAIR_LABEL_RULE  # which flags it repairs with
                 # keyed on every option's value, defaults included: a method whose default changes
                 # in a new release is computed again, and spelling out a default changes nothing
-                keyed = {**dspec, "options": resolved_options(d.method, d.options)}
+                keyed = {**dspec, "options": resolved_options(d.method, d.options), **keyed_extra}
                 revision = registry.get(d.method).revision
                 if revision:  # a method whose code changed what it computes (registry.register)
                     keyed["revision"] = revision
@@ -329,7 +332,8 @@ def repair_args(cell: Cell, model_dir: Path, out: Path, pres: dict, scan_dir: Pa
                 ) -> list[str]:
     """``backdoorlab repair METHOD`` on the model in ``model_dir``, with what the method needs
     (registered needs): the attack's poisoned validation images, or the reversed triggers of the
-    scan in ``scan_dir`` (``{flagged}`` stands for the labels the scan flags)."""
+    scan in ``scan_dir`` (``{flagged}`` stands for the labels to repair with,
+    `backdoorlab.defenses.neural_cleanse.repair_labels` of the scan's flags)."""
     from backdoorlab import registry
     from backdoorlab.options import to_flags
 
@@ -579,8 +583,13 @@ def _compute_cell(cell: Cell, d: Path, model_dir: Path | None, scan_dir: Path | 
             elif cell.family != "repair":
                 _run_cli([*defense_args(cell, model_dir, d, pres), *compute], log)
             else:
+                from backdoorlab.defenses.neural_cleanse import repair_labels
+
                 args = repair_args(cell, model_dir, d, pres, scan_dir)
-                flagged = json.loads((scan_dir / "results.json").read_text())["flagged"] if scan_dir else None
+                flagged = None
+                if scan_dir:
+                    scan = json.loads((scan_dir / "results.json").read_text())
+                    flagged = repair_labels(scan["flagged"], scan.get("label_p_values") or {})
                 if flagged == []:
                     print("Neural Cleanse flagged no label: no reversed trigger to repair with; model "
                           "unchanged", file=log)
