@@ -73,15 +73,32 @@ def backdoorlab() -> list[str]:
     return [sys.executable, "-m", "backdoorlab"]
 
 
+def run_cells(out: Path, name: str) -> list[dict] | None:
+    """The cell records of the zoo setting ``name``: its run's results.json, or, for a run that was
+    stopped before writing it, the finished cell folders whose key the setting's file plans now."""
+    res_p = out / name / "results.json"
+    if res_p.exists():
+        return json.loads(res_p.read_text())["cells"]
+    if not (out / name / "cells").is_dir():
+        print(f"[zoo] {name}: no results yet ({res_p})")
+        return None
+    from grid_bench import planned_keys
+
+    keys = set(planned_keys(ZOO / f"{name}.toml").values())
+    cells = [json.loads(p.read_text()) for p in sorted((out / name / "cells").glob("*/cell.json"))]
+    cells = [c for c in cells
+             if c["key"] in keys and (out / name / "cells" / c["dir"] / "results.json").exists()]
+    print(f"[zoo] {name}: run not finished; {len(cells)} finished cells read from its cell folders")
+    return cells
+
+
 def zoo_rows(out: Path, settings: list[str]) -> list[dict]:
     """One row per (model, detector) from the run folders."""
     rows = []
     for name in settings:
-        res_p = out / name / "results.json"
-        if not res_p.exists():
-            print(f"[zoo] {name}: no results yet ({res_p})")
+        cells = run_cells(out, name)
+        if cells is None:
             continue
-        cells = json.loads(res_p.read_text())["cells"]
         models = {c["key"]: c for c in cells if c["cell"]["kind"] == "attack"}
         for c in cells:
             if c["cell"].get("spec", {}).get("family") != "model-detector":
