@@ -175,13 +175,17 @@ def run_demo(out: Path | None = None, quick: bool = False, seed: int = 0) -> dic
                     "points of clean validation accuracy." + _notes(summary)),
         "table": {"head": head, "rows": rows}, "models": summary, "verdicts": verdicts,
         "tables": [{"title": "Repairs of the BadNets model (defaults of each method; the defender holds "
-                             "only the clean validation split, and Neural Cleanse's reversed trigger "
-                             "where a method needs one)", "head": repair_head, "rows": repairs}],
+                             "only the clean validation split, and where a method needs them Neural "
+                             f"Cleanse's reversed triggers of {_labels(flagged)}: its flags with a "
+                             "calibrated p-value ≤ 0.05, else the most anomalous one)",
+                    "head": repair_head, "rows": repairs}],
     }
     write_json(out / "results.json", results)
     md, hp = build_report(out, "backdoorlab demo: attack, detect, repair")
-    for h, rs in ((head, rows), (repair_head, repairs)):
+    for title, h, rs in ((None, head, rows), (results["tables"][0]["title"], repair_head, repairs)):
         print()
+        if title:
+            print(title)
         print_table(h, rs)
     print()
     for v in verdicts:
