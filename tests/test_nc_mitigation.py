@@ -122,5 +122,6 @@ def test_repair_labels_keep_the_flags_the_calibration_supports():
     assert repair_labels([0, 1, 25, 2], {"0": 0.173, "1": 0.9, "25": 1.0, "2": 0.6}) == [0]
     # a multi-target attack: every flag with a small p-value, in the scan's order
     assert repair_labels([5, 3, 7], {5: 0.001, 3: 0.02, 7: 0.5}) == [5, 3]
-    # no calibration on record: the most anomalous flag; nothing flagged: nothing
-    assert repair_labels([4, 0], {}) == [4] and repair_labels([], {"0": 0.001}) == []
+    # no p-value on record (a detector without one flags by its own rule): every flag; nothing
+    # flagged: nothing
+    assert repair_labels([4, 0], {}) == [4, 0] and repair_labels([], {"0": 0.001}) == []

@@ -256,6 +256,12 @@ def test_trigger_labels_default_to_the_scan_beside_the_file(files, capsys, tmp_p
     assert code == 0 and used == [0] and "label(s) 0 of the scan's flags (3, 0)" in text
     # no flag with a small p-value: the most anomalous flagged label alone
     assert labels_used({"flagged": [3, 0], "label_p_values": {"0": 0.3, "3": 0.2}}, "b")[1] == [3]
+    # `detect neural-cleanse` keeps the p-values in its details; a detector without p-values (abs)
+    # flags by its own rule, and all its flags are used
+    assert labels_used({"flagged": [5, 3], "details": {"label_p_values": {"5": 0.001, "3": 0.01}}},
+                       "b2")[1] == [5, 3]
+    code, used, text = labels_used({"flagged": [3, 5]}, "b3")
+    assert used == [3, 5] and "no p-values on record" in text
     # without the scan's results: every label in the file, said so
     code, used, text = labels_used(None, "c")
     assert code == 0 and used == [0, 3, 5] and "every label in it (3)" in text

@@ -332,7 +332,9 @@ def repair_labels(flagged: list[int], label_p_values: dict, alpha: float = 0.05)
     per-label p-values (``label_p_values``, keys int or str as in results.json).
 
     The flagged labels whose own p-value is at most ``alpha``; when none is, the most anomalous
-    flagged label alone (the paper's "infected label"); none when nothing is flagged. The index
+    flagged label alone (the paper's "infected label"); none when nothing is flagged; every
+    flagged label when no p-value is on record (a detector without one, e.g. ABS, flags by its
+    own rule). The index
     rule alone flags some label in about two of three scans of a 43-label network without a
     backdoor (``null_flag_rate``), and a repair given several triggers splits its work between
     them: on GTSRB BadNets seed 1 the scan flagged 0 (the target, p 0.17),
@@ -340,6 +342,8 @@ def repair_labels(flagged: list[int], label_p_values: dict, alpha: float = 0.05)
     alone left 0.0 % (docs/repairs-gtsrb.md). A multi-target attack shows one small p-value per
     target, and all of them are kept."""
     p = {int(k): float(v) for k, v in (label_p_values or {}).items()}
+    if not p:
+        return [int(y) for y in flagged]
     strong = [y for y in flagged if p.get(int(y), 1.0) <= alpha]
     return [int(y) for y in strong] if strong else [int(y) for y in flagged[:1]]
 
