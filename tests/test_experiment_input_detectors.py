@@ -142,6 +142,23 @@ def test_the_family_options_defaults_are_part_of_the_key():
     assert key(far=0.01) != key() and key(calibration=0.3) != key()
 
 
+def _keys(*kinds: str) -> dict:
+    """label → cache key of a digits grid with one patch attack and these defenses."""
+    from backdoorlab.experiment.cells import plan_cells
+    from backdoorlab.experiment.config import parse_experiment
+
+    exp = parse_experiment({"data": {"source": "digits"}, "model": {"arch": "small_cnn"},
+                            "attack": [{"name": "a", "trigger": "patch", "target": 0}],
+                            "defense": [{"kind": k} for k in kinds]}, "x.toml")
+    return {c.label: c.key for c in plan_cells(exp)}
+
+
+def _only_changed(before: dict, after: dict, label: str) -> bool:
+    """Whether ``label``'s key changed and no other one did."""
+    return after[label] != before[label] and \
+        {k: v for k, v in after.items() if k != label} == {k: v for k, v in before.items() if k != label}
+
+
 def test_a_method_revision_changes_only_that_methods_keys(monkeypatch):
     """Raising a method's ``revision`` (its code now computes something else at the same options)
     gives its cells new keys and leaves every other cell's key as it was; revision 0 adds nothing
@@ -149,41 +166,18 @@ def test_a_method_revision_changes_only_that_methods_keys(monkeypatch):
     import dataclasses
 
     from backdoorlab import registry
-    from backdoorlab.experiment.cells import plan_cells
-    from backdoorlab.experiment.config import parse_experiment
 
-    def keys() -> dict:
-        exp = parse_experiment({"data": {"source": "digits"}, "model": {"arch": "small_cnn"},
-                                "attack": [{"name": "a", "trigger": "patch", "target": 0}],
-                                "defense": [{"kind": "mm-bd"}, {"kind": "fine-prune"}]}, "x.toml")
-        return {c.label: c.key for c in plan_cells(exp)}
-
-    before = keys()
+    before = _keys("mm-bd", "fine-prune")
     assert registry.get("mm-bd").revision == 0
-    bumped = dataclasses.replace(registry.get("mm-bd"), revision=1)
-    monkeypatch.setitem(registry._METHODS, "mm-bd", bumped)
-    after = keys()
-    assert after["a-mm-bd-s0"] != before["a-mm-bd-s0"]
-    assert {k: v for k, v in after.items() if k != "a-mm-bd-s0"} == \
-        {k: v for k, v in before.items() if k != "a-mm-bd-s0"}
+    monkeypatch.setitem(registry._METHODS, "mm-bd", dataclasses.replace(registry.get("mm-bd"), revision=1))
+    assert _only_changed(before, _keys("mm-bd", "fine-prune"), "a-mm-bd-s0")
 
 
 def test_the_repair_label_rule_keys_only_the_repairs_that_use_a_scan(monkeypatch):
     """The cells that repair with a scan's reversed triggers carry the version of the rule that
     picks their labels (`repair_labels`): a new rule computes them again, and no other cell."""
     from backdoorlab.defenses import neural_cleanse
-    from backdoorlab.experiment.cells import plan_cells
-    from backdoorlab.experiment.config import parse_experiment
 
-    def keys() -> dict:
-        exp = parse_experiment({"data": {"source": "digits"}, "model": {"arch": "small_cnn"},
-                                "attack": [{"name": "a", "trigger": "patch", "target": 0}],
-                                "defense": [{"kind": "nc-unlearn"}, {"kind": "fine-prune"}]}, "x.toml")
-        return {c.label: c.key for c in plan_cells(exp)}
-
-    before = keys()
+    before = _keys("nc-unlearn", "fine-prune")
     monkeypatch.setattr(neural_cleanse, "REPAIR_LABEL_RULE", neural_cleanse.REPAIR_LABEL_RULE + 1)
-    after = keys()
-    assert after["a-nc-unlearn-s0"] != before["a-nc-unlearn-s0"]
-    assert {k: v for k, v in after.items() if k != "a-nc-unlearn-s0"} == \
-        {k: v for k, v in before.items() if k != "a-nc-unlearn-s0"}
+    assert _only_changed(before, _keys("nc-unlearn", "fine-prune"), "a-nc-unlearn-s0")
