@@ -30,7 +30,7 @@ from pathlib import Path
 from backdoorlab import registry
 from backdoorlab.attacks.runner import AttackPlan, train_attack, write_attack_outputs
 from backdoorlab.data.digits import load_digits
-from backdoorlab.defenses.neural_cleanse import repair_labels
+from backdoorlab.defenses.neural_cleanse import REPAIR_LABEL_TEXT, scan_repair_labels
 from backdoorlab.errors import BadInput
 from backdoorlab.io import write_json
 from backdoorlab.tables import print_table
@@ -121,8 +121,7 @@ def run_demo(out: Path | None = None, quick: bool = False, seed: int = 0) -> dic
         say(f"Fine-Pruning the {name} model")
         _run_cli(["fine-prune", str(run / "model.safetensors"), *data_args, "--drop", "4", "--epochs",
                   "5" if quick else "10", "--lr", "5e-4", "--out", str(out / f"fine-prune-{name}")])
-    scan = _load(out / "cleanse-badnets")
-    flagged = repair_labels(scan["flagged"], scan.get("label_p_values") or {})
+    flagged = scan_repair_labels(_load(out / "cleanse-badnets"))
     run = out / "attack-badnets"
     repairs: list[list[str]] = []
     repair_results: dict[str, dict] = {}
@@ -176,8 +175,7 @@ def run_demo(out: Path | None = None, quick: bool = False, seed: int = 0) -> dic
         "table": {"head": head, "rows": rows}, "models": summary, "verdicts": verdicts,
         "tables": [{"title": "Repairs of the BadNets model (defaults of each method; the defender holds "
                              "only the clean validation split, and where a method needs them Neural "
-                             f"Cleanse's reversed triggers of {_labels(flagged)}: its flags with a "
-                             "calibrated p-value ≤ 0.05, else the most anomalous one)",
+                             f"Cleanse's reversed triggers of {_labels(flagged)}: {REPAIR_LABEL_TEXT})",
                     "head": repair_head, "rows": repairs}],
     }
     write_json(out / "results.json", results)

@@ -182,12 +182,11 @@ def cmd_cleanse(args: argparse.Namespace) -> int:
                   "yes" if r.flagged else ""] for r in full[: cfg.top_k]],
                 title=f"the {min(cfg.top_k, len(full))} smallest reversed triggers")
     if res.flagged:
-        from backdoorlab.defenses.neural_cleanse import repair_labels
+        from backdoorlab.defenses.neural_cleanse import REPAIR_LABEL_TEXT, repair_labels
 
         print(f"flagged (anomaly index > {res.threshold:.3g}): {', '.join(map(str, res.flagged))}")
         used = repair_labels(res.flagged, res.label_p_values)
-        why = ("the flags with a calibrated p-value <= 0.05, else the most anomalous" if res.label_p_values
-               else "every flag (no calibrated p-values)")
+        why = REPAIR_LABEL_TEXT if res.label_p_values else "every flag (no calibrated p-values)"
         print(f"repairs given these triggers (--mitigate, repair --triggers) use label(s) "
               f"{', '.join(map(str, used))}: {why}")
     else:

@@ -64,7 +64,7 @@ def _scan_labels(npz: Path, triggers: dict) -> list[int]:
     label in the file."""
     import json
 
-    from backdoorlab.defenses.neural_cleanse import repair_labels
+    from backdoorlab.defenses.neural_cleanse import REPAIR_LABEL_TEXT, scan_p_values, scan_repair_labels
 
     res_path = npz.parent / "results.json"
     try:
@@ -75,15 +75,12 @@ def _scan_labels(npz: Path, triggers: dict) -> list[int]:
         labels = sorted(triggers)
         print(f"triggers:   no scan results beside {npz}: using every label in it ({len(labels)})")
         return labels
-    # `cleanse` keeps the per-label p-values at the top, `detect neural-cleanse` in its details
-    p_values = res.get("label_p_values") or (res.get("details") or {}).get("label_p_values") or {}
-    labels = repair_labels(res["flagged"], p_values)
+    labels = scan_repair_labels(res)
     if not labels:
         raise BadInput(f"{res_path}: the scan flagged no label, so there is no trigger to repair with "
                        "(name labels with --trigger-labels to repair anyway)")
     flagged = ", ".join(map(str, res["flagged"]))
-    rule = ("those with a calibrated p-value <= 0.05, else the most anomalous" if p_values
-            else "no p-values on record: all of them")
+    rule = REPAIR_LABEL_TEXT if scan_p_values(res) else "no p-values on record: all of them"
     print(f"triggers:   label(s) {', '.join(map(str, labels))} of the scan's flags ({flagged}): {rule} "
           "(--trigger-labels to choose)")
     return labels

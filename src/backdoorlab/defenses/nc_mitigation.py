@@ -121,7 +121,7 @@ def unlearn(clf: Classifier, valid: ImageSet, triggers: dict, labels: list[int],
     images; on thousands it is about ``max_drop``), the highest held-back accuracy minus
     reversed-trigger success on the held-back images stamped with the triggers. Ranking by trigger
     success alone kept the first epoch after the trigger fell, whose clean accuracy is the lowest
-    (GTSRB BadNets, 1,568 tuning images: epoch 2, 3.7 points below the given model on the test
+    (GTSRB BadNets, 1,568 tuning images: epoch 2, 4.7 points below the given model on the test
     set, where epoch 9 was 1.3 below at the same near-zero ASR). Unlearning moves clean accuracy
     by several points from one epoch to the next, so the last epoch is no safe choice either.
     Returns (model, details: per-epoch held-back figures, the kept epoch, sizes)."""

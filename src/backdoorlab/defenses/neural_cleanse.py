@@ -334,18 +334,32 @@ def repair_labels(flagged: list[int], label_p_values: dict, alpha: float = 0.05)
     The flagged labels whose own p-value is at most ``alpha``; when none is, the most anomalous
     flagged label alone (the paper's "infected label"); none when nothing is flagged; every
     flagged label when no p-value is on record (a detector without one, e.g. ABS, flags by its
-    own rule). The index
-    rule alone flags some label in about two of three scans of a 43-label network without a
-    backdoor (``null_flag_rate``), and a repair given several triggers splits its work between
-    them: on GTSRB BadNets seed 1 the scan flagged 0 (the target, p 0.17),
-    1, 25 and 2 (p ≥ 0.5), and unlearning all four left 5.6 % ASR where the target's trigger
-    alone left 0.0 % (docs/repairs-gtsrb.md). A multi-target attack shows one small p-value per
-    target, and all of them are kept."""
+    own rule). The index rule alone flags some label in about two of three scans of a 43-label
+    network without a backdoor (``null_flag_rate``), and a repair given several triggers splits
+    its work between them: on GTSRB BadNets seed 1 the scan flagged 0 (the target, p 0.17), 1, 25
+    and 2 (p ≥ 0.5), and unlearning all four left 5.6 % ASR where the target's trigger alone left
+    0.0 % (docs/repairs-gtsrb.md). A multi-target attack shows one small p-value per target, and
+    all of them are kept."""
     p = {int(k): float(v) for k, v in (label_p_values or {}).items()}
     if not p:
         return [int(y) for y in flagged]
     strong = [y for y in flagged if p.get(int(y), 1.0) <= alpha]
     return [int(y) for y in strong] if strong else [int(y) for y in flagged[:1]]
+
+
+#: `repair_labels`' rule in words, for the lines that say which triggers a repair uses
+REPAIR_LABEL_TEXT = "the flags with a calibrated p-value <= 0.05, else the most anomalous one"
+
+
+def scan_p_values(results: dict) -> dict:
+    """The per-label p-values of a scan's results.json: at the top for `cleanse`, in ``details``
+    for `detect` (empty when the scan has none)."""
+    return results.get("label_p_values") or (results.get("details") or {}).get("label_p_values") or {}
+
+
+def scan_repair_labels(results: dict) -> list[int]:
+    """`repair_labels` of a scan's results.json (``cleanse`` or ``detect``)."""
+    return repair_labels(results.get("flagged") or [], scan_p_values(results))
 
 
 # -- per-label optimisation state ----------------------------------------------------------------

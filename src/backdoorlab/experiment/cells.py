@@ -154,7 +154,6 @@ def plan_cells(exp: Experiment) -> list[Cell]:
                 elif "backdoored" in registry.get(d.method, "repair").needs:
                     dspec["guide"] = d.guide
                 parent = key
-                keyed_extra: dict = {}
                 if _stage(d.method, d.guide) == "scan":  # one Neural Cleanse scan per options, shared
                     sspec = {"scan": d.scan, **({"compute": exp.compute} if exp.compute else {})}
                     skey = digest({"kind": "scan", "version": __version__, "seed": seed, "parent": key,
@@ -164,10 +163,11 @@ def plan_cells(exp: Experiment) -> list[Cell]:
                                            key)
                         cells.append(scans[skey])
                     parent = skey
-                    keyed_extra["repair_label_rule"] = REPAIR_LABEL_RULE  # which flags it repairs with
                 # keyed on every option's value, defaults included: a method whose default changes
                 # in a new release is computed again, and spelling out a default changes nothing
-                keyed = {**dspec, "options": resolved_options(d.method, d.options), **keyed_extra}
+                keyed = {**dspec, "options": resolved_options(d.method, d.options)}
+                if parent != key:  # repairs with the scan's triggers: the rule picking their labels
+                    keyed["repair_label_rule"] = REPAIR_LABEL_RULE
                 revision = registry.get(d.method).revision
                 if revision:  # a method whose code changed what it computes (registry.register)
                     keyed["revision"] = revision
@@ -583,13 +583,11 @@ def _compute_cell(cell: Cell, d: Path, model_dir: Path | None, scan_dir: Path | 
             elif cell.family != "repair":
                 _run_cli([*defense_args(cell, model_dir, d, pres), *compute], log)
             else:
-                from backdoorlab.defenses.neural_cleanse import repair_labels
+                from backdoorlab.defenses.neural_cleanse import scan_repair_labels
 
                 args = repair_args(cell, model_dir, d, pres, scan_dir)
-                flagged = None
-                if scan_dir:
-                    scan = json.loads((scan_dir / "results.json").read_text())
-                    flagged = repair_labels(scan["flagged"], scan.get("label_p_values") or {})
+                flagged = (scan_repair_labels(json.loads((scan_dir / "results.json").read_text()))
+                           if scan_dir else None)
                 if flagged == []:
                     print("Neural Cleanse flagged no label: no reversed trigger to repair with; model "
                           "unchanged", file=log)
