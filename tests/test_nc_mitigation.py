@@ -125,3 +125,40 @@ def test_repair_labels_keep_the_flags_the_calibration_supports():
     # no p-value on record (a detector without one flags by its own rule): every flag; nothing
     # flagged: nothing
     assert repair_labels([4, 0], {}) == [4, 0] and repair_labels([], {"0": 0.001}) == []
+
+
+def test_unlearn_runs_at_least_min_steps_and_breaks_ties_by_the_triggers_pull(setup):
+    from backdoorlab.defenses.nc_mitigation import target_probability, unlearn
+
+    clf, valid, test, ps, triggers = setup
+    cfg = TrainConfig(epochs=2, lr=0.01, batch_size=64, optimizer="sgd", schedule="none")
+    _, short = unlearn(clf, valid, triggers, [0], cfg=cfg, min_steps=0)
+    per_epoch = -(-short["tune_images"] // 64)
+    assert short["epochs"] == 2 and short["steps"] == 2 * per_epoch
+    model, info = unlearn(clf, valid, triggers, [0], cfg=cfg, min_steps=10 * per_epoch + 1)
+    assert info["epochs"] == 11 and info["steps"] >= 10 * per_epoch + 1
+    epochs = info["per_epoch"]
+    assert len(epochs) == 12  # the given model and 11 epochs
+    # the kept epoch: best held-back accuracy minus trigger success, then the lowest pull
+    def rank(e: dict) -> tuple[float, float]:
+        return (selection_score(e["select_accuracy"], e["select_trigger_asr"], epochs[0]["select_accuracy"],
+                                info["select_images"], 2.0), -e["select_trigger_probability"])
+
+    assert rank(epochs[info["best_epoch"]]) == max(rank(e) for e in epochs)
+    kept = epochs[info["best_epoch"]]
+    # the probability reported is the kept model's own on the stamped held-back images
+    assert 0.0 <= kept["select_trigger_probability"] <= 1.0
+    st, targets = stamped(test, triggers, [0])
+    assert target_probability(model, st.images, targets) < target_probability(clf, st.images, targets)
+
+
+def test_train_keeps_the_earliest_of_equal_scores_and_reads_tuples_in_order(setup):
+    from backdoorlab.train import train
+
+    clf, valid, *_ = setup
+    cfg = TrainConfig(epochs=3, lr=1e-4, batch_size=64, schedule="none")
+    calls = iter(range(100))
+    log = train(clf.copy(), valid, None, cfg, score=lambda: (1.0, {}))
+    assert log.best_epoch == 0
+    log = train(clf.copy(), valid, None, cfg, score=lambda: ((1.0, next(calls)), {}))
+    assert log.best_epoch == 3  # equal first elements: the second decides

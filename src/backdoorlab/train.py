@@ -47,7 +47,8 @@ class TrainConfig:
 class TrainLog:
     epochs: list[dict] = field(default_factory=list)
     best_epoch: int = -1
-    best_valid_accuracy: float = float("nan")  # or the best ``score`` when `train` was given one
+    # or the best ``score`` when `train` was given one (a float, or a tuple compared in order)
+    best_valid_accuracy: float | tuple[float, ...] = float("nan")
     seconds: float = 0.0
     config: dict = field(default_factory=dict)
 
@@ -78,7 +79,7 @@ def train(clf: Classifier, data: ImageSet, valid: ImageSet | None = None,
           cfg: TrainConfig | None = None, desc: str = "train",
           params: list[nn.Parameter] | None = None,
           after_step: Callable[[], None] | None = None,
-          score: Callable[[], tuple[float, dict]] | None = None,
+          score: Callable[[], tuple[float | tuple[float, ...], dict]] | None = None,
           batch_hook: BatchHook | None = None, train_hook: TrainHook | None = None) -> TrainLog:
     """Train ``clf.net`` in place on ``data``; keep the best weights on ``valid``.
 
@@ -86,9 +87,11 @@ def train(clf: Classifier, data: ImageSet, valid: ImageSet | None = None,
     every optimiser step (e.g. to re-apply a sparsity mask). ``score`` replaces validation accuracy
     as what picks the epoch to keep: called in eval mode before training (epoch 0, the model as
     given, which may be kept) and after every epoch, it returns (score, figures to log); the highest
-    score wins. ``batch_hook`` (`backdoorlab.triggers.base.BatchHook`) rewrites each batch before
-    augmentation — the one place where training-time attacks (WaNet's noise mode, BPP's negative
-    samples) change the loop; it gets the uint8 images, labels, row numbers and a generator
+    score wins, the earliest epoch among equal ones (a tuple score is compared element by element,
+    so later elements break ties of the first). ``batch_hook``
+    (`backdoorlab.triggers.base.BatchHook`) rewrites each batch before augmentation — the one
+    place where training-time attacks (WaNet's noise mode, BPP's negative samples) change the
+    loop; it gets the uint8 images, labels, row numbers and a generator
     seeded from ``cfg.seed``. ``train_hook`` (`backdoorlab.triggers.base.TrainHook`) is its
     differentiable counterpart, after augmentation, for a trigger trained with the network (its
     extra loss is added, its own optimiser stepped after each backward pass). Returns a `TrainLog`

@@ -246,7 +246,7 @@ def prepare_mitigation(args: argparse.Namespace, clf, clean) -> dict | None:
     cfg = TrainConfig(epochs=args.mitigate_epochs, lr=u.lr, batch_size=u.batch_size, optimizer=u.optimizer,
                       schedule="none", seed=args.seed)
     return {"methods": methods, "labels": labels, "test": test, "poisoned": load_poisoned(args, clf),
-            "cfg": cfg}
+            "cfg": cfg, "min_steps": u.min_steps}
 
 
 def run_mitigation(args: argparse.Namespace, clf, clean, res, out: Path, plan: dict) -> None:
@@ -261,7 +261,7 @@ def run_mitigation(args: argparse.Namespace, clf, clean, res, out: Path, plan: d
         return
     sets = plan["poisoned"]
     result, models = mitigate(clf, clean, plan["test"], res.triggers, labels, sets, None, plan["methods"],
-                              plan["cfg"], args.seed)
+                              plan["cfg"], args.seed, min_steps=plan["min_steps"])
     names = [""] if len(sets) <= 1 else [f" {ps.name}" for ps in sets]
     head = ["method", "clean test acc", *[f"ASR{n}" for n in names], "detection rate"]
     rules = [f"ASR on {line}." for line in poisoned_lines(sets)]
@@ -331,7 +331,8 @@ def register(sub) -> None:
     p.add_argument("--mitigate-labels", help="labels whose reversed triggers to use (default: the flagged "
                    "labels with a calibrated p-value <= 0.05, else the most anomalous flagged one)")
     p.add_argument("--mitigate-epochs", type=EPOCHS, default=10,
-                   help="unlearning epochs, the best on held-back clean data kept")
+                   help="unlearning epochs (more when they make fewer than nc-unlearn's min_steps "
+                   "optimiser steps), the best on held-back clean data kept")
     p.add_argument("--test", metavar="DATA", help="clean test data for the mitigation figures")
     add_poisoned_options(p, "poisoned test data for the mitigation figures")
     add_model_options(p)
