@@ -14,6 +14,9 @@ def test_repair_rows_and_verdicts():
     assert _repair_row("a", res(0.95, 0.90, 0.01))[-1] == "removes it, at 5.0 pts of accuracy"
     assert _repair_row("a", res(0.95, 0.95, 0.30))[-1].startswith("weak: the backdoor partly stays")
     assert _repair_row("a", res(0.95, 0.95, 0.90))[-1] == "weak: the backdoor stays (ASR 90.0 %)"
+    # a weak repair that also costs accuracy says so (FT-SAM on the demo's 136 images: -31 points)
+    assert (_repair_row("a", res(0.96, 0.647, 0.466))[-1]
+            == "weak: the backdoor partly stays (ASR 46.6 %; costs 31.3 pts of accuracy)")
     assert _labels([]) == "none" and _labels([0]) == "label 0" and _labels([0, 4]) == "labels 0, 4"
     models = {"badnets": {"asr": 0.99}, "ftrojan": {"asr": 0.04}}
     v = _verdicts(models, {"clean": [], "badnets": [0]},

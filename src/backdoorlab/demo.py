@@ -256,10 +256,9 @@ def _repair_row(method: str, res: dict) -> list[str]:
         verdict = "removes the backdoor"
     elif asr <= 0.02:
         verdict = f"removes it, at {drop:.1f} pts of accuracy"
-    elif asr < 0.5:
-        verdict = f"weak: the backdoor partly stays (ASR {_pct(asr)})"
     else:
-        verdict = f"weak: the backdoor stays (ASR {_pct(asr)})"
+        verdict = (f"weak: the backdoor {'partly ' if asr < 0.5 else ''}stays (ASR {_pct(asr)}"
+                   + (f"; costs {drop:.1f} pts of accuracy)" if drop > 2 else ")"))
     der = "—" if res.get("der") is None else f"{res['der']:.3f}"
     return [method, _pct(after["clean_accuracy"]), _pct(asr), der, f"{res['cost']['seconds']:.0f} s", verdict]
 
