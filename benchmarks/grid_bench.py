@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import tempfile
 from pathlib import Path
@@ -90,6 +91,8 @@ def run_grid(config: Path, out: Path, jobs: str, seeds: str | None, threads: str
         with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False, dir=config.parent) as f:
             f.write(text)
         run_config = Path(f.name)
+    # a `kill` (SIGTERM) stops the run like Ctrl-C, so that the copy is removed below
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         extra = ["--threads", threads] if threads else []
         return cli(["run", str(run_config), "--out", str(out), "--jobs", jobs, "--no-report", *extra])
