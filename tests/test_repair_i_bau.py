@@ -56,13 +56,15 @@ def test_seeded_runs_are_identical_and_the_seed_matters(badnet):
     assert not same(state(a), state(c))
 
 
-def test_perturbation_respects_the_bound_and_pixels_stay_valid(badnet):
+def test_perturbation_respects_the_bound_and_pixels_stay_valid_when_clipped(badnet):
     clf, data, _, _ = badnet
     x01 = torch.from_numpy(data.clean.images[:40]).float() / 255
     d = torch.full((1, *x01.shape[1:]), 0.7)
     d[..., :4, :] = -0.9
-    out = perturbed(x01, d)
+    out = perturbed(x01, d, clip=True)
     assert out.min() >= 0 and out.max() <= 1 and (out == 1).any() and (out == 0).any()
+    # unclipped (the default, as in the paper's formula and its defense.py): x + delta exactly
+    assert torch.equal(perturbed(x01, d), x01 + d) and perturbed(x01, d).max() > 1
     assert float(project(d, 2.0).norm()) == pytest.approx(2.0, rel=1e-5)
     assert torch.equal(project(d * 1e-3, 2.0), d * 1e-3)        # inside the ball: unchanged
     model = clf.copy()
