@@ -21,7 +21,11 @@ whose fused activation maps 0 to a non-zero value cannot be switched off and is 
 Which BN follows which conv is read from one pass of a blank image through a copy of the network
 (tensor identity, not data, not counted as an image pass); the paper's code pairs each BN with the
 conv defined before it, which here differs only where a BN reads a residual sum (PreAct-ResNet's
-bn1): such a conv is scored on its own kernel. ``needs = ("clean",)`` is declared because the
+bn1 and final BN): those BNs are not scored or pruned here (the paper's code scores them with the
+kernel of the conv registered just before them, which does not produce their input), and the
+convs before them (conv2, shortcut) are scored on their own kernel and pruned by zeroing it. The
+paper's code also leaves out eps in sigma; with it, a channel whose running variance is 0 gets a
+finite bound here (an infinite one there, which disables its whole layer). ``needs = ("clean",)`` is declared because the
 repair framework measures on the defender's clean data; the method never reads it.
 
 Paper's setting: ResNet-18 / VGG on CIFAR-10 (and others), u = 3, no data. Ours: the same.
