@@ -62,6 +62,14 @@ def bench_cell(cell: Path, limit: int, n_loop: int, far: float, opts: dict | Non
     asr = ps.success_rate(clf)
     options = resolve_options("strip", opts or {})
     res = evaluate("strip", clf, valid, test, ps, options=options, far=far)
+    out = {"cell": cell.name, "model": clf.describe(), "triggers": clf.provenance.get("triggers"),
+           "target": ps.target, "asr": asr, "valid": len(valid), "options": asdict(options),
+           "n_clean": res.n_clean, "n_poisoned": res.n_poisoned, "far_requested": far,
+           "threshold": res.threshold, "far_measured": res.far_measured,
+           "detection_rate": res.detection_rate, "auroc": res.auroc,
+           "eval_seconds": res.seconds, "eval_image_passes": res.passes, "speed": None}
+    if n_loop < 1:  # --loop 0: no speed comparison
+        return out
     # speed: same scorer, same overlays, batched vs one input at a time
     scorer = registry.get("strip", "input-detector").run(clf, valid, options)
     score = scorer.score
@@ -77,21 +85,16 @@ def bench_cell(cell: Path, limit: int, n_loop: int, far: float, opts: dict | Non
     slow = time.perf_counter() - t0
     diff = float(np.max(np.abs(sb - sl)))
     assert diff < 1e-4, f"batched and loop scores differ by {diff}"
-    return {"cell": cell.name, "model": clf.describe(), "triggers": clf.provenance.get("triggers"),
-            "target": ps.target, "asr": asr, "valid": len(valid), "options": asdict(options),
-            "n_clean": res.n_clean, "n_poisoned": res.n_poisoned, "far_requested": far,
-            "threshold": res.threshold, "far_measured": res.far_measured,
-            "detection_rate": res.detection_rate, "auroc": res.auroc,
-            "eval_seconds": res.seconds, "eval_image_passes": res.passes,
-            "speed": {"inputs": len(x), "batched_seconds": min(fast), "loop_seconds": slow,
-                      "ratio": slow / min(fast), "max_abs_diff": diff}}
+    out["speed"] = {"inputs": len(x), "batched_seconds": min(fast), "loop_seconds": slow,
+                    "ratio": slow / min(fast), "max_abs_diff": diff}
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", nargs="+", type=Path, default=CELLS)
     ap.add_argument("--limit", type=int, default=2000, help="inputs per test set (0 = all)")
-    ap.add_argument("--loop", type=int, default=300, help="inputs of the speed comparison")
+    ap.add_argument("--loop", type=int, default=300, help="inputs of the speed comparison (0: none)")
     ap.add_argument("--far", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -112,9 +115,10 @@ def main() -> None:
               f"{r['far_requested']:.0%} requested; FAR measured {r['far_measured']:.2%} of "
               f"{r['n_clean']} clean; AUROC {r['auroc']:.4f}; {r['eval_seconds']:.0f} s, "
               f"{r['eval_image_passes']:,} image passes")
-        print(f"  speed on {s['inputs']} inputs: batched {s['batched_seconds']:.1f} s, loop "
-              f"{s['loop_seconds']:.1f} s, ratio {s['ratio']:.2f}x (max |diff| {s['max_abs_diff']:.1e})",
-              flush=True)
+        if s:
+            print(f"  speed on {s['inputs']} inputs: batched {s['batched_seconds']:.1f} s, loop "
+                  f"{s['loop_seconds']:.1f} s, ratio {s['ratio']:.2f}x (max |diff| "
+                  f"{s['max_abs_diff']:.1e})", flush=True)
         if a.json:  # after every cell: a long run keeps what it measured
             a.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -115,6 +115,12 @@ def test_batched_scores_equal_the_one_input_loop(digits_badnet):
     ref_mix = loop_scores(clf, x, mix.pool, mix.draws(len(x)), 0.5, mode="mix")
     np.testing.assert_allclose(mix(x), ref_mix, rtol=0, atol=1e-5)
     assert np.abs(ref_mix - ref).max() > 1e-2
+    # the unclipped sum (the authors' notebook on floats, BackdoorBench): batched = loop, and not
+    # the clipped add's scores (the digits have white strokes, so sums above 255 occur)
+    raw = m.run(clf, art["valid"], m.options(superimpose="add-unclipped", batch=250)).score
+    ref_raw = loop_scores(clf, x, raw.pool, raw.draws(len(x)), 0.5, mode="add-unclipped")
+    np.testing.assert_allclose(raw(x), ref_raw, rtol=0, atol=1e-5)
+    assert np.abs(ref_raw - ref).max() > 1e-2
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,9 @@ bn1 and final BN): those BNs are not scored or pruned here (the paper's code sco
 kernel of the conv registered just before them, which does not produce their input), and the
 convs before them (conv2, shortcut) are scored on their own kernel and pruned by zeroing it. The
 paper's code also leaves out eps in sigma; with it, a channel whose running variance is 0 gets a
-finite bound here (an infinite one there, which disables its whole layer). ``needs = ("clean",)`` is declared because the
-repair framework measures on the defender's clean data; the method never reads it.
+finite bound here (an infinite one there, which disables its whole layer). ``needs =
+("clean",)`` is declared because the repair framework measures on the defender's clean data; the
+method never reads it.
 
 Paper's setting: ResNet-18 / VGG on CIFAR-10 (and others), u = 3, no data. Ours: the same.
 """
