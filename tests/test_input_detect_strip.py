@@ -104,7 +104,7 @@ def test_batched_scores_equal_the_one_input_loop(digits_badnet):
     for batch in (1, 250, 2000):  # 1 input, 2 inputs, all inputs per network batch
         score = m.run(clf, art["valid"], m.options(batch=batch)).score
         s = score(x)
-        if ref is None:  # the default superimposition: the authors' add, clipped at 255
+        if ref is None:  # the default superimposition: the authors' add, not clipped
             assert score.options.superimpose == "add"
             ref = loop_scores(clf, x, score.pool, score.draws(len(x)), score.options.alpha, "add")
         np.testing.assert_allclose(s, ref, rtol=0, atol=1e-5)
@@ -115,10 +115,10 @@ def test_batched_scores_equal_the_one_input_loop(digits_badnet):
     ref_mix = loop_scores(clf, x, mix.pool, mix.draws(len(x)), 0.5, mode="mix")
     np.testing.assert_allclose(mix(x), ref_mix, rtol=0, atol=1e-5)
     assert np.abs(ref_mix - ref).max() > 1e-2
-    # the unclipped sum (the authors' notebook on floats, BackdoorBench): batched = loop, and not
-    # the clipped add's scores (the digits have white strokes, so sums above 255 occur)
-    raw = m.run(clf, art["valid"], m.options(superimpose="add-unclipped", batch=250)).score
-    ref_raw = loop_scores(clf, x, raw.pool, raw.draws(len(x)), 0.5, mode="add-unclipped")
+    # the sum clipped at 255: batched = loop, and not the unclipped add's scores (the digits have
+    # white strokes, so sums above 255 occur)
+    raw = m.run(clf, art["valid"], m.options(superimpose="add-clip", batch=250)).score
+    ref_raw = loop_scores(clf, x, raw.pool, raw.draws(len(x)), 0.5, mode="add-clip")
     np.testing.assert_allclose(raw(x), ref_raw, rtol=0, atol=1e-5)
     assert np.abs(ref_raw - ref).max() > 1e-2
 
@@ -208,7 +208,9 @@ def test_cli_classify_filter_answers_class_n_for_rejected_inputs(digits_badnet, 
         assert r["class"] == (10 if rej else int(k))
     pois_rej = np.mean([r["backdoored"] for r in rows[:150]])
     clean_rej = np.mean([r["backdoored"] for r in rows[150:]])
-    assert pois_rej > 0.4 and clean_rej < 0.15 and pois_rej > clean_rej + 0.3
+    # measured: 36.7 % of the poisoned and 7.3 % of the clean inputs rejected (the unclipped add
+    # pushes this white patch above white; add-clip rejects 100 %, docstring of strip.py)
+    assert clean_rej < 0.15 and pois_rej > clean_rej + 0.2
     # text output: the rejected ones carry the word
     assert main(argv[:-1]) == 0
     lines = capsys.readouterr().out.splitlines()
