@@ -190,3 +190,26 @@ def test_scan_runs_abs_only_when_asked(digits_badnet, tmp_path, capsys):
     abs_ = doc["detectors"]["abs"]
     assert abs_["p_value"] is None and ("abs" in doc["significant"]) == bool(abs_["flagged"])
     assert doc["backdoored"] and doc["targets"][0] == TARGET  # mm-bd's flag at 0.05
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(digits_badnet, tmp_path, capsys):
+    """A layer that is not a stage, or a trigger bound out of range: one line naming the problem,
+    exit status 2, and no output folder."""
+    from backdoorlab.data.csaw import write_csaw_h5
+    from backdoorlab.models import save_model
+
+    clf, art, _ = digits_badnet
+    model = str(save_model(clf, tmp_path / "m.safetensors"))
+    clean = tmp_path / "clean.h5"
+    write_csaw_h5(art["valid"], clean)
+    for option, problem in ((["--layer", "nope"], "not a stage"), (["--max-size", "0"], "--max-size")):
+        out = tmp_path / f"bad{len(option[0])}"
+        capsys.readouterr()
+        try:  # the option parser exits by itself on a value out of range
+            status = main(["detect", "abs", model, "--clean", str(clean), *option, "--out", str(out)])
+        except SystemExit as stop:
+            status = stop.code
+        assert status == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and problem in err[0], err
+        assert not out.exists()

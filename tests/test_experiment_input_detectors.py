@@ -166,9 +166,15 @@ def test_a_method_revision_changes_only_that_methods_keys(monkeypatch):
     import dataclasses
 
     from backdoorlab import registry
+    from backdoorlab.experiment import cells
 
+    seen: list[dict] = []
+    real = cells.digest
+    monkeypatch.setattr(cells, "digest", lambda o: seen.append(o) or real(o))
     before = _keys("mm-bd", "fine-prune")
     assert registry.get("mm-bd").revision == 0
+    defenses = [o["defense"] for o in seen if o.get("kind") == "defense"]
+    assert len(defenses) == 2 and all("revision" not in d for d in defenses)  # revision 0: no field
     monkeypatch.setitem(registry._METHODS, "mm-bd", dataclasses.replace(registry.get("mm-bd"), revision=1))
     assert _only_changed(before, _keys("mm-bd", "fine-prune"), "a-mm-bd-s0")
 

@@ -66,7 +66,7 @@ def test_threshold_rule_exact_zeros_and_the_given_model_untouched(digits_runs):
     assert res.after.asr < res.before.asr
 
 
-def test_count_prunes_the_lowest_masks_and_lowers_the_asr(digits_runs):
+def test_count_prunes_exactly_the_lowest_masks_and_keeps_accuracy(digits_runs):
     *_, (_, thr), (_, cnt) = digits_runs
     assert cnt.details["mask"] == thr.details["mask"]  # seeded: the same masks again
     values = flat_mask(cnt.details)

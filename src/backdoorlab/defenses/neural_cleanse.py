@@ -31,7 +31,7 @@ where the scripts set 2; early stop at ``early_stop_threshold`` 0.99 after 10 ×
 checks where the scripts use 1.0 (any improvement resets) after 5 × ``patience`` epochs. Each
 moves when a label stops and so its norm. On the 34 digits zoo models the scripts' constants
 flagged as many backdoors (9 of 22) and one clean model fewer (0 of 7), at 1.3-2.2 times the
-image passes (`benchmarks/nc_schedule_digits.py`, docs/detection.md).
+image passes (`benchmarks/nc_schedule_zoo.py`, docs/detection.md).
 
 Speed (CPU): many labels are optimised at once — K labels × B images form one forward/backward
 pass of K·B images (each label has its own mask, pattern, λ, Adam state and schedule; a label

@@ -1,5 +1,5 @@
 """Neural Cleanse with the schedule constants of the authors' example scripts against ours, on the
-digits models of the zoo (docs/detection.md, "Checked against the authors' code").
+models of the zoo (docs/detection.md, "Checked against the authors' code").
 
 The scripts (``gtsrb_visualize_example.py`` of bolunwang/backdoor; BackdoorBench's ``nc``
 configuration agrees) check the cost schedule once per epoch, multiply the cost by 2 and stop
@@ -9,8 +9,11 @@ neural-cleanse`` with the scripts' constants (set on every `NCConfig` the detect
 everything else as our default, ``mode fast`` included) on each digits zoo model that has a
 Neural Cleanse cell, writes the scans under ``--out`` (resumable: finished models are skipped)
 and prints each model's flags and calibrated p-value next to the zoo cell's (our defaults).
+``--settings`` names the zoo files (default: the two digits ones; ``gtsrb,gtsrb-attacks`` the
+GTSRB models, 10-25 minutes each on one thread); ``--only`` keeps the models whose
+``ATTACK-sSEED`` matches a regular expression.
 
-    nice python benchmarks/nc_schedule_digits.py [--zoo runs/zoo] [--out runs/nc-authors]
+    nice python benchmarks/nc_schedule_zoo.py [--settings digits-small,digits-short] [--only RE]
 
 Needs the zoo's runs (``benchmarks/zoo.py``) in this workspace.
 """
@@ -25,7 +28,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = ("digits-small", "digits-short")
+SETTINGS = "digits-small,digits-short"
 
 
 def scripts_constants() -> None:
@@ -58,16 +61,20 @@ def main() -> None:
     ap.add_argument("--zoo", default=str(ROOT / "runs" / "zoo"))
     ap.add_argument("--out", default=str(ROOT / "runs" / "nc-authors"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--settings", default=SETTINGS, help="zoo files, comma-separated")
+    ap.add_argument("--only", default="", help="regular expression on ATTACK-sSEED")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     scripts_constants()
-    for setting in SETTINGS:
+    for setting in args.settings.split(","):
         cells = Path(args.zoo) / setting / "cells"
         for scan in sorted(glob.glob(f"{cells}/*-neural-cleanse-s*")):
             m = re.match(r"(.+)-neural-cleanse-(s\d+)-", os.path.basename(scan))
             if not m or not os.path.exists(f"{scan}/results.json"):
                 continue
             attack, seed = m.groups()
+            if args.only and not re.search(args.only, f"{attack}-{seed}"):
+                continue
             models = [c for c in glob.glob(f"{cells}/{attack}-{seed}-*")
                       if os.path.exists(f"{c}/model.safetensors")]
             if not models:
