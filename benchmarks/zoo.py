@@ -47,8 +47,8 @@ from doc_section import replace_section
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "benchmarks" / "zoo"
 BEGIN, END = "<!-- zoo:begin -->", "<!-- zoo:end -->"
-SETTINGS = ["digits-small", "digits-short", "digits-gtsrb-cnn", "gtsrb", "gtsrb-attacks",
-            "gtsrb-attacks-more"]
+SETTINGS = ["digits-small", "digits-short", "digits-input-aware", "digits-gtsrb-cnn", "gtsrb",
+            "gtsrb-attacks", "gtsrb-attacks-more"]
 RECORD = ROOT / "benchmarks" / "results" / "zoo.json"
 CSAW = {"sunglasses": ("sunglasses_bd_weights.h5", "unit", [0]),
         "anonymous_1": ("anonymous_1_bd_weights.h5", "unit", None),
