@@ -51,3 +51,90 @@ def test_scan_refuses_before_any_work(tmp_path, capsys, digits_badnet):
     assert main(["scan", model, "--target", "10", "--out", str(tmp_path / "c")]) == 2
     assert "out of range" in capsys.readouterr().err
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_merged_p_value_is_n_over_k_times_the_kth_smallest():
+    import pytest
+
+    from backdoorlab.detectors import merged_p_value
+
+    assert merged_p_value([0.2]) == 0.2
+    assert merged_p_value([0.03, 0.01]) == pytest.approx(0.02)  # k = 1: twice the smaller
+    assert merged_p_value([0.2, 0.01, 0.03]) == pytest.approx(0.045)  # k = 2: 3/2 × 0.03
+    assert merged_p_value([0.001, 0.002, 0.9, 0.8]) == pytest.approx(0.004)  # k = 2: 4/2 × 0.002
+    assert merged_p_value([0.6, 0.7, 0.9]) == 1.0  # capped
+    # one seed that happens to be extreme does not carry the merge
+    assert merged_p_value([1e-9, 0.4, 0.5]) > 0.5
+    with pytest.raises(ValueError):
+        merged_p_value([])
+
+
+def test_merging_keeps_the_level_when_k_of_n_runs_are_small_together():
+    """Rüger's bound is sharp: the p-values below share one small event as far as they can.
+    With n = 3, k = 2 and level 0.05, the event 'at least 2 of 3 p-values ≤ 0.05 · 2/3' can have
+    probability 0.05 exactly (each p-value uniform); the merge must reject on it and no more."""
+    import numpy as np
+
+    from backdoorlab.detectors import merged_p_value
+
+    rng = np.random.default_rng(0)
+    n, alpha, trials = 3, 0.05, 40_000
+    c = alpha * 2 / 3
+    # each p-value is uniform on [0, 1]: with probability alpha two of the three (a random pair)
+    # are uniform below c and the third uniform above; otherwise all three are uniform above c
+    small = rng.random(trials) < alpha
+    above = rng.integers(0, n, trials)
+    low = rng.random((trials, n)) * c
+    high = c + rng.random((trials, n)) * (1 - c)
+    ps = np.where(small[:, None] & (np.arange(n)[None, :] != above[:, None]), low, high)
+    for j in range(n):  # the marginals are uniform (within Monte Carlo error)
+        assert abs(np.mean(ps[:, j] <= c) - c) < 4 * np.sqrt(c / trials)
+    rate = np.mean([merged_p_value(list(row)) <= alpha for row in ps])
+    assert rate <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / trials)
+    assert rate >= alpha - 3 * np.sqrt(alpha * (1 - alpha) / trials)  # and the bound is reached
+    # the factor n/k is needed: with the pair uniform below alpha on an event of probability
+    # 1.5 alpha (marginals still uniform), the bare median rejects 1.5 alpha of the time
+    small = rng.random(trials) < 1.5 * alpha
+    low = rng.random((trials, n)) * alpha
+    high = alpha + rng.random((trials, n)) * (1 - alpha)
+    ps = np.where(small[:, None] & (np.arange(n)[None, :] != above[:, None]), low, high)
+    for j in range(n):
+        assert abs(np.mean(ps[:, j] <= alpha) - alpha) < 4 * np.sqrt(alpha / trials)
+    bare = np.mean(np.sort(ps, axis=1)[:, 1] <= alpha)
+    assert bare > 1.4 * alpha
+    assert np.mean([merged_p_value(list(row)) <= alpha for row in ps]) <= alpha
+
+
+def test_scan_repeats_merges_the_seeds(tmp_path, capsys, digits_badnet):
+    import json
+
+    import pytest
+
+    from backdoorlab.data.csaw import write_csaw_h5
+    from backdoorlab.detectors import detect, detect_repeated, merged_p_value
+    from backdoorlab.models import save_model
+
+    clf, art, _ = digits_badnet
+    runs = [detect("mm-bd", clf, None, {"seed": s}) for s in range(3)]
+    merged = detect_repeated("mm-bd", clf, None, None, None, 3)
+    reps = merged.detection.details["repeats"]
+    assert [r["seed"] for r in reps] == [0, 1, 2]
+    assert [r["p_value"] for r in reps] == [r.detection.p_value for r in runs]
+    assert merged.detection.p_value == pytest.approx(merged_p_value([r.detection.p_value for r in runs]))
+    assert merged.passes == sum(r.passes for r in runs)
+    one = detect_repeated("mm-bd", clf, None, None, None, 1)
+    assert one.detection.p_value == runs[0].detection.p_value and "repeats" not in one.detection.details
+    model = str(save_model(clf, tmp_path / "m.safetensors"))
+    clean = tmp_path / "clean.h5"
+    write_csaw_h5(art["valid"], clean)
+    out = tmp_path / "scan"
+    assert main(["scan", model, "--detector", "mm-bd", "--repeats", "3", "--out", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["repeats"] == 3 and len(doc["detectors"]["mm-bd"]["details"]["repeats"]) == 3
+    assert doc["detectors"]["mm-bd"]["p_value"] == pytest.approx(merged.detection.p_value)
+    assert "seed 2: p" in (out / "summary.txt").read_text()
+    try:
+        status = main(["scan", model, "--repeats", "0", "--out", str(tmp_path / "bad")])
+    except SystemExit as stop:
+        status = stop.code
+    assert status == 2 and not (tmp_path / "bad").exists()

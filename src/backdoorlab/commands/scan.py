@@ -24,16 +24,19 @@ from backdoorlab.commands.common import (
     add_model_options,
     add_out_option,
     check_out,
+    integer,
     load_data,
     load_model_from_args,
 )
 from backdoorlab.errors import BadInput
 
+REPEATS = integer(1, 100)
+
 
 def cmd_scan(args: argparse.Namespace) -> int:
     check_out(args, "scan")
     from backdoorlab import registry
-    from backdoorlab.detectors import detect, scan_set, verdict
+    from backdoorlab.detectors import detect_repeated, scan_set, verdict
     from backdoorlab.evaluation import check_compatible
     from backdoorlab.io import atomic_dir, write_json
 
@@ -60,8 +63,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     print(f"data:       {given}")
     results = {}
     for m in runnable:
-        print(f"running     {m.name} ({m.paper}) …", flush=True)
-        results[m.name] = detect(m.name, clf, clean, None, args.target)
+        times = f", {args.repeats} seeds" if args.repeats > 1 else ""
+        print(f"running     {m.name} ({m.paper}{times}) …", flush=True)
+        results[m.name] = detect_repeated(m.name, clf, clean, None, args.target, args.repeats)
     ver = verdict(results)
     backdoored, targets = ver.backdoored, ver.targets
     lines = [f"verdict:    {'BACKDOORED' if backdoored else 'no backdoor found'}"
@@ -75,6 +79,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
         sig = "significant" if name in ver.significant else "not significant"
         lines.append(f"  {name:<15} flags {said:<16} {det.statistic_name} {stat} ({sig}); "
                      f"{res.seconds:.1f} s, {res.passes:,} image passes")
+        for run in det.details.get("repeats", []) if args.repeats > 1 else []:
+            value = run["p_value"] if run["p_value"] is not None else run["statistic"]
+            what = "p" if run["p_value"] is not None else "statistic"
+            flags = ", ".join(map(str, run["flagged"])) or "none"
+            lines.append(f"  {'':<15}   seed {run['seed']}: {what} {value:.4g}, flags {flags}")
     for name, why in skipped.items():
         lines.append(f"  {name:<15} skipped: {why}")
     if args.target:
@@ -83,6 +92,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
                      f"{', '.join(map(str, args.target))})")
     doc = {"kind": "scan", "backdoored": backdoored, "targets": targets, "rule": ver.rule,
            "alpha": ver.alpha, "level": ver.level, "significant": ver.significant,
+           "repeats": args.repeats,
            "detectors": {k: v.to_dict() for k, v in results.items()}, "skipped": skipped,
            "inputs": {"model": args.model, "clean": args.clean}}
     out = Path(args.out)
@@ -119,6 +129,11 @@ def register(sub) -> None:
                    "'backdoorlab list')")
     p.add_argument("--target", action="append", type=LABEL, metavar="LABEL",
                    help="the attack's target, if known (only scores the answer; repeatable)")
+    p.add_argument("--repeats", type=REPEATS, default=1, metavar="N",
+                   help="run each detector N times (seeds 0 … N-1) and merge: p-value = N/k × the "
+                   "k-th smallest, k = ceil(N/2), valid however the runs depend on each other "
+                   "(Rüger 1978); flags = labels at least k runs flag. Costs N times the time; "
+                   "shows how much the verdict depends on the seed (default: 1)")
     add_out_option(p)
     add_model_options(p)
     add_data_options(p)

@@ -85,6 +85,83 @@ def detect(name: str, clf: Classifier, clean: ImageSet, options: Any = None,
                         list(targets) if targets is not None else None)
 
 
+def merged_p_value(p_values: list[float]) -> float:
+    """One p-value from N p-values of the same hypothesis, however dependent they are: N/k times
+    the k-th smallest, k = ceil(N/2) (the median for odd N; N = 2 gives twice the smaller). Valid
+    because rejecting when at least k of N level-a tests reject has size at most N·a/k (Rüger,
+    Metrika 1978; Vovk & Wang, "Combining p-values via averaging", Biometrika 2020). Used for
+    repeated runs of one randomised detector on one model (different seeds)."""
+    import math
+
+    if not p_values:
+        raise ValueError("no p-values to merge")
+    n = len(p_values)
+    k = math.ceil(n / 2)
+    return min(1.0, n / k * sorted(p_values)[k - 1])
+
+
+def detect_repeated(name: str, clf: Classifier, clean: ImageSet, options: Any = None,
+                    targets: list[int] | None = None, repeats: int = 1) -> DetectResult:
+    """Run detector ``name`` ``repeats`` times, at its seed option + 0, 1, …, and merge the runs:
+    the p-value by `merged_p_value`; the flagged labels are those at least k = ceil(N/2) runs flag
+    (most runs first); backdoored when at least k runs say so by the detector's own rule; the
+    statistic is the merged p-value where the detector has one, else the median statistic; the
+    triggers come from the run whose p-value (or statistic) is the median one. ``repeats = 1`` is
+    `detect`. Details keep every run's seed, p-value, statistic and flags."""
+    import math
+    import statistics
+    from collections import Counter
+
+    from backdoorlab import registry
+    from backdoorlab.options import from_mapping
+
+    if repeats == 1:
+        return detect(name, clf, clean, options, targets)
+    method = registry.get(name, "model-detector")
+    if options is None:
+        options = method.options()
+    elif isinstance(options, dict):
+        options = from_mapping(method.options, options, f"detect {name}")
+    base = asdict(options)
+    seed0 = base.get("seed", 0)
+    runs = [detect(name, clf, clean, {**base, "seed": seed0 + i}, targets) for i in range(repeats)]
+    dets = [r.detection for r in runs]
+    k = math.ceil(repeats / 2)
+    ps = [d.p_value for d in dets]
+    have_p = all(p is not None for p in ps)
+    counts = Counter(y for d in dets for y in d.flagged)
+    first = {}
+    for d in dets:
+        for rank, y in enumerate(d.flagged):
+            first.setdefault(y, rank)
+    flagged = sorted((y for y, c in counts.items() if c >= k), key=lambda y: (-counts[y], first[y]))
+    if have_p:
+        merged = merged_p_value(ps)  # type: ignore[arg-type]
+        statistic: float | None = merged
+        nth = {1: "smallest", 2: "2nd smallest", 3: "3rd smallest"}.get(k, f"{k}th smallest")
+        stat_name = f"p-value merged over {repeats} seeds ({repeats}/{k} × the {nth})"
+        order = sorted(range(repeats), key=lambda i: ps[i])  # type: ignore[arg-type, return-value]
+    else:
+        merged = None
+        stats = [d.statistic for d in dets if d.statistic is not None]
+        statistic = statistics.median(stats) if stats else None
+        stat_name = f"median of {repeats} seeds: {dets[0].statistic_name}"
+        order = sorted(range(repeats), key=lambda i: -(dets[i].statistic or 0.0))
+    middle = dets[order[k - 1]]
+    scores = {y: statistics.fmean(d.scores.get(y, 0.0) for d in dets) for y in dets[0].scores}
+    notes = list(dict.fromkeys(n for d in dets for n in d.notes))
+    det = Detection(scores=scores, flagged=flagged, backdoored=sum(d.backdoored for d in dets) >= k,
+                    statistic=statistic, statistic_name=stat_name, triggers=middle.triggers,
+                    details={"repeats": [{"seed": seed0 + i, "p_value": d.p_value,
+                                          "statistic": d.statistic, "flagged": d.flagged,
+                                          "backdoored": d.backdoored} for i, d in enumerate(dets)],
+                             "merge": f"at least {k} of {repeats} runs",
+                             "triggers_from_seed": seed0 + order[k - 1]},
+                    notes=notes, p_value=merged)
+    return DetectResult(name, {**base, "repeats": repeats}, det, round(sum(r.seconds for r in runs), 2),
+                        sum(r.passes for r in runs), list(targets) if targets is not None else None)
+
+
 def scan_set() -> tuple[list[str], list[str]]:
     """(`scan`'s default detectors, the others): a detector joins the default set unless it
     registered with ``in_scan=False`` (no model-level p-value, e.g. ABS)."""

@@ -1,0 +1,131 @@
+"""How much does `scan`'s verdict depend on the detectors' seed? (docs/detection.md)
+
+A detector's seed draws its random starts (MM-BD's starting images; Neural Cleanse's starting masks
+and patterns and its order of images), so one model can get different p-values from two runs
+that differ in nothing a user chose. This script runs `backdoorlab scan`'s default set (mm-bd and
+neural-cleanse at their defaults, `verdict`'s Bonferroni rule) on the models of the zoo's digits
+files at several detector seeds and counts the models whose verdict or suspected target changes
+with the seed. Each (model, seed) is written to the record as it finishes, so the run resumes.
+
+    nice python benchmarks/scan_seeds.py [--seeds 0,1,2] [--settings digits-small,...]
+                                        [--record benchmarks/results/scan-seeds.json] [--no-run]
+
+Needs the zoo's runs (``benchmarks/zoo.py``) in this workspace; ``--no-run`` only tabulates the
+record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from grid_bench import planned_keys
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = "digits-small,digits-short,digits-input-aware"
+IMPLANTED = 0.5  # test ASR from which a model counts as backdoored (as in zoo.py)
+
+
+def models(zoo: Path, setting: str) -> list[dict]:
+    """The attack model cells of one zoo file, as the file plans them now."""
+    out = []
+    for label, key in planned_keys(ROOT / "benchmarks" / "zoo" / f"{setting}.toml").items():
+        cell = zoo / setting / "cells" / f"{label}-{key[:12]}"
+        if not (cell / "model.safetensors").exists():
+            continue
+        res = json.loads((cell / "results.json").read_text())
+        spec = json.loads((cell / "cell.json").read_text())["cell"]
+        targets = spec["spec"].get("attack", {}).get("target") if spec["attack"] != "clean" else None
+        asr = res["asr"][0] if res.get("asr") else None
+        out.append({"setting": setting, "model": label, "attack": spec["attack"], "dir": str(cell),
+                    "targets": targets, "asr": asr,
+                    "backdoored": asr is not None and asr >= IMPLANTED})
+    return out
+
+
+def scan_once(model: dict, seed: int) -> dict:
+    from backdoorlab.data import load_dataset
+    from backdoorlab.detectors import detect, verdict
+    from backdoorlab.models import load_model
+
+    clf = load_model(Path(model["dir"]) / "model.safetensors")
+    clean = load_dataset(str(Path(model["dir"]) / "clean_valid.h5"))
+    results = {name: detect(name, clf, clean, {"seed": seed}) for name in ("mm-bd", "neural-cleanse")}
+    v = verdict(results)
+    return {"backdoored": v.backdoored, "targets": v.targets,
+            "p": {n: r.detection.p_value for n, r in results.items()},
+            "flagged": {n: r.detection.flagged for n, r in results.items()}}
+
+
+def table(record: dict, seeds: list[int]) -> list[str]:
+    groups: dict[tuple, list[dict]] = {}
+    for m in record.values():
+        if all(str(s) in m["runs"] for s in seeds):
+            groups.setdefault((m["setting"], m["attack"]), []).append(m)
+    lines = [f"Detector seeds {', '.join(map(str, seeds))}; one verdict per seed (`scan`'s default set "
+             "and rule).", "",
+             "| setting | attack | models | verdict the same at every seed | backdoored at k of "
+             f"{len(seeds)} seeds (models) | right target at every seed | NC p-value spread (median "
+             "max/min) | MM-BD p-value spread (median max/min) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (setting, attack), ms in sorted(groups.items()):
+        same = sum(len({m["runs"][str(s)]["backdoored"] for s in seeds}) == 1 for m in ms)
+        counts: dict[int, int] = {}
+        for m in ms:
+            k = sum(m["runs"][str(s)]["backdoored"] for s in seeds)
+            counts[k] = counts.get(k, 0) + 1
+        dist = ", ".join(f"{k}: {counts[k]}" for k in sorted(counts, reverse=True))
+        if ms[0]["targets"] and len(ms[0]["targets"]) == 1:
+            right = sum(all(m["runs"][str(s)]["backdoored"]
+                            and m["runs"][str(s)]["targets"][:1] == m["targets"] for s in seeds)
+                        for m in ms)
+            right_s = f"{right}/{len(ms)}"
+        else:
+            right_s = "—"
+
+        def spread(name: str, ms=ms) -> str:
+            r = [max(ps) / max(min(ps), 1e-300) for m in ms
+                 for ps in [[m["runs"][str(s)]["p"][name] for s in seeds]]]
+            return f"{statistics.median(r):.3g}"
+
+        note = " (not implanted)" if ms[0]["targets"] and not any(m["backdoored"] for m in ms) else ""
+        lines.append(f"| {setting} | {attack}{note} | {len(ms)} | {same}/{len(ms)} | {dist} | {right_s} | "
+                     f"{spread('neural-cleanse')} | {spread('mm-bd')} |")
+    return lines
+
+
+def main() -> None:
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--zoo", default=str(ROOT / "runs" / "zoo"))
+    ap.add_argument("--settings", default=SETTINGS)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--record", default=str(ROOT / "benchmarks" / "results" / "scan-seeds.json"))
+    ap.add_argument("--no-run", action="store_true")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    path = Path(a.record)
+    record = json.loads(path.read_text()) if path.exists() else {}
+    if not a.no_run:
+        todo = [m for s in a.settings.split(",") for m in models(Path(a.zoo), s)]
+        for i, m in enumerate(todo):
+            key = f"{m['setting']}/{m['model']}"
+            entry = record.setdefault(key, {**{k: v for k, v in m.items() if k != "dir"}, "runs": {}})
+            for s in seeds:
+                if str(s) in entry["runs"]:
+                    continue
+                entry["runs"][str(s)] = scan_once(m, s)
+                path.write_text(json.dumps(record, indent=1) + "\n")
+                r = entry["runs"][str(s)]
+                print(f"[{i + 1}/{len(todo)}] {key} seed {s}: backdoored {r['backdoored']} {r['targets']} "
+                      f"p {r['p']}", flush=True)
+    print("\n".join(table(record, seeds)))
+
+
+if __name__ == "__main__":
+    main()
