@@ -7,7 +7,7 @@ neural-cleanse at their defaults, `verdict`'s Bonferroni rule) on the models of 
 files at several detector seeds and counts the models whose verdict or suspected target changes
 with the seed. Each (model, seed) is written to the record as it finishes, so the run resumes.
 
-    nice python benchmarks/scan_seeds.py [--seeds 0,1,2] [--settings digits-small,...]
+    nice python benchmarks/scan_seeds.py [--seeds 0,1,2] [--settings digits-small,...] [--only RE]
                                         [--record benchmarks/results/scan-seeds.json] [--no-run]
 
 Needs the zoo's runs (``benchmarks/zoo.py``) in this workspace; ``--no-run`` only tabulates the
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -59,6 +60,28 @@ def scan_once(model: dict, seed: int) -> dict:
             "flagged": {n: r.detection.flagged for n, r in results.items()}}
 
 
+def merged_verdict(m: dict, seeds: list[int], alpha: float = 0.05) -> tuple[bool, list[int]]:
+    """`scan --repeats`'s verdict from the record: each detector's p-values over ``seeds`` merged
+    (`merged_p_value`), flags = labels at least k runs flag, Bonferroni over the detectors."""
+    import math
+    from collections import Counter
+
+    from backdoorlab.detectors import merged_p_value
+
+    runs = [m["runs"][str(s)] for s in seeds]
+    k = math.ceil(len(seeds) / 2)
+    names = list(runs[0]["p"])
+    level = alpha / len(names)
+    votes: Counter[int] = Counter()
+    significant = False
+    for name in names:
+        if merged_p_value([r["p"][name] for r in runs]) < level:
+            significant = True
+            counts = Counter(y for r in runs for y in r["flagged"][name])
+            votes.update([y for y, c in counts.items() if c >= k])
+    return significant, [y for y, _ in votes.most_common()]
+
+
 def table(record: dict, seeds: list[int]) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for m in record.values():
@@ -67,9 +90,10 @@ def table(record: dict, seeds: list[int]) -> list[str]:
     lines = [f"Detector seeds {', '.join(map(str, seeds))}; one verdict per seed (`scan`'s default set "
              "and rule).", "",
              "| setting | attack | models | verdict the same at every seed | backdoored at k of "
-             f"{len(seeds)} seeds (models) | right target at every seed | NC p-value spread (median "
-             "max/min) | MM-BD p-value spread (median max/min) |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{len(seeds)} seeds (models) | right target at every seed | merged over the seeds "
+             "(`--repeats`): backdoored | right target | NC p-value spread (median max/min) | MM-BD "
+             "p-value spread (median max/min) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for (setting, attack), ms in sorted(groups.items()):
         same = sum(len({m["runs"][str(s)]["backdoored"] for s in seeds}) == 1 for m in ms)
         counts: dict[int, int] = {}
@@ -77,13 +101,17 @@ def table(record: dict, seeds: list[int]) -> list[str]:
             k = sum(m["runs"][str(s)]["backdoored"] for s in seeds)
             counts[k] = counts.get(k, 0) + 1
         dist = ", ".join(f"{k}: {counts[k]}" for k in sorted(counts, reverse=True))
+        merged = [merged_verdict(m, seeds) for m in ms]
+        flagged_m = f"{sum(b for b, _ in merged)}/{len(ms)}"
         if ms[0]["targets"] and len(ms[0]["targets"]) == 1:
             right = sum(all(m["runs"][str(s)]["backdoored"]
                             and m["runs"][str(s)]["targets"][:1] == m["targets"] for s in seeds)
                         for m in ms)
             right_s = f"{right}/{len(ms)}"
+            hits = sum(b and t[:1] == m["targets"] for (b, t), m in zip(merged, ms, strict=True))
+            right_m = f"{hits}/{len(ms)}"
         else:
-            right_s = "—"
+            right_s = right_m = "—"
 
         def spread(name: str, ms=ms) -> str:
             r = [max(ps) / max(min(ps), 1e-300) for m in ms
@@ -92,7 +120,7 @@ def table(record: dict, seeds: list[int]) -> list[str]:
 
         note = " (not implanted)" if ms[0]["targets"] and not any(m["backdoored"] for m in ms) else ""
         lines.append(f"| {setting} | {attack}{note} | {len(ms)} | {same}/{len(ms)} | {dist} | {right_s} | "
-                     f"{spread('neural-cleanse')} | {spread('mm-bd')} |")
+                     f"{flagged_m} | {right_m} | {spread('neural-cleanse')} | {spread('mm-bd')} |")
     return lines
 
 
@@ -105,6 +133,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--record", default=str(ROOT / "benchmarks" / "results" / "scan-seeds.json"))
+    ap.add_argument("--only", default="", help="regular expression on the model's cell label "
+                    "(e.g. 'clean|badnets-s')")
     ap.add_argument("--no-run", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -112,7 +142,8 @@ def main() -> None:
     path = Path(a.record)
     record = json.loads(path.read_text()) if path.exists() else {}
     if not a.no_run:
-        todo = [m for s in a.settings.split(",") for m in models(Path(a.zoo), s)]
+        todo = [m for s in a.settings.split(",") for m in models(Path(a.zoo), s)
+                if not a.only or re.search(a.only, m["model"])]
         for i, m in enumerate(todo):
             key = f"{m['setting']}/{m['model']}"
             entry = record.setdefault(key, {**{k: v for k, v in m.items() if k != "dir"}, "runs": {}})
