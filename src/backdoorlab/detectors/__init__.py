@@ -148,7 +148,8 @@ def detect_repeated(name: str, clf: Classifier, clean: ImageSet, options: Any = 
         stat_name = f"median of {repeats} seeds: {dets[0].statistic_name}"
         order = sorted(range(repeats), key=lambda i: -(dets[i].statistic or 0.0))
     middle = dets[order[k - 1]]
-    scores = {y: statistics.fmean(d.scores.get(y, 0.0) for d in dets) for y in dets[0].scores}
+    labels = sorted({y for d in dets for y in d.scores})  # a run may score a subset of labels
+    scores = {y: statistics.fmean(d.scores[y] for d in dets if y in d.scores) for y in labels}
     notes = list(dict.fromkeys(n for d in dets for n in d.notes))
     det = Detection(scores=scores, flagged=flagged, backdoored=sum(d.backdoored for d in dets) >= k,
                     statistic=statistic, statistic_name=stat_name, triggers=middle.triggers,
