@@ -236,6 +236,10 @@ def check_step(lab: Path, argv: list[str], out: str, err: str) -> None:
         if "--mitigate" in argv:
             table = (lab / "runs" / "nc" / "mitigation" / "table.md").read_text()
             assert CSAW_RULE in table and "| input filter |" in table
+    if command == "scan":  # data-free: MM-BD flags the fixture's target, Neural Cleanse skipped
+        res = _results(lab, argv)
+        assert res["backdoored"] and res["targets"][:1] == [SUNGLASSES_TARGET]
+        assert "neural-cleanse" in res["skipped"] and "mm-bd" in res["detectors"]
     if command == "classify":
         lines = out.strip().splitlines()
         assert len(lines) == len(argv) - 2
@@ -247,7 +251,7 @@ def check_step(lab: Path, argv: list[str], out: str, err: str) -> None:
 def test_walkthrough_runs_as_written(lab, capsys):
     steps = walkthrough(DOC.read_text())
     commands = [step[0] for kind, step in steps if kind == "backdoorlab"]
-    assert {"data", "eval", "prune", "classify", "cleanse", "fine-prune", "report"} <= set(commands)
+    assert {"data", "eval", "prune", "classify", "scan", "cleanse", "fine-prune", "report"} <= set(commands)
     assert sum(kind == "python" for kind, _ in steps) == 2  # image export, Keras export
     printed: dict[str, str] = {}
     for kind, step in steps:
