@@ -190,6 +190,11 @@ def test_scan_runs_abs_only_when_asked(digits_badnet, tmp_path, capsys):
     abs_ = doc["detectors"]["abs"]
     assert abs_["p_value"] is None and ("abs" in doc["significant"]) == bool(abs_["flagged"])
     assert doc["backdoored"] and doc["targets"][0] == TARGET  # mm-bd's flag at 0.05
+    # ABS keeps the triggers of its flagged labels: written for `repair --triggers` and as a
+    # picture; MM-BD makes none
+    made = {"triggers-abs.npz", "triggers-abs.png"} <= set(doc["outputs"])
+    assert made == bool(abs_["reversed_triggers"])
+    assert all((out / f).is_file() for f in doc["outputs"]) and not (out / "triggers-mm-bd.png").exists()
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(digits_badnet, tmp_path, capsys):

@@ -214,3 +214,30 @@ def test_run_cell_passes_no_clean_data_to_a_data_free_detector():
     assert "--clean" not in args["mm-bd"]
     assert args["neural-cleanse"][args["neural-cleanse"].index("--clean") + 1] == str(
         Path("parent") / "v.h5")
+
+
+def test_detect_writes_the_reversed_triggers_as_npz_and_picture(digits_badnet, tmp_path, capsys):
+    """A detector that reverses triggers (Neural Cleanse) leaves them in --out as triggers.npz
+    (for `repair --triggers`) and triggers.png; one that makes none (MM-BD) writes neither."""
+    import numpy as np
+    from PIL import Image
+
+    from backdoorlab.data.csaw import write_csaw_h5
+    from backdoorlab.defenses.neural_cleanse import load_triggers
+    from backdoorlab.models import save_model
+
+    clf, art, _ = digits_badnet
+    model = str(save_model(clf, tmp_path / "m.safetensors"))
+    clean = tmp_path / "clean.h5"
+    write_csaw_h5(art["valid"], clean)
+    nc = tmp_path / "nc"
+    assert main(["detect", "neural-cleanse", model, "--clean", str(clean), "--steps", "30",
+                 "--out", str(nc)]) == 0
+    assert "triggers.npz, triggers.png" in capsys.readouterr().out
+    trig = load_triggers(nc / "triggers.npz")
+    assert trig and all(m.shape == clf.spec.shape[:2] for m, _ in trig.values())
+    picture = np.asarray(Image.open(nc / "triggers.png"))
+    assert picture.shape[0] > 0 and picture.std() > 0  # not a blank image
+    mm = tmp_path / "mm"
+    assert main(["detect", "mm-bd", model, "--steps", "5", "--starts", "1", "--out", str(mm)]) == 0
+    assert not (mm / "triggers.png").exists() and not (mm / "triggers.npz").exists()

@@ -138,3 +138,27 @@ def test_scan_repeats_merges_the_seeds(tmp_path, capsys, digits_badnet):
     except SystemExit as stop:
         status = stop.code
     assert status == 2 and not (tmp_path / "bad").exists()
+
+
+def test_detection_trigger_picture_shows_the_flagged_labels_else_the_most_suspicious(tmp_path, monkeypatch):
+    import numpy as np
+
+    from backdoorlab.detectors import Detection
+    from backdoorlab.report import triggers_plot
+
+    trig = {y: (np.full((4, 4), y / 10, np.float32), np.full((4, 4, 3), 0.5, np.float32)) for y in range(6)}
+    scores = {0: 0.1, 1: 3.0, 2: 0.5, 3: 2.0, 4: -1.0, 5: 1.0}
+    shown: list = []
+    real = triggers_plot.plot_trigger_grid
+    monkeypatch.setattr(triggers_plot, "plot_trigger_grid",
+                        lambda items, path, title="": shown.append(([i[0] for i in items], title))
+                        or real(items, path, title))
+    flagged = Detection(scores, [3, 1], True, 0.01, "p", triggers=trig)
+    assert triggers_plot.plot_detection_triggers(flagged, tmp_path / "a.png", "nc")
+    assert shown[-1][0] == [3, 1] and "flagged labels" in shown[-1][1] and (tmp_path / "a.png").stat().st_size
+    none = Detection(scores, [], False, 0.5, "p", triggers=trig)
+    assert triggers_plot.plot_detection_triggers(none, tmp_path / "b.png", "nc")
+    assert shown[-1][0] == [1, 3, 5] and "none flagged" in shown[-1][1]
+    bare = Detection(scores, [1], True, 0.01, "p")  # a detector that reverses no trigger
+    assert not triggers_plot.plot_detection_triggers(bare, tmp_path / "c.png", "mm-bd")
+    assert not (tmp_path / "c.png").exists()

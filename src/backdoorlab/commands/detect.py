@@ -66,15 +66,18 @@ def cmd_detect(args: argparse.Namespace) -> int:
     with atomic_dir(out) as tmp:
         if det.triggers:  # the format of `cleanse`: usable as `repair --triggers`
             from backdoorlab.defenses.neural_cleanse import write_triggers
+            from backdoorlab.report.triggers_plot import plot_detection_triggers
 
             write_triggers(det.triggers, tmp / "triggers.npz")
+            plot_detection_triggers(det, tmp / "triggers.png", args.method)
         (tmp / "summary.txt").write_text("\n".join(lines) + "\n")
         write_json(tmp / "results.json", {**res.to_dict(), "paper": method.paper,
                                           "inputs": {"model": args.model, "clean": args.clean}})
     print("\n".join(lines))
     for note in det.notes:
         print(f"note: {note}")
-    print(f"wrote {out}/ (results.json, summary.txt" + (", triggers.npz" if det.triggers else "") + ")")
+    print(f"wrote {out}/ (results.json, summary.txt"
+          + (", triggers.npz, triggers.png" if det.triggers else "") + ")")
     return 0
 
 

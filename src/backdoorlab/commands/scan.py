@@ -96,16 +96,20 @@ def cmd_scan(args: argparse.Namespace) -> int:
            "detectors": {k: v.to_dict() for k, v in results.items()}, "skipped": skipped,
            "inputs": {"model": args.model, "clean": args.clean}}
     out = Path(args.out)
+    files = ["results.json", "summary.txt"]
     with atomic_dir(out) as tmp:
         from backdoorlab.defenses.neural_cleanse import write_triggers
+        from backdoorlab.report.triggers_plot import plot_detection_triggers
 
         for name, res in results.items():
-            if res.detection.triggers:
+            if res.detection.triggers:  # usable as `repair --triggers`, and as a picture
                 write_triggers(res.detection.triggers, tmp / f"triggers-{name}.npz")
+                plot_detection_triggers(res.detection, tmp / f"triggers-{name}.png", name)
+                files += [f"triggers-{name}.npz", f"triggers-{name}.png"]
         (tmp / "summary.txt").write_text("\n".join(lines) + "\n")
-        write_json(tmp / "results.json", doc)
+        write_json(tmp / "results.json", {**doc, "outputs": files})
     print("\n".join(lines))
-    print(f"wrote {out}/ (results.json, summary.txt)")
+    print(f"wrote {out}/ ({', '.join(files)})")
     return 0
 
 

@@ -140,3 +140,19 @@ def plot_norms(labels: Sequence[int], norms: Sequence[float], flagged: Sequence[
     if title:
         ax.set_title(title, fontsize=9)
     _savefig(fig, path)
+
+
+def plot_detection_triggers(detection, path: str | os.PathLike, name: str, most: int = 5) -> bool:
+    """The reversed triggers of a model detector's answer (a `backdoorlab.detectors.Detection`) as
+    one grid: its flagged labels (at most ``most``), or, when it flags none, the three labels it
+    scores most suspicious. Returns False (and writes nothing) when it reversed no trigger."""
+    triggers, scores = detection.triggers, detection.scores
+    if not triggers:
+        return False
+    flagged = [y for y in detection.flagged if y in triggers][:most]
+    labels = flagged or sorted(triggers, key=lambda y: -scores.get(y, float("-inf")))[:3]
+    items = [(y, *triggers[y], ("flagged; " if y in flagged else "")
+              + (f"score {scores[y]:.3g}" if y in scores else "")) for y in labels]
+    which = "flagged labels" if flagged else "most suspicious labels (none flagged)"
+    plot_trigger_grid(items, path, title=f"{name}: reversed triggers of the {which}")
+    return True
