@@ -42,6 +42,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
     wanted = args.detector or scan_set()[0]
     methods = [registry.get(n, "model-detector") for n in wanted]  # unknown names: exit 2 here
+    seedless = [m.name for m in methods if "seed" not in m.options.__dataclass_fields__]
+    if args.repeats > 1 and seedless:
+        raise BadInput(f"--repeats {args.repeats}: {seedless[0]} has no seed option, so its runs "
+                       "would all be the same")
     clean = load_data(args.clean, args, default_split="train") if args.clean else None
     clf = load_model_from_args(args, clean if clean is not None and clean.labeled else None)
     if clean is not None:

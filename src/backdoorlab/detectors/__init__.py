@@ -123,7 +123,11 @@ def detect_repeated(name: str, clf: Classifier, clean: ImageSet, options: Any = 
     elif isinstance(options, dict):
         options = from_mapping(method.options, options, f"detect {name}")
     base = asdict(options)
-    seed0 = base.get("seed", 0)
+    if "seed" not in base:
+        from backdoorlab.errors import BadInput
+
+        raise BadInput(f"{name}: no seed option, so repeated runs would all be the same; use 1 repeat")
+    seed0 = base["seed"]
     runs = [detect(name, clf, clean, {**base, "seed": seed0 + i}, targets) for i in range(repeats)]
     dets = [r.detection for r in runs]
     k = math.ceil(repeats / 2)
