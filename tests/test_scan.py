@@ -162,3 +162,23 @@ def test_detection_trigger_picture_shows_the_flagged_labels_else_the_most_suspic
     bare = Detection(scores, [1], True, 0.01, "p")  # a detector that reverses no trigger
     assert not triggers_plot.plot_detection_triggers(bare, tmp_path / "c.png", "mm-bd")
     assert not (tmp_path / "c.png").exists()
+
+
+def test_repeats_refuses_a_seedless_detector_before_any_work(tmp_path, capsys, monkeypatch, digits_badnet):
+    import dataclasses
+
+    from backdoorlab import registry
+    from backdoorlab.models import save_model
+
+    @dataclasses.dataclass
+    class NoSeed:
+        steps: int = 1
+
+    clf, _, _ = digits_badnet
+    model = str(save_model(clf, tmp_path / "m.safetensors"))
+    ran = []
+    fake = dataclasses.replace(registry.get("mm-bd"), options=NoSeed, run=lambda *a: ran.append(a))
+    monkeypatch.setitem(registry._METHODS, "mm-bd", fake)
+    assert main(["scan", model, "--detector", "mm-bd", "--repeats", "2", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no seed option" in err[0] and not ran and not (tmp_path / "s").exists()
