@@ -182,3 +182,33 @@ def test_repeats_refuses_a_seedless_detector_before_any_work(tmp_path, capsys, m
     assert main(["scan", model, "--detector", "mm-bd", "--repeats", "2", "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no seed option" in err[0] and not ran and not (tmp_path / "s").exists()
+
+
+def test_detect_repeated_merges_flags_triggers_and_p(monkeypatch):
+    import dataclasses
+
+    import numpy as np
+    import pytest
+
+    from backdoorlab import registry
+    from backdoorlab.detectors import Detection, detect_repeated
+
+    @dataclasses.dataclass
+    class Opts:
+        seed: int = 0
+
+    trig = (np.ones((2, 2), np.float32), np.zeros((2, 2, 1), np.float32))
+
+    def run(clf, clean, o):  # seeds 0 and 1 flag label 1, only seed 0 keeps its trigger
+        p = {0: 0.01, 1: 0.02, 2: 0.5}[o.seed]
+        return Detection({1: 3.0 - o.seed, 2: 0.5}, [1] if o.seed < 2 else [], o.seed < 2, p, "p",
+                         triggers={1: trig} if o.seed == 0 else {}, p_value=p)
+
+    fake = dataclasses.replace(registry.get("mm-bd"), options=Opts, run=run)
+    monkeypatch.setitem(registry._METHODS, "mm-bd", fake)
+    res = detect_repeated("mm-bd", None, None, None, [1], 3)
+    det = res.detection
+    assert det.p_value == pytest.approx(1.5 * 0.02) and det.flagged == [1] and det.backdoored
+    assert det.details["triggers_from_seed"] == 1 and 1 in det.triggers  # taken from seed 0
+    assert det.scores == pytest.approx({1: 2.0, 2: 0.5}) and res.right_target
+    assert [r["seed"] for r in det.details["repeats"]] == [0, 1, 2]

@@ -106,7 +106,8 @@ def detect_repeated(name: str, clf: Classifier, clean: ImageSet, options: Any = 
     the p-value by `merged_p_value`; the flagged labels are those at least k = ceil(N/2) runs flag
     (most runs first); backdoored when at least k runs say so by the detector's own rule; the
     statistic is the merged p-value where the detector has one, else the median statistic; the
-    triggers come from the run whose p-value (or statistic) is the median one. ``repeats = 1`` is
+    triggers come from the run whose p-value (or statistic) is the median one (a flagged label it
+    kept none for: from the first run that did). ``repeats = 1`` is
     `detect`. Details keep every run's seed, p-value, statistic and flags."""
     import math
     import statistics
@@ -152,11 +153,16 @@ def detect_repeated(name: str, clf: Classifier, clean: ImageSet, options: Any = 
         stat_name = f"median of {repeats} seeds: {dets[0].statistic_name}"
         order = sorted(range(repeats), key=lambda i: -(dets[i].statistic or 0.0))
     middle = dets[order[k - 1]]
+    triggers = dict(middle.triggers)
+    for y in flagged:  # a flagged label the median run kept no trigger for: the first run's that did
+        donor = next((d for d in dets if y in d.triggers), None)
+        if y not in triggers and donor is not None:
+            triggers[y] = donor.triggers[y]
     labels = sorted({y for d in dets for y in d.scores})  # a run may score a subset of labels
     scores = {y: statistics.fmean(d.scores[y] for d in dets if y in d.scores) for y in labels}
     notes = list(dict.fromkeys(n for d in dets for n in d.notes))
     det = Detection(scores=scores, flagged=flagged, backdoored=sum(d.backdoored for d in dets) >= k,
-                    statistic=statistic, statistic_name=stat_name, triggers=middle.triggers,
+                    statistic=statistic, statistic_name=stat_name, triggers=triggers,
                     details={"repeats": [{"seed": seed0 + i, "p_value": d.p_value,
                                           "statistic": d.statistic, "flagged": d.flagged,
                                           "backdoored": d.backdoored} for i, d in enumerate(dets)],
