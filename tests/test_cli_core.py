@@ -123,8 +123,16 @@ def test_demo_quick_writes_outputs(demo_quick):
     assert res["models"]["badnets"]["asr"] > 0.8
     assert len(res["table"]["rows"]) == 3
     html = (out / "report.html").read_text()
-    for section in ("Summary", "Attack: attack-badnets", "Pruning defense: prune-badnets",
-                    "Fine-Pruning: fine-prune-badnets", "Neural Cleanse: cleanse-badnets", "Provenance"):
+    import re
+
+    for name, row in zip(("clean", "badnets", "ftrojan"), res["table"]["rows"], strict=True):
+        scan = json.loads((out / f"scan-{name}" / "results.json").read_text())  # MM-BD, weights only
+        p = scan["detectors"]["mm-bd"]["p_value"]
+        assert re.fullmatch(r"(backdoored, labels? [\d, ]+|no backdoor found) \(p \S+\)", row[3]), row[3]
+        assert row[3].startswith("backdoored") == scan["backdoored"] and f"(p {p:.2g})" in row[3]
+    for section in ("Summary", "Attack: attack-badnets", "Scan: scan-badnets",
+                    "Pruning defense: prune-badnets", "Fine-Pruning: fine-prune-badnets",
+                    "Neural Cleanse: cleanse-badnets", "Provenance"):
         assert section in html, section
     assert html.count("data:image/png;base64,") >= 6  # plots embedded, self-contained
     assert (out / "report.md").is_file()

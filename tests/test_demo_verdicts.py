@@ -30,3 +30,18 @@ def test_repair_rows_and_verdicts():
                                       {"clean": [], "badnets": [0]}, {}, quick=True)[2]
     v = _verdicts(models, {"clean": [3], "badnets": []}, {"y": res(0.95, 0.95, 0.5)})
     assert "a false alarm" in v[0] and "missed by Neural Cleanse; not removed by any repair" in v[1]
+
+
+def test_verdicts_say_what_mm_bd_found_from_the_weights():
+    def scan(backdoored, targets, p):
+        return {"backdoored": backdoored, "targets": targets, "detectors": {"mm-bd": {"p_value": p}}}
+
+    models = {"badnets": {"asr": 0.99}, "ftrojan": {"asr": 0.95}}
+    v = _verdicts(models, {"clean": [], "badnets": [0]}, {},
+                  scans={"clean": scan(False, [], 0.15), "badnets": scan(True, [0], 4.2e-11),
+                         "ftrojan": scan(False, [], 0.21)})
+    assert v[0].endswith("MM-BD, from the weights alone, found no backdoor (p 0.15).")
+    assert v[1].endswith("MM-BD, from the weights alone, flags label 0 (p 4.2e-11).")
+    assert v[2].endswith("found no backdoor (p 0.21) — a miss.")  # implanted, yet not found
+    v = _verdicts(models, {"clean": [], "badnets": [0]}, {}, scans={"clean": scan(True, [4], 0.01)})
+    assert v[0].endswith("flags label 4 (p 0.01) — a false alarm.") and "MM-BD" not in v[1]

@@ -212,3 +212,17 @@ def test_detect_repeated_merges_flags_triggers_and_p(monkeypatch):
     assert det.details["triggers_from_seed"] == 1 and 1 in det.triggers  # taken from seed 0
     assert det.scores == pytest.approx({1: 2.0, 2: 0.5}) and res.right_target
     assert [r["seed"] for r in det.details["repeats"]] == [0, 1, 2]
+
+
+def test_report_shows_a_scan(tmp_path, capsys, digits_badnet):
+    from backdoorlab.models import save_model
+
+    clf, _, _ = digits_badnet
+    model = str(save_model(clf, tmp_path / "m.safetensors"))
+    runs = tmp_path / "runs"
+    assert main(["scan", model, "--detector", "mm-bd", "--out", str(runs / "scan")]) == 0
+    assert main(["report", str(runs)]) == 0
+    md = (runs / "report.md").read_text()
+    section = md[md.index("## Scan: scan"):]
+    assert "Verdict: **backdoored**; suspected target label(s) 0" in section  # mm-bd flags it at 0.05
+    assert "| mm-bd | 0 |" in section and "Bonferroni" in section

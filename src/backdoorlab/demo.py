@@ -8,7 +8,8 @@
    ``FTROJAN_ARCH``,
    docs/ftrojan.md: the small CNN does not learn this trigger on the digits at any magnitude we
    tried, and best-validation checkpointing keeps an epoch from before the backdoor is learned);
-3. defenses: Neural Cleanse on the clean and BadNets models (the clean one should raise no flag);
+3. defenses: `scan` with MM-BD, from the weights alone, on every model; Neural Cleanse on the
+   clean and BadNets models (the clean one should raise no flag);
    on each backdoored model the pruning sweep with GoodNets and Fine-Pruning; then every repair of
    ``REPAIRS`` on the BadNets model (`backdoorlab repair`, each at its own defaults), those that
    need a trigger given the ones Neural Cleanse reverse-engineered for the labels
@@ -84,7 +85,7 @@ def run_demo(out: Path | None = None, quick: bool = False, seed: int = 0) -> dic
     out = Path(out or "backdoorlab-demo")
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out}: exists and is not a folder")
-    steps = len(ATTACKS) + 2 + 2 * 2 + len(REPAIRS) + 1
+    steps = len(ATTACKS) + 1 + 2 + 2 * 2 + len(REPAIRS) + 1
     step = iter(range(1, steps + 1))
 
     def say(msg: str) -> None:
@@ -105,6 +106,10 @@ def run_demo(out: Path | None = None, quick: bool = False, seed: int = 0) -> dic
         summary[name] = {"clean_accuracy": outcome.clean_accuracy,
                          "asr": outcome.asr[0] if outcome.asr else None,
                          "psnr": outcome.trigger_quality[0]["psnr_mean"] if outcome.trigger_quality else None}
+    say("MM-BD scan (from the weights alone) of every model")
+    for name in ATTACKS:
+        _run_cli(["scan", str(out / f"attack-{name}" / "model.safetensors"), "--detector", "mm-bd",
+                  "--out", str(out / f"scan-{name}")])
     nc_steps = "60" if quick else "300"
     for name in ("clean", "badnets"):
         run = out / f"attack-{name}"
@@ -140,13 +145,13 @@ def run_demo(out: Path | None = None, quick: bool = False, seed: int = 0) -> dic
         repair_results[method] = _load(out / f"repair-{method}")
         repairs.append(_repair_row(method, repair_results[method]))
     # summary table
-    head = ["model", "clean acc", "ASR", "Neural Cleanse flags", "pruned (4-pt drop): acc / ASR",
-            "GoodNet detection", "fine-pruned: acc / ASR"]
+    head = ["model", "clean acc", "ASR", "MM-BD scan (weights only)", "Neural Cleanse flags",
+            "pruned (4-pt drop): acc / ASR", "GoodNet detection", "fine-pruned: acc / ASR"]
     rows = []
     for name in ATTACKS:
         s = summary[name]
         asr = _pct(s["asr"]) + (" (not implanted)" if s["asr"] is not None and s["asr"] < 0.5 else "")
-        row = [name, _pct(s["clean_accuracy"]), asr]
+        row = [name, _pct(s["clean_accuracy"]), asr, _scan_cell(_load(out / f"scan-{name}"))]
         if (out / f"cleanse-{name}").exists():
             row.append(_labels(_load(out / f"cleanse-{name}")["flagged"]))
         else:
@@ -160,7 +165,7 @@ def run_demo(out: Path | None = None, quick: bool = False, seed: int = 0) -> dic
         rows.append(row)
     repair_head = ["repair of the badnets model", "clean acc", "ASR", "DER", "time", "verdict"]
     verdicts = _verdicts(summary, {n: _load(out / f"cleanse-{n}")["flagged"] for n in ("clean", "badnets")},
-                         repair_results, quick)
+                         repair_results, quick, {n: _load(out / f"scan-{n}") for n in ATTACKS})
     seconds = time.perf_counter() - t0
     say("writing the report")
     results = {
@@ -192,6 +197,13 @@ def run_demo(out: Path | None = None, quick: bool = False, seed: int = 0) -> dic
     return results
 
 
+def _scan_cell(res: dict) -> str:
+    """`scan`'s verdict in a few words: the suspected target and MM-BD's p-value."""
+    p = res["detectors"]["mm-bd"]["p_value"]
+    said = f"backdoored, {_labels(res['targets'])}" if res["backdoored"] else "no backdoor found"
+    return f"{said} (p {p:.2g})"
+
+
 def _prune_cells(d: Path, goodnet: bool) -> list[str]:
     if not d.exists():
         return ["—", "—"] if goodnet else ["—"]
@@ -209,13 +221,28 @@ def _labels(flagged: list[int]) -> str:
 
 
 def _verdicts(summary: dict, flagged: dict[str, list[int]], repairs: dict[str, dict],
-              quick: bool = False) -> list[str]:
+              quick: bool = False, scans: dict[str, dict] | None = None) -> list[str]:
     """The demo's conclusion in words, one sentence per model, from the figures above (``quick``:
-    the smoke run, whose FTrojan model is trained too briefly to implant — said when it did not)."""
+    the smoke run, whose FTrojan model is trained too briefly to implant — said when it did not;
+    ``scans``: each model's `scan` results, MM-BD from the weights alone)."""
+    scans = scans or {}
+
+    def mm_bd(name: str, backdoor: bool) -> str:
+        if name not in scans:
+            return ""
+        s = scans[name]
+        p = s["detectors"]["mm-bd"]["p_value"]
+        if not s["backdoored"]:
+            said = f"found no backdoor (p {p:.2g})" + (" — a miss" if backdoor else "")
+        else:
+            said = f"flags {_labels(s['targets'])} (p {p:.2g})" + ("" if backdoor else " — a false alarm")
+        return f" MM-BD, from the weights alone, {said}."
+
     out = []
     fl = flagged["clean"]
-    out.append("clean: Neural Cleanse flagged no label (no false alarm)." if not fl else
-               f"clean: Neural Cleanse flagged {_labels(fl)} on a model without a backdoor (a false alarm).")
+    out.append(("clean: Neural Cleanse flagged no label (no false alarm)." if not fl else
+                f"clean: Neural Cleanse flagged {_labels(fl)} on a model without a backdoor (a false alarm).")
+               + mm_bd("clean", False))
     fl = flagged["badnets"]
     target = ("the attack's target" if fl == [0] else "0 is the attack's target" if 0 in fl
               else "not the attack's target 0")
@@ -234,13 +261,15 @@ def _verdicts(summary: dict, flagged: dict[str, list[int]], repairs: dict[str, d
         fixed = f"not removed by any repair (lowest ASR: {method}, {_pct(asr)} at {-drop:+.1f} pts)"
     else:
         fixed = "no repair ran"
-    out.append(f"badnets: the backdoor (ASR {_pct(summary['badnets']['asr'])}) was {found}; {fixed}.")
+    out.append(f"badnets: the backdoor (ASR {_pct(summary['badnets']['asr'])}) was {found}; {fixed}."
+               + mm_bd("badnets", True))
     a = summary["ftrojan"]["asr"]
     why = (" --quick trains it like the others (small_cnn, 8 epochs), too briefly for FTrojan's chroma "
            f"trigger; the full demo trains {FTROJAN_ARCH} {FTROJAN_EPOCHS} epochs." if quick else "")
     out.append(f"ftrojan: not implanted (ASR {_pct(a)}): nothing to find or remove here.{why}"
                if a is not None and a < 0.5
-               else f"ftrojan: implanted (ASR {_pct(a)}); see the tables for the defenses.")
+               else f"ftrojan: implanted (ASR {_pct(a)}); see the tables for the defenses."
+               + mm_bd("ftrojan", True))
     return out
 
 

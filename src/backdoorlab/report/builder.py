@@ -237,6 +237,28 @@ def detect_section(name: str, d: Path, r: dict) -> Section:
     top = sorted(r["scores"].items(), key=lambda kv: -kv[1])[:10]
     s.table(["label", "score", "flagged"], [[y, f"{v:.2f}", "yes" if int(y) in r["flagged"] else ""]
                                             for y, v in top])
+    s.img(d / "triggers.png", "Reversed triggers (mask, pattern, mask × pattern) of the flagged labels, "
+          "else of the most suspicious ones.")
+    return s
+
+
+def scan_section(name: str, d: Path, r: dict) -> Section:
+    """``backdoorlab scan``: the one verdict, the rule behind it, what each detector said."""
+    s = Section(f"Scan: {name}")
+    verdict = "backdoored" if r["backdoored"] else "no backdoor found"
+    target = (f"; suspected target label(s) {', '.join(map(str, r['targets']))}" if r["targets"] else "")
+    repeats = f" Each detector ran at {r['repeats']} seeds, merged." if r.get("repeats", 1) > 1 else ""
+    s.p(f"Verdict: **{verdict}**{target}. Rule: {r['rule']}.{repeats}")
+    rows = []
+    for det_name, det in r["detectors"].items():
+        stat = "—" if det.get("statistic") is None else f"{det['statistic']:.4g}"
+        rows.append([det_name, ", ".join(map(str, det["flagged"])) or "none", det["statistic_name"], stat,
+                     "yes" if det_name in r["significant"] else "no", f"{det['cost']['seconds']:.1f} s"])
+    rows += [[det_name, f"skipped: {why}", "", "", "", ""] for det_name, why in r.get("skipped", {}).items()]
+    s.table(["detector", "flags", "statistic", "value", "significant", "time"], rows)
+    for det_name in r["detectors"]:
+        s.img(d / f"triggers-{det_name}.png", f"{det_name}: reversed triggers (mask, pattern, mask × "
+              "pattern) of the flagged labels, else of the most suspicious ones.")
     return s
 
 
@@ -368,6 +390,8 @@ def _add_sections(out: list[Section], kind: str, d: Path, r: dict, root: Path) -
                                   f"zeroed ({r['sparsity']:.0%}, {r['scope']}), then fine-tuned."))
     elif kind == "detect":
         out.append(detect_section(name, d, r))
+    elif kind == "scan":
+        out.append(scan_section(name, d, r))
     elif kind == "input-detect":
         out.append(input_detect_section(name, d, r))
     elif kind == "inspect":
