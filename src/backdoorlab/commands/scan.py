@@ -141,7 +141,7 @@ def register(sub) -> None:
                    help="run each detector N times (seeds 0 … N-1) and merge: p-value = N/k × the "
                    "k-th smallest, k = ceil(N/2), valid however the runs depend on each other "
                    "(Rüger 1978); flags = labels at least k runs flag. Costs N times the time; "
-                   "shows how much the verdict depends on the seed (default: 1)")
+                   "shows how much the verdict depends on the seed")
     add_out_option(p)
     add_model_options(p)
     add_data_options(p)
