@@ -67,10 +67,10 @@ class DetectResult:
                 "reversed_triggers": sorted(self.detection.triggers)}
 
 
-def detect(name: str, clf: Classifier, clean: ImageSet, options: Any = None,
-           targets: list[int] | None = None) -> DetectResult:
-    """Run the registered model detector ``name``; ``targets`` (if known) only score the answer."""
-    from backdoorlab import cost, registry
+def _resolved(name: str, options: Any):
+    """(the registered model detector ``name``, its options: the defaults for None, a dict checked
+    into the method's dataclass, or the dataclass as given)."""
+    from backdoorlab import registry
     from backdoorlab.options import from_mapping
 
     method = registry.get(name, "model-detector")
@@ -78,6 +78,15 @@ def detect(name: str, clf: Classifier, clean: ImageSet, options: Any = None,
         options = method.options()
     elif isinstance(options, dict):
         options = from_mapping(method.options, options, f"detect {name}")
+    return method, options
+
+
+def detect(name: str, clf: Classifier, clean: ImageSet, options: Any = None,
+           targets: list[int] | None = None) -> DetectResult:
+    """Run the registered model detector ``name``; ``targets`` (if known) only score the answer."""
+    from backdoorlab import cost
+
+    method, options = _resolved(name, options)
     t0 = time.perf_counter()
     with cost.counting() as passes:
         det = method.run(clf, clean, options)
@@ -113,16 +122,9 @@ def detect_repeated(name: str, clf: Classifier, clean: ImageSet, options: Any = 
     import statistics
     from collections import Counter
 
-    from backdoorlab import registry
-    from backdoorlab.options import from_mapping
-
     if repeats == 1:
         return detect(name, clf, clean, options, targets)
-    method = registry.get(name, "model-detector")
-    if options is None:
-        options = method.options()
-    elif isinstance(options, dict):
-        options = from_mapping(method.options, options, f"detect {name}")
+    _, options = _resolved(name, options)
     base = asdict(options)
     if "seed" not in base:
         from backdoorlab.errors import BadInput
