@@ -153,15 +153,24 @@ def max_margins(clf, o: Options):
     best = np.full(k, -np.inf)
     steps_run = 0
     stopped_early = 0
+    per_chunk = o.steps + 1  # the last pass only evaluates
+    # one bar over every (chunk, step): a chunk's inputs are optimised together for up to
+    # ``per_chunk`` passes, so the ETA is right from the first steps (a chunk that stops early
+    # skips its remaining ticks)
+    ticks = iter(progress(range(len(chunks) * per_chunk), desc="mm-bd", unit="step"))
     with clf.frozen():
-        for classes in progress(chunks, desc="mm-bd", unit="chunk"):
+        for classes in chunks:
             labels = torch.tensor(classes, device=clf.device).repeat_interleave(o.starts)
             x = torch.cat([_starts(o.seed, y, o.starts, (h, w, c)) for y in classes]).to(clf.device)
             with clf.autocast():
-                r, n, early = _ascend(net, spec, clf.channels_last, x, labels, o)
+                r, n, early, passes = _ascend(net, spec, clf.channels_last, x, labels, o,
+                                              tick=lambda: next(ticks, None))
+            for _ in range(per_chunk - passes):
+                next(ticks, None)
             steps_run += n
             stopped_early += early
             best[classes] = r.view(len(classes), o.starts).amax(1).cpu().double().numpy()
+    next(ticks, None)  # ends the bar (and writes the final status)
     return best, {"steps": o.steps, "starts": o.starts, "optimizer": o.optimizer, "lr": o.lr,
                   "tol": o.tol, "chunks": len(chunks), "input_steps": steps_run,
                   "inputs_stopped_early": stopped_early, "inputs": k * o.starts}
@@ -185,10 +194,11 @@ def _margin(logits, labels):
     return own - torch.where(torch.isfinite(rest), rest, own)  # one class: margin 0
 
 
-def _ascend(net, spec, channels_last: bool, x, labels, o: Options):
+def _ascend(net, spec, channels_last: bool, x, labels, o: Options, tick=None):
     """Projected gradient ascent of the margin for a batch of NHWC [0, 1] images ``x`` (one class
-    per row, ``labels``), on the device of ``x``; the caller holds the network's autocast. Returns
-    (best margin per row, input-steps run, rows stopped early)."""
+    per row, ``labels``), on the device of ``x``; the caller holds the network's autocast.
+    ``tick()``, if given, is called after every batched pass. Returns (best margin per row,
+    input-steps run, rows stopped early, batched passes run)."""
     import torch
 
     n = len(x)
@@ -200,6 +210,7 @@ def _ascend(net, spec, channels_last: bool, x, labels, o: Options):
     b1, b2, eps = 0.9, 0.999, 1e-8
     steps_run = 0
     stopped = 0
+    passes = 0
     for step in range(o.steps + 1):  # the last pass only evaluates the final images
         xa = x[active].requires_grad_(step < o.steps)
         inp = spec.from_unit(xa.permute(0, 3, 1, 2))  # NCHW view with channels-last memory
@@ -208,6 +219,9 @@ def _ascend(net, spec, channels_last: bool, x, labels, o: Options):
         with torch.set_grad_enabled(step < o.steps):
             m = _margin(net(inp).float(), labels[active])
         steps_run += len(active)
+        passes += 1
+        if tick is not None:
+            tick()
         best[active] = torch.maximum(best[active], m.detach())
         if step == o.steps:
             break
@@ -230,7 +244,7 @@ def _ascend(net, spec, channels_last: bool, x, labels, o: Options):
             active = active[keep]
             if len(active) == 0:
                 break
-    return best, steps_run, stopped
+    return best, steps_run, stopped, passes
 
 
 # -- step 2: the order-statistic test under a Gamma null ------------------------------------------
