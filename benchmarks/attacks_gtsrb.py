@@ -11,6 +11,11 @@ model.
 
     nice python benchmarks/attacks_gtsrb.py [--seeds 0] [--out runs/attacks-gtsrb] [--no-run]
 
+Another grid file of the same form (``--config benchmarks/attacks_gtsrb_budget.toml``: the attacks
+that miss the goal, trained longer) gets its own run folder, record and table, all named after the
+file (runs/attacks-gtsrb-budget, benchmarks/results/attacks-gtsrb-budget.json, the
+``attacks-gtsrb-budget`` section of the same page).
+
 Every finished cell is also kept, compact, in ``benchmarks/results/attacks-gtsrb.json`` (committed),
 so a seed computed in one session still counts after the run folder (gigabytes of models) is gone.
 A cell computed again replaces its record. The table is always over every seed on record.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -112,18 +118,22 @@ def attack_order(config: Path) -> list[str]:
 
 def main() -> None:
     args = options(__doc__.splitlines()[0], "attacks-gtsrb")
-    out, config = Path(args.out), Path(args.config)
+    config = Path(args.config)
+    name = config.stem.replace("_", "-")  # attacks-gtsrb, or another grid file's own name
+    out = Path(args.out) if name == "attacks-gtsrb" or "--out" in sys.argv else ROOT / "runs" / name
+    record = RECORD.with_name(f"{name}.json")
+    begin, end = BEGIN.replace("attacks-gtsrb", name), END.replace("attacks-gtsrb", name)
     keys = planned_keys(config)
     if not args.no_run:
         code = run_grid(config, out, args.jobs, args.seeds, args.threads)
-        if out.is_dir():
-            remember(collect(out, keys), keys)  # keep what finished even when the run stopped early
+        if out.is_dir():  # keep what finished even when the run stopped early
+            remember(collect(out, keys), keys, record)
         if code:
             raise SystemExit(code)
-    rec = remember(collect(out, keys) if out.is_dir() else {}, keys)
-    body = "\n".join([BEGIN, "", table(rec, attack_order(config)), "", END])
+    rec = remember(collect(out, keys) if out.is_dir() else {}, keys, record)
+    body = "\n".join([begin, "", table(rec, attack_order(config)), "", end])
     print(body)
-    replace_section(Path(args.doc), body, BEGIN, END)
+    replace_section(Path(args.doc), body, begin, end)
 
 
 if __name__ == "__main__":
