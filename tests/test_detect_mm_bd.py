@@ -13,7 +13,12 @@ from scipy import stats
 
 from backdoorlab.cli import main
 from backdoorlab.detectors import detect
-from backdoorlab.detectors.mm_bd import Options, max_margins, order_statistic_test
+from backdoorlab.detectors.mm_bd import (
+    Options,
+    calibrated_p_value,
+    max_margins,
+    order_statistic_test,
+)
 from backdoorlab.errors import BadInput
 from backdoorlab.models.classifier import Classifier
 from backdoorlab.models.spec import InputSpec
@@ -53,18 +58,20 @@ def test_flags_the_badnet_target(digits_badnet):
     res = detect("mm-bd", clf, None, targets=[TARGET])  # paper-derived defaults, no data
     det = res.detection
     assert det.flagged == [TARGET] and det.backdoored and res.right_target
-    assert det.statistic_name == "p-value (max margin under a Gamma null)"
+    assert det.statistic_name == "p-value (max margin under a Gamma null, calibrated)"
     assert det.statistic < 0.05
+    cal = det.details["calibration"]  # too extreme for 20 exceedances: every draw was made
+    assert cal["draws"] == 200 and det.statistic == (cal["exceedances"] + 1) / 201
     m = det.details["margins"]
     assert len(m) == 10 and max(m) == m[TARGET] == det.scores[TARGET]
     assert m[TARGET] > 1.3 * sorted(m)[-2]  # an outlier, not a near tie
     d = det.details
     assert d["argmax"] == TARGET and d["exponent"] == 9 and d["null_fit"] == "mle"
     assert set(d["null"]) == {"shape", "loc", "scale"}
-    # the p-value reported is the paper's formula on the margins reported
+    # the plug-in p-value reported is the paper's formula on the margins reported
     a, loc, scale = d["null"]["shape"], d["null"]["loc"], d["null"]["scale"]
     want = 1 - stats.gamma.cdf(m[TARGET], a, loc=loc, scale=scale) ** 9
-    assert det.statistic == pytest.approx(want, rel=1e-3, abs=1e-12)
+    assert d["plug_in_p_value"] == pytest.approx(want, rel=1e-3, abs=1e-12)
     # cost: every (class, start) input once per step, plus the final evaluation pass
     o = Options()
     assert res.passes == d["input_steps"] <= 10 * o.starts * (o.steps + 1)
@@ -158,6 +165,36 @@ def test_p_value_math():
         order_statistic_test([1.0, 2.0, 3.0])
 
 
+@pytest.mark.slow
+def test_calibrated_p_value_has_its_size_under_the_null_and_the_plug_in_does_not():
+    """40 backdoor-free "models" of K = 10 classes whose margins are exact Gamma draws: the
+    calibrated p-value falls below 0.25 about a quarter of the time (binomial(40, 0.25): ≥ 18
+    with probability 0.004), the paper's plug-in value far more often (its fit to the 9 smallest
+    of 10 values understates the tail)."""
+    rng = np.random.default_rng(7)
+    plug, cal = 0, 0
+    for i in range(40):
+        res = order_statistic_test(rng.gamma(5.0, 2.0, size=10) + 3.0)
+        p, _ = calibrated_p_value(res, 10, 60, seed=i)
+        plug += res["p_value"] < 0.25
+        cal += p < 0.25
+    assert cal <= 17, cal
+    assert plug >= 20, plug
+
+
+def test_calibration_stops_early_floors_and_can_be_turned_off():
+    rng = np.random.default_rng(0)
+    null = rng.gamma(6.0, 2.0, size=42) + 5.0
+    plain = order_statistic_test(null)  # nothing unusual: stops after 20 exceedances, quickly
+    p, info = calibrated_p_value(plain, 42, 1000, seed=0)
+    assert info["exceedances"] == 20 and info["draws"] < 200 and p == pytest.approx(20 / info["draws"])
+    far = order_statistic_test(np.append(null, null.max() * 6))  # no draw is as extreme
+    p, info = calibrated_p_value(far, 43, 50, seed=0)
+    assert info == {"draws": 50, "exceedances": 0, "method": "Monte Carlo"} and p == 1 / 51
+    assert calibrated_p_value(far, 43, 0, seed=0)[0] == far["p_value"]  # off: the paper's value
+    assert calibrated_p_value(far, 43, 50, seed=3) == calibrated_p_value(far, 43, 50, seed=3)
+
+
 def test_cli_without_clean_data(tmp_path, digits_badnet, capsys):
     from backdoorlab.models.files import save_model
 
@@ -170,7 +207,7 @@ def test_cli_without_clean_data(tmp_path, digits_badnet, capsys):
     assert "weights alone" in printed and "verdict:" in printed
     r = json.loads((out / "results.json").read_text())
     assert r["method"] == "mm-bd" and r["inputs"]["clean"] is None
-    assert r["statistic_name"] == "p-value (max margin under a Gamma null)"
+    assert r["statistic_name"] == "p-value (max margin under a Gamma null, calibrated)"
     assert r["options"]["steps"] == 20 and len(r["scores"]) == 10
     assert r["flagged"] == [TARGET] and r["right_target"] is True
     assert r["cost"]["image_passes"] == r["details"]["input_steps"] > 0

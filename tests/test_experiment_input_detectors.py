@@ -171,12 +171,13 @@ def test_a_method_revision_changes_only_that_methods_keys(monkeypatch):
     seen: list[dict] = []
     real = cells.digest
     monkeypatch.setattr(cells, "digest", lambda o: seen.append(o) or real(o))
-    before = _keys("mm-bd", "fine-prune")
-    assert registry.get("mm-bd").revision == 0
+    before = _keys("neural-cleanse", "fine-prune")
+    assert registry.get("neural-cleanse").revision == 0
     defenses = [o["defense"] for o in seen if o.get("kind") == "defense"]
     assert len(defenses) == 2 and all("revision" not in d for d in defenses)  # revision 0: no field
-    monkeypatch.setitem(registry._METHODS, "mm-bd", dataclasses.replace(registry.get("mm-bd"), revision=1))
-    assert _only_changed(before, _keys("mm-bd", "fine-prune"), "a-mm-bd-s0")
+    nc = registry.get("neural-cleanse")
+    monkeypatch.setitem(registry._METHODS, "neural-cleanse", dataclasses.replace(nc, revision=1))
+    assert _only_changed(before, _keys("neural-cleanse", "fine-prune"), "a-neural-cleanse-s0")
 
 
 def test_the_repair_label_rule_keys_only_the_repairs_that_use_a_scan(monkeypatch):
