@@ -5,7 +5,9 @@ and patterns and its order of images), so one model can get different p-values f
 that differ in nothing a user chose. This script runs `backdoorlab scan`'s default set (mm-bd and
 neural-cleanse at their defaults, `verdict`'s Bonferroni rule) on the models of the zoo's digits
 files at several detector seeds and counts the models whose verdict or suspected target changes
-with the seed. Each (model, seed) is written to the record as it finishes, so the run resumes.
+with the seed. Each (model, seed) is written to the record as it finishes, so the run resumes; a
+run recorded with an earlier revision of a detector (`registry`'s ``revision``) has that detector
+run again, the other kept.
 
     nice python benchmarks/scan_seeds.py [--seeds 0,1,2] [--settings digits-small,...] [--only RE]
                                         [--record benchmarks/results/scan-seeds.json] [--no-run]
@@ -46,18 +48,46 @@ def models(zoo: Path, setting: str) -> list[dict]:
     return out
 
 
-def scan_once(model: dict, seed: int) -> dict:
+DETECTORS = ("mm-bd", "neural-cleanse")
+
+
+def revisions() -> dict[str, int]:
+    """The registry revision of each detector of the scan (bumped when what it computes changes)."""
+    from backdoorlab import registry
+
+    return {n: registry.get(n).revision for n in DETECTORS}
+
+
+def stale(run: dict) -> list[str]:
+    """The detectors of a recorded run computed by an earlier revision of their code (a run recorded
+    before revisions were kept counts as revision 0)."""
+    have = run.get("revisions", {})
+    return [n for n, r in revisions().items() if have.get(n, 0) != r]
+
+
+def scan_once(model: dict, seed: int, previous: dict | None = None) -> dict:
+    """`scan`'s default set at detector seed ``seed``; with ``previous`` (a recorded run), only the
+    detectors whose revision changed since are run again and the others' figures are kept."""
+    from types import SimpleNamespace
+
     from backdoorlab.data import load_dataset
     from backdoorlab.detectors import detect, verdict
     from backdoorlab.models import load_model
 
     clf = load_model(Path(model["dir"]) / "model.safetensors")
     clean = load_dataset(str(Path(model["dir"]) / "clean_valid.h5"))
-    results = {name: detect(name, clf, clean, {"seed": seed}) for name in ("mm-bd", "neural-cleanse")}
-    v = verdict(results)
-    return {"backdoored": v.backdoored, "targets": v.targets,
-            "p": {n: r.detection.p_value for n, r in results.items()},
-            "flagged": {n: r.detection.flagged for n, r in results.items()}}
+    redo = stale(previous) if previous else list(DETECTORS)
+    results = {name: detect(name, clf, clean, {"seed": seed}) for name in redo}
+    p = {n: r.detection.p_value for n, r in results.items()}
+    flagged = {n: r.detection.flagged for n, r in results.items()}
+    for n in DETECTORS:
+        if n not in results:  # kept from the record: enough of a result for `verdict`
+            p[n], flagged[n] = previous["p"][n], previous["flagged"][n]
+            det = SimpleNamespace(p_value=p[n], flagged=flagged[n], backdoored=bool(flagged[n]))
+            results[n] = SimpleNamespace(detection=det, method=n)
+    v = verdict({n: results[n] for n in DETECTORS})
+    return {"backdoored": v.backdoored, "targets": v.targets, "p": p, "flagged": flagged,
+            "revisions": revisions()}
 
 
 def merged_verdict(m: dict, seeds: list[int], alpha: float = 0.05) -> tuple[bool, list[int]]:
@@ -148,9 +178,10 @@ def main() -> None:
             key = f"{m['setting']}/{m['model']}"
             entry = record.setdefault(key, {**{k: v for k, v in m.items() if k != "dir"}, "runs": {}})
             for s in seeds:
-                if str(s) in entry["runs"]:
+                prev = entry["runs"].get(str(s))
+                if prev is not None and not stale(prev):
                     continue
-                entry["runs"][str(s)] = scan_once(m, s)
+                entry["runs"][str(s)] = scan_once(m, s, prev)
                 path.write_text(json.dumps(record, indent=1) + "\n")
                 r = entry["runs"][str(s)]
                 print(f"[{i + 1}/{len(todo)}] {key} seed {s}: backdoored {r['backdoored']} {r['targets']} "
