@@ -72,6 +72,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
             plot_detection_triggers(det, tmp / "triggers.png", args.method)
         (tmp / "summary.txt").write_text("\n".join(lines) + "\n")
         write_json(tmp / "results.json", {**res.to_dict(), "paper": method.paper,
+                                          "revision": method.revision,
                                           "inputs": {"model": args.model, "clean": args.clean}})
     print("\n".join(lines))
     for note in det.notes:
