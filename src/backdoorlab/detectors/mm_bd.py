@@ -39,8 +39,8 @@ Algorithm (ours, following the paper's):
    often that plug-in value is ≤ p0. The draws stop once 20 such draws are found (Besag & Clifford's
    sequential Monte Carlo p-value, Biometrika 1991: p = 20 / draws), else after ``calibration``
    draws (p = (exceedances + 1) / (draws + 1), so never below 1 / (draws + 1), 0.005 at the
-   default 200: small enough for α = 0.05 and for `scan`'s Bonferroni share of it, while a fit
-   costs ~5 ms, so the calibration adds about a second at most). The model is called backdoored
+   default 200: small enough for α = 0.05 and for `scan`'s Bonferroni share of it; a fit costs
+   ~5 ms on an idle core, so the calibration adds about a second at most). The model is called backdoored
    and the arg-max class flagged when this p < ``alpha`` (the paper's 0.05).
 
 What the numbers mean. ``scores``: r_k per label, in logit units (larger = more suspicious); only
@@ -146,6 +146,10 @@ def run(clf, clean, o: Options) -> Detection:
     notes = []
     if clean is not None:
         notes.append("mm-bd is data-free: the clean data given was not used")
+    if calib["draws"] and not calib["exceedances"]:
+        notes.append(f"no null draw was as extreme: the p-value is the calibration's floor "
+                     f"1/{calib['draws'] + 1} (the paper's plug-in value: {res['p_value']:.3g}; "
+                     f"--calibration sets the number of draws)")
     if res.get("fit") != "mle":
         notes.append(f"the Gamma null was fitted with a fallback ({res['fit']})")
     order = np.argsort(-margins)
