@@ -131,13 +131,11 @@ def csaw_rows(out: Path, compute: bool) -> list[dict]:
         done = dest / "results.json"
         # computed again when mm-bd's code now computes something else (its registry revision)
         current = done.exists() and json.loads(done.read_text()).get("revision", 0) == revision
-        if not current:
-            if not compute or not path.exists():
-                if not done.exists():
-                    continue
-            else:
-                run(["nice", "-n", "10", *backdoorlab(), "detect", "mm-bd", str(path), "--arch",
-                     "deepid", "--input-scale", scale, "--out", str(dest), "--overwrite"])
+        if not current and compute and path.exists():
+            run(["nice", "-n", "10", *backdoorlab(), "detect", "mm-bd", str(path), "--arch",
+                 "deepid", "--input-scale", scale, "--out", str(dest), "--overwrite"])
+        if not done.exists():
+            continue
         d = json.loads((dest / "results.json").read_text())
         rows.append({"setting": "csaw", "attack": name, "seed": None, "model": f"csaw/{name}",
                      "detector": "mm-bd", "targets": targets, "asr": None, "accuracy": None,
