@@ -68,10 +68,8 @@ def stale(run: dict) -> list[str]:
 def scan_once(model: dict, seed: int, previous: dict | None = None) -> dict:
     """`scan`'s default set at detector seed ``seed``; with ``previous`` (a recorded run), only the
     detectors whose revision changed since are run again and the others' figures are kept."""
-    from types import SimpleNamespace
-
     from backdoorlab.data import load_dataset
-    from backdoorlab.detectors import detect, verdict
+    from backdoorlab.detectors import Detection, detect, verdict
     from backdoorlab.models import load_model
 
     clf = load_model(Path(model["dir"]) / "model.safetensors")
@@ -83,8 +81,8 @@ def scan_once(model: dict, seed: int, previous: dict | None = None) -> dict:
     for n in DETECTORS:
         if n not in results:  # kept from the record: enough of a result for `verdict`
             p[n], flagged[n] = previous["p"][n], previous["flagged"][n]
-            det = SimpleNamespace(p_value=p[n], flagged=flagged[n], backdoored=bool(flagged[n]))
-            results[n] = SimpleNamespace(detection=det, method=n)
+            results[n] = Detection(scores={}, flagged=flagged[n], backdoored=bool(flagged[n]),
+                                   statistic=None, statistic_name="", p_value=p[n])
     v = verdict({n: results[n] for n in DETECTORS})
     return {"backdoored": v.backdoored, "targets": v.targets, "p": p, "flagged": flagged,
             "revisions": revisions()}

@@ -40,7 +40,6 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 from doc_section import replace_section
 
@@ -171,7 +170,7 @@ def with_scan(rows: list[dict]) -> list[dict]:
     """Add per model the combined verdicts of `detectors.verdict`: ``scan`` (the default set, as
     `backdoorlab scan` runs it) and ``scan + abs`` (with ``--detector`` naming all three), for the
     models every detector of the set answered."""
-    from backdoorlab.detectors import verdict
+    from backdoorlab.detectors import Detection, verdict
 
     by_model: dict[str, dict[str, dict]] = {}
     for r in rows:
@@ -182,8 +181,9 @@ def with_scan(rows: list[dict]) -> list[dict]:
             if not all(d in have for d in dets):
                 continue
             rs = [have[d] for d in dets]
-            res = {r["detector"]: SimpleNamespace(detection=SimpleNamespace(
-                flagged=r["flagged"], p_value=r["p_value"], backdoored=r["backdoored"])) for r in rs}
+            res = {r["detector"]: Detection(scores={}, flagged=r["flagged"], backdoored=r["backdoored"],
+                                            statistic=None, statistic_name="", p_value=r["p_value"])
+                   for r in rs}
             v = verdict(res, ALPHA)
             ps = [r["p_value"] for r in rs if r["p_value"] is not None]
             # ROC score: the Bonferroni-adjusted p-value; a flag by a detector without one counts

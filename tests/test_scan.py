@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from backdoorlab.cli import main
-from backdoorlab.detectors import verdict
+from backdoorlab.detectors import Detection, DetectResult, verdict
+
+
+def _det(flagged, p=None, backdoored=None):
+    return Detection(scores={}, flagged=flagged, statistic=None, statistic_name="", p_value=p,
+                     backdoored=bool(flagged) if backdoored is None else backdoored)
 
 
 def _res(flagged, p=None, backdoored=None):
-    return SimpleNamespace(detection=SimpleNamespace(
-        flagged=flagged, p_value=p, backdoored=bool(flagged) if backdoored is None else backdoored))
+    return DetectResult("x", {}, _det(flagged, p, backdoored), 0.0, 0, None)
+
+
+def test_verdict_reads_a_bare_detection_as_its_result():
+    # a recorded answer (benchmarks/zoo.py, scan_seeds.py) is combined without a DetectResult
+    for args in (([5], 0.001), ([], 0.4), ([2], 0.03), ([6], None), ([], None, False)):
+        pairs = [(_res(*args), _det(*args)), (_res([3], 0.01), _det([3], 0.01))]
+        whole = verdict({"a": pairs[0][0], "b": pairs[1][0]})
+        bare = verdict({"a": pairs[0][1], "b": pairs[1][1]})
+        mixed = verdict({"a": pairs[0][1], "b": pairs[1][0]})
+        assert whole == bare == mixed
 
 
 def test_verdict_votes_then_detector_order():

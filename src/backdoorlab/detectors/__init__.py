@@ -11,6 +11,7 @@ passes (`backdoorlab.cost`).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -204,20 +205,22 @@ class Verdict:
         return asdict(self)
 
 
-def verdict(results: dict[str, DetectResult], alpha: float = 0.05) -> Verdict:
-    """Combine detector name → `DetectResult` into one `Verdict` (see there for the rule)."""
+def verdict(results: Mapping[str, DetectResult | Detection], alpha: float = 0.05) -> Verdict:
+    """Combine detector name → `DetectResult` (or its `Detection` alone: only ``p_value``,
+    ``flagged`` and ``backdoored`` are read, so a recorded answer serves) into one `Verdict` (see
+    there for the rule)."""
     from collections import Counter
 
-    tested = [name for name, r in results.items() if r.detection.p_value is not None]
-    ruled = [name for name in results if name not in tested]
+    dets = {name: r.detection if isinstance(r, DetectResult) else r for name, r in results.items()}
+    tested = [name for name, d in dets.items() if d.p_value is not None]
+    ruled = [name for name in dets if name not in tested]
     level = alpha / max(1, len(tested))
-    significant = [name for name, r in results.items()
-                   if (r.detection.p_value < level if r.detection.p_value is not None
-                       else r.detection.backdoored)]
+    significant = [name for name, d in dets.items()
+                   if (d.p_value < level if d.p_value is not None else d.backdoored)]
     votes: Counter[int] = Counter()
     first: dict[int, int] = {}
     for i, name in enumerate(significant):
-        for rank, y in enumerate(results[name].detection.flagged):
+        for rank, y in enumerate(dets[name].flagged):
             votes[y] += 1
             first.setdefault(y, i * 100_000 + rank)
     targets = sorted(votes, key=lambda y: (-votes[y], first[y]))
