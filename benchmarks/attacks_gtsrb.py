@@ -125,7 +125,7 @@ def main() -> None:
     begin, end = BEGIN.replace("attacks-gtsrb", name), END.replace("attacks-gtsrb", name)
     keys = planned_keys(config)
     if not args.no_run:
-        code = run_grid(config, out, args.jobs, args.seeds, args.threads)
+        code = run_grid(config, out, args.jobs, args.seeds, args.threads, args.attacks)
         if out.is_dir():  # keep what finished even when the run stopped early
             remember(collect(out, keys), keys, record)
         if code:

@@ -37,6 +37,8 @@ def options(description: str, name: str) -> argparse.Namespace:
     ap.add_argument("--threads", help="torch threads per cell (default: cores / jobs); 1 leaves a core "
                     "free for other work")
     ap.add_argument("--seeds", help="comma-separated seeds of the grid to run (default: the file's)")
+    ap.add_argument("--attacks", help="comma-separated [[attack]] names of the grid to run (default: "
+                    "all); the table still reads every attack on record")
     ap.add_argument("--doc", default=str(ROOT / "docs" / f"{name}.md"))
     args = ap.parse_args()
     os.environ.setdefault("BACKDOORLAB_DATA", str(ROOT.parent / "shared" / "data"))
@@ -76,18 +78,54 @@ def drop_stale(rec: dict, keys: dict[str, str], label) -> list[str]:
     return gone
 
 
-def run_grid(config: Path, out: Path, jobs: str, seeds: str | None, threads: str | None = None) -> int:
-    """`backdoorlab run CONFIG --out OUT` (no report); with ``seeds`` on a copy of the file holding
-    only those seeds, written beside it so that its relative paths hold, and removed afterwards.
-    Returns the command's exit status."""
+def only_attacks(text: str, names: list[str]) -> str:
+    """The experiment file's text keeping only the ``[[attack]]`` tables named in ``names`` (a
+    table runs from its header to the next header line of any table); everything else is kept as
+    written, so the kept cells' cache keys are the full file's."""
+    lines = text.splitlines(keepends=True)
+    out: list[str] = []
+    found: set[str] = set()
+    i = 0
+    while i < len(lines):
+        if lines[i].strip() != "[[attack]]":
+            out.append(lines[i])
+            i += 1
+            continue
+        j = i + 1
+        while j < len(lines) and not lines[j].lstrip().startswith("["):
+            j += 1
+        block = lines[i:j]
+        m = next((re.match(r'\s*name\s*=\s*"([^"]*)"', x) for x in block
+                  if re.match(r'\s*name\s*=', x)), None)
+        name = m.group(1) if m else ""
+        if name in names:
+            out.extend(block)
+            found.add(name)
+        i = j
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise SystemExit(f"no [[attack]] named {', '.join(missing)} in the grid file")
+    return "".join(out)
+
+
+def run_grid(config: Path, out: Path, jobs: str, seeds: str | None, threads: str | None = None,
+             attacks: str | None = None) -> int:
+    """`backdoorlab run CONFIG --out OUT` (no report); with ``seeds`` (and/or ``attacks``, names of
+    its ``[[attack]]`` tables) on a copy of the file holding only those seeds (attacks), written
+    beside it so that its relative paths hold, and removed afterwards. Returns the command's exit
+    status."""
     from backdoorlab.cli import main as cli
 
     run_config = config
-    if seeds:
-        wanted = [int(x) for x in seeds.split(",")]
-        text, n = re.subn(r"(?m)^seeds = \[.*\]$", f"seeds = {wanted}", config.read_text())
-        if n != 1:
-            raise SystemExit(f"{config}: no single 'seeds = [...]' line to replace")
+    if seeds or attacks:
+        text = config.read_text()
+        if seeds:
+            wanted = [int(x) for x in seeds.split(",")]
+            text, n = re.subn(r"(?m)^seeds = \[.*\]$", f"seeds = {wanted}", text)
+            if n != 1:
+                raise SystemExit(f"{config}: no single 'seeds = [...]' line to replace")
+        if attacks:
+            text = only_attacks(text, [a.strip() for a in attacks.split(",") if a.strip()])
         with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False, dir=config.parent) as f:
             f.write(text)
         run_config = Path(f.name)

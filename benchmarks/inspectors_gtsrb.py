@@ -106,7 +106,7 @@ def main() -> None:
     out, config = Path(args.out), Path(args.config)
     code = 0
     if not args.no_run:
-        code = run_grid(config, out, args.jobs, args.seeds, args.threads)
+        code = run_grid(config, out, args.jobs, args.seeds, args.threads, args.attacks)
     keys = planned_keys(config)
     rec = remember(collect(out, keys) if out.is_dir() else {}, keys)
     order = re.findall(r'(?m)^name = "([^"]+)"$', config.read_text().split("[[attack]]", 1)[-1])

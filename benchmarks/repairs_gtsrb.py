@@ -8,13 +8,14 @@ next to its paper's. The defender holds the clean validation split only (5 % of 
 every figure is on the official test set. A repair "removes" the backdoor of a seed when its ASR
 is ≤ 2 % at ≤ 2 points of clean accuracy.
 
-    nice python benchmarks/repairs_gtsrb.py [--seeds 1,2] [--out runs/repairs-gtsrb] [--no-run]
+    nice python benchmarks/repairs_gtsrb.py [--seeds 1,2] [--attacks sig,lc] [--out runs/repairs-gtsrb] [--no-run]
 
 The figures of every finished cell are also kept, compact, in ``benchmarks/results/repairs-gtsrb.json``
 (committed): the run folder holds gigabytes of models and does not outlive a fresh clone, so a seed
 computed in one session still counts in the table after the run folder is gone. A cell computed again
 replaces its record. ``--seeds`` runs only those seeds of the grid (one seed is about an hour on two
-idle cores); the table is always over every seed on record.
+idle cores), ``--attacks`` only those attacks (the file's ``name``s); the table is always over every
+seed and attack on record.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def main() -> None:
     args = options(__doc__.splitlines()[0], "repairs-gtsrb")
     out = Path(args.out)
     if not args.no_run:
-        code = run_grid(Path(args.config), out, args.jobs, args.seeds, args.threads)
+        code = run_grid(Path(args.config), out, args.jobs, args.seeds, args.threads, args.attacks)
         if code:
             raise SystemExit(code)
     keys = planned_keys(Path(args.config))
@@ -178,7 +179,7 @@ def main() -> None:
     replace_section(Path(args.doc), body, BEGIN, END, head=HEAD)
 
 
-HEAD = """# Repairs on GTSRB: every repair × BadNets, blend and FTrojan
+HEAD = """# Repairs on GTSRB: every repair × every attack of the grid
 
 Produced by `nice python benchmarks/repairs_gtsrb.py` (the grid `benchmarks/repairs_gtsrb.toml`
 through `backdoorlab run`) on 2 cores, no GPU. Models: `gtsrb_cnn`, 4 epochs on the GTSRB

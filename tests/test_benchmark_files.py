@@ -28,3 +28,29 @@ def test_grid_file_plans(path):
     assert cells, f"{path.name} plans no cell"
     keys = [c.key for c in cells]
     assert len(set(keys)) == len(keys), "two cells share a cache key"
+
+
+def test_only_attacks_keeps_the_named_attacks_and_their_keys(tmp_path):
+    """`--attacks` runs a copy of the grid file holding some of its [[attack]] tables: the copy
+    plans exactly those attacks' cells, each under the full file's cache key (so the cells it
+    computes are the full grid's), and an unknown name stops it before any run."""
+    import sys
+
+    sys.path.insert(0, str(BENCH))
+    from grid_bench import only_attacks
+
+    path = BENCH / "repairs_gtsrb.toml"
+    if not (DATA and Path(DATA).is_dir()):
+        pytest.skip("BACKDOORLAB_DATA is not set to the shared data folder (the file's data source)")
+    full = {c.label: c.key for c in plan_cells(load_experiment(path))}
+    copy = BENCH / f"tmp_test_{os.getpid()}.toml"  # beside the file: its relative paths hold
+    try:
+        copy.write_text(only_attacks(path.read_text(), ["sig", "blend"]))
+        part = {c.label: c.key for c in plan_cells(load_experiment(copy))}
+    finally:
+        copy.unlink(missing_ok=True)
+    assert part and all(full[label] == key for label, key in part.items())
+    assert {label.split("-s")[0].split("-")[0] for label in part} == {"sig", "blend"}
+    assert len(part) == len([lb for lb in full if lb.startswith(("sig-", "blend-"))])
+    with pytest.raises(SystemExit, match="no-such"):
+        only_attacks(path.read_text(), ["sig", "no-such"])
