@@ -8,7 +8,8 @@ next to its paper's. The defender holds the clean validation split only (5 % of 
 every figure is on the official test set. A repair "removes" the backdoor of a seed when its ASR
 is ≤ 2 % at ≤ 2 points of clean accuracy.
 
-    nice python benchmarks/repairs_gtsrb.py [--seeds 1,2] [--attacks sig,lc] [--out runs/repairs-gtsrb] [--no-run]
+    nice python benchmarks/repairs_gtsrb.py [--seeds 1,2] [--attacks sig,lc] [--no-run]
+        [--out runs/repairs-gtsrb]
 
 The figures of every finished cell are also kept, compact, in ``benchmarks/results/repairs-gtsrb.json``
 (committed): the run folder holds gigabytes of models and does not outlive a fresh clone, so a seed
@@ -127,8 +128,9 @@ def table(attack: str, seeds: dict, rows: list) -> str:
 
     before_acc = [r["clean_accuracy"] for r in seeds.values()]
     before_asr = [r["asr"][0] if r.get("asr") else None for r in seeds.values()]
+    which = f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}: {', '.join(map(str, sorted(seeds)))}"
     lines = [f"### {attack}", "",
-             f"Attack model ({len(seeds)} seeds): clean accuracy {ms(before_acc)} %, ASR {ms(before_asr)} %.",
+             f"Attack model ({which}): clean accuracy {ms(before_acc)} %, ASR {ms(before_asr)} %.",
              "", "| repair | seeds | clean acc (%) | ASR (%) | robust acc (%) | DER | removed | s | "
              "our schedule | paper's setting |", "|---|---|---|---|---|---|---|---|---|---|"]
     notes: list[str] = []
