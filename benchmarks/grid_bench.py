@@ -95,9 +95,7 @@ def only_attacks(text: str, names: list[str]) -> str:
         while j < len(lines) and not lines[j].lstrip().startswith("["):
             j += 1
         block = lines[i:j]
-        m = next((re.match(r'\s*name\s*=\s*"([^"]*)"', x) for x in block
-                  if re.match(r'\s*name\s*=', x)), None)
-        name = m.group(1) if m else ""
+        name = next((m.group(1) for x in block if (m := re.match(r'\s*name\s*=\s*"([^"]*)"', x))), "")
         if name in names:
             out.extend(block)
             found.add(name)
