@@ -81,8 +81,7 @@ def scan_once(model: dict, seed: int, previous: dict | None = None) -> dict:
     for n in DETECTORS:
         if n not in results:  # kept from the record: enough of a result for `verdict`
             p[n], flagged[n] = previous["p"][n], previous["flagged"][n]
-            results[n] = Detection(scores={}, flagged=flagged[n], backdoored=bool(flagged[n]),
-                                   statistic=None, statistic_name="", p_value=p[n])
+            results[n] = Detection.recorded(flagged[n], bool(flagged[n]), p[n])
     v = verdict({n: results[n] for n in DETECTORS})
     return {"backdoored": v.backdoored, "targets": v.targets, "p": p, "flagged": flagged,
             "revisions": revisions()}

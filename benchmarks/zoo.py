@@ -181,8 +181,7 @@ def with_scan(rows: list[dict]) -> list[dict]:
             if not all(d in have for d in dets):
                 continue
             rs = [have[d] for d in dets]
-            res = {r["detector"]: Detection(scores={}, flagged=r["flagged"], backdoored=r["backdoored"],
-                                            statistic=None, statistic_name="", p_value=r["p_value"])
+            res = {r["detector"]: Detection.recorded(r["flagged"], r["backdoored"], r["p_value"])
                    for r in rs}
             v = verdict(res, ALPHA)
             ps = [r["p_value"] for r in rs if r["p_value"] is not None]

@@ -7,8 +7,7 @@ from backdoorlab.detectors import Detection, DetectResult, verdict
 
 
 def _det(flagged, p=None, backdoored=None):
-    return Detection(scores={}, flagged=flagged, statistic=None, statistic_name="", p_value=p,
-                     backdoored=bool(flagged) if backdoored is None else backdoored)
+    return Detection.recorded(flagged, bool(flagged) if backdoored is None else backdoored, p)
 
 
 def _res(flagged, p=None, backdoored=None):

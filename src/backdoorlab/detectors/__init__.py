@@ -42,6 +42,13 @@ class Detection:
     notes: list[str] = field(default_factory=list)
     p_value: float | None = None
 
+    @classmethod
+    def recorded(cls, flagged: list[int], backdoored: bool, p_value: float | None) -> Detection:
+        """A verdict read back from a record (flags, verdict and p-value, no scores): enough for
+        `verdict` to combine it with others."""
+        return cls(scores={}, flagged=list(flagged), backdoored=bool(backdoored), statistic=None,
+                   statistic_name="", p_value=p_value)
+
 
 @dataclass
 class DetectResult:
